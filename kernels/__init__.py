@@ -1,0 +1,61 @@
+"""Kernels of the SAE hot path: a streaming top-k encoder and a sparse decoder.
+
+Installed as `sae_dist.kernels`. `topk_encode` and `sparse_decode` are the one dispatch point: Triton
+on a CUDA device (when Triton is installed), the torch reference in `reference.py` otherwise.
+`set_backend("torch")` or the environment variable SAE_DIST_KERNELS=torch forces the reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import Tensor
+
+from . import reference
+
+_backend = "auto"
+
+
+def set_backend(name: str) -> None:
+    """auto, torch or triton (the trainer.kernels config field)."""
+    global _backend
+    if name not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernel backend ({name!r}) must be auto, torch or triton")
+    _backend = name
+
+
+def backend_for(t: Tensor) -> str:
+    """The path a call on tensor t takes: `torch` or `triton`."""
+    forced = os.environ.get("SAE_DIST_KERNELS", _backend)
+    if forced == "torch":
+        return "torch"
+    if forced == "triton":
+        return "triton"
+    return "triton" if t.is_cuda and _triton_available() else "torch"
+
+
+def _triton_available() -> bool:
+    try:
+        from . import triton_ops  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def topk_encode(x, W_enc, b_enc, k, chunk=8192, aux_mask=None, k_aux=0):  # type: ignore[no-untyped-def]
+    if backend_for(x) == "triton":
+        from . import triton_ops
+
+        return triton_ops.topk_encode(x, W_enc, b_enc, k, chunk, aux_mask, k_aux)
+    return reference.topk_encode(x, W_enc, b_enc, k, chunk, aux_mask, k_aux)
+
+
+def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
+    if backend_for(vals) == "triton":
+        from . import triton_ops
+
+        return triton_ops.sparse_decode(vals, idx, W_dec)
+    return reference.sparse_decode(vals, idx, W_dec)
+
+
+__all__ = ["topk_encode", "sparse_decode", "set_backend", "backend_for", "reference"]

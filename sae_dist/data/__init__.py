@@ -1,0 +1,28 @@
+"""Activation sources behind one interface: `chunks(start) -> (activations (T, d), position)`.
+
+`build_source` picks one from the config; `BatchStream` turns any of them into shuffled batches.
+"""
+
+from __future__ import annotations
+
+from sae_dist.config import Config
+from sae_dist.data.stream import BatchStream, Source
+
+
+def build_source(cfg: Config, split: str = "train") -> Source:
+    if cfg.data.source == "synthetic":
+        from sae_dist.data.synthetic import SyntheticSource
+
+        d = cfg.data
+        stream = 1 if split == "heldout" else 0
+        return SyntheticSource(cfg.model.d_model, d.synthetic_n_features, d.synthetic_k, cfg.trainer.seed, stream)
+    if cfg.data.source == "cache":
+        from sae_dist.data.cache import CachedSource
+
+        return CachedSource(cfg.data.cache_dir.rstrip("/") + "/" + split)
+    from sae_dist.data.lm import LMActivationSource
+
+    return LMActivationSource(cfg.model, cfg.data, split)
+
+
+__all__ = ["BatchStream", "Source", "build_source"]

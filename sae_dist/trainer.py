@@ -1,0 +1,219 @@
+"""The training loop: a step function, the learning-rate schedule, and a loop that calls the data
+stream, the step, the tracker and the checkpointer, each a separate piece.
+
+Run it through the driver (`sae-dist`); tests build a `Trainer` directly from a Config and a stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from sae_dist.config import Config
+from sae_dist.sae import SaeOutput, SparseAutoencoder
+from sae_dist.tracking import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Loss or activations went NaN/inf; the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+    scale: float = 1.0
+    """Activation scale so that E||x * scale||^2 = d_model."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """The batch stream's position."""
+    seed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def auto_lr(cfg: Config) -> float:
+    if cfg.trainer.lr > 0:
+        return cfg.trainer.lr
+    return 2e-4 / math.sqrt(cfg.sae.n_latents / 2**14) * cfg.trainer.lr_scale
+
+
+def lr_at(step: int, total_steps: int, base: float, warmup: int, decay_fraction: float) -> float:
+    """Linear warm-up, constant, then linear decay to zero over the last `decay_fraction` of steps."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    decay_start = total_steps * (1 - decay_fraction)
+    if step >= decay_start and decay_fraction > 0:
+        return base * max(0.0, (total_steps - step) / (total_steps - decay_start))
+    return base
+
+
+def estimate_scale(batches: Iterator[Tensor], d_model: int, tokens: int) -> float:
+    """sqrt(d / E||x||^2) over the first `tokens` tokens."""
+    total, count = 0.0, 0
+    for x in batches:
+        total += float(x.double().pow(2).sum())
+        count += x.shape[0]
+        if count >= tokens:
+            break
+    if count == 0:
+        raise RuntimeError("no activations to estimate the scale from: the data source is empty")
+    return math.sqrt(d_model / (total / count))
+
+
+def sharded_params(sae: SparseAutoencoder) -> tuple[list[Tensor], list[Tensor]]:
+    """(parameters split across feature shards, parameters replicated on every shard)."""
+    sharded, replicated = [], []
+    for name, p in sae.named_parameters():
+        (replicated if name == "b_dec" else sharded).append(p)
+    return sharded, replicated
+
+
+def clip_grad_norm(sae: SparseAutoencoder, max_norm: float) -> Tensor:
+    """Global gradient norm over all shards (b_dec counted once), then clip in place."""
+    sharded, replicated = sharded_params(sae)
+    sq = sum((p.grad.pow(2).sum() for p in sharded if p.grad is not None), torch.zeros(()))
+    sq = sae.comm.sum_scalar(sq) + sum((p.grad.pow(2).sum() for p in replicated if p.grad is not None), torch.zeros(()))
+    norm = sq.sqrt()
+    if max_norm > 0:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p in sharded + replicated:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return norm
+
+
+class Trainer:
+    """Owns the SAE, its optimizer and the per-latent firing statistics."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        sae: SparseAutoencoder,
+        state: TrainState,
+        tracker: Tracker | None = None,
+        checkpointer: Any = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        self.cfg, self.sae, self.state = cfg, sae, state
+        self.tracker = tracker or NullTracker()
+        self.checkpointer = checkpointer
+        self.base_lr = auto_lr(cfg)
+        self.optimizer = optimizer or torch.optim.Adam(sae.parameters(), lr=self.base_lr, betas=(0.9, 0.999), eps=1e-8)
+        self.total_steps = max(1, cfg.trainer.total_tokens // cfg.trainer.batch_tokens)
+        self.tokens_since_fired = torch.zeros(sae.n_local, dtype=torch.long)
+        self.history: list[float] = []
+        """Loss at every step of this process, for tests and resume checks."""
+
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.cfg.sae.dead_tokens
+
+    def train_step(self, x: Tensor) -> SaeOutput:
+        """One optimizer step on a batch of scaled activations (B, d)."""
+        self.sae.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(
+                self.state.step, self.total_steps, self.base_lr, self.cfg.trainer.warmup_steps, self.cfg.trainer.decay_fraction
+            )
+        if self.state.step == 0:
+            self._init_b_dec(x)
+        out = self.sae(x, self.dead_mask() if self.cfg.sae.arch == "topk" else None)
+        if not torch.isfinite(out.loss):
+            raise NonFiniteError(
+                f"loss is {out.loss.item()} at step {self.state.step} (activations finite: "
+                f"{bool(torch.isfinite(x).all())}); last good checkpoint: "
+                f"{getattr(self.checkpointer, 'last_saved', None) or 'none'}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.sae.project_decoder_grad()
+        out.terms["grad_norm"] = clip_grad_norm(self.sae, self.cfg.trainer.grad_clip).detach()
+        self.optimizer.step()
+        self.sae.normalize_decoder()
+        self.tokens_since_fired += x.shape[0]
+        if out.fired is not None:
+            self.tokens_since_fired[out.fired] = 0
+        self.state.step += 1
+        self.state.tokens += x.shape[0]
+        if self.cfg.sae.arch == "relu" and self.cfg.sae.resample_every and self.state.step % self.cfg.sae.resample_every == 0:
+            self.resample_dead(x)
+        self.history.append(float(out.loss.detach()))
+        return out
+
+    @torch.no_grad()
+    def _init_b_dec(self, x: Tensor) -> None:
+        self.sae.b_dec.copy_(x.mean(dim=0))
+
+    @torch.no_grad()
+    def resample_dead(self, x: Tensor) -> int:
+        """Anthropic (2023): dead latents get an input with high reconstruction error as their
+        decoder direction, and a scaled copy as their encoder row; their Adam state is reset."""
+        dead = self.dead_mask().nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return 0
+        sae = self.sae
+        err = (x - sae(x).x_hat).pow(2).sum(1)
+        g = torch.Generator().manual_seed(self.cfg.trainer.seed * 7919 + self.state.step)
+        pick = torch.multinomial(err / err.sum(), dead.numel(), replacement=True, generator=g)
+        v = x[pick] - sae.b_dec
+        v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        alive = ~self.dead_mask()
+        enc_norm = sae.W_enc[alive].norm(dim=1).mean() if alive.any() else torch.tensor(1.0)
+        sae.W_dec[dead] = v * 0.1
+        sae.W_enc[dead] = v * enc_norm * 0.2
+        sae.b_enc[dead] = 0.0
+        for p in (sae.W_dec, sae.W_enc, sae.b_enc):
+            st = self.optimizer.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st:
+                    st[key][dead] = 0.0
+        self.tokens_since_fired[dead] = 0
+        return int(dead.numel())
+
+    def dead_fraction(self) -> float:
+        dead = self.sae.comm.sum_scalar(self.dead_mask().sum().float())
+        return float(dead) / self.sae.n_latents
+
+    def fit(self, batches: Iterator[Tensor], stream_state: Any = None) -> TrainState:
+        """Trains until trainer.total_tokens; checkpoints and logs along the way."""
+        cfg = self.cfg.trainer
+        ckpt_every = self.cfg.checkpoint.every_steps
+        bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step", disable=None)
+        sums: dict[str, float] = {}
+        t0, tok0, n = time.perf_counter(), self.state.tokens, 0
+        for batch in batches:
+            if self.state.step >= self.total_steps:
+                break
+            out = self.train_step(batch * self.state.scale)
+            n += 1
+            for key, value in out.terms.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            sums["loss"] = sums.get("loss", 0.0) + float(out.loss.detach())
+            bar.update(1)
+            if self.state.step % cfg.log_every == 0 or self.state.step == self.total_steps:
+                dt = time.perf_counter() - t0
+                metrics = {f"train/{k}": v / n for k, v in sums.items()}
+                metrics["train/dead_fraction"] = self.dead_fraction()
+                metrics["train/tokens_per_s"] = (self.state.tokens - tok0) / max(dt, 1e-9)
+                metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
+                self.tracker.log_metrics(metrics, self.state.step)
+                bar.set_postfix(fvu=f"{metrics.get('train/fvu', 0):.3f}", l0=f"{metrics.get('train/l0', 0):.1f}")
+                sums, t0, tok0, n = {}, time.perf_counter(), self.state.tokens, 0
+            if stream_state is not None:
+                self.state.data = stream_state()
+            if self.checkpointer is not None and (
+                (ckpt_every and self.state.step % ckpt_every == 0) or self.state.step == self.total_steps
+            ):
+                self.checkpointer.save(self)
+        bar.close()
+        return self.state

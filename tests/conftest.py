@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from sae_dist.config import (  # noqa: E402
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    ModelConfig,
+    SaeConfig,
+    TrackingConfig,
+    TrainerConfig,
+)
+
+
+def synthetic_config(tmp_path, **overrides) -> Config:
+    """A tiny synthetic-data job; `overrides` maps group names to dicts of fields."""
+    groups = {
+        "model": ModelConfig(d_model=32),
+        "data": DataConfig(source="synthetic", synthetic_n_features=128, synthetic_k=3, shuffle_buffer_tokens=2048),
+        "sae": SaeConfig(n_latents=256, k=4, dead_tokens=4096),
+        "trainer": TrainerConfig(total_tokens=256 * 40, batch_tokens=256, warmup_steps=5, log_every=5,
+                                 eval_tokens=2048, scale_tokens=1024, encoder_chunk=100),
+        "checkpoint": CheckpointConfig(every_steps=10),
+        "tracking": TrackingConfig(enabled=False),
+    }
+    for name, fields in overrides.items():
+        cls = type(groups[name]) if name in groups else None
+        base = groups[name].__dict__ if name in groups else {}
+        groups[name] = (cls or _group_class(name))(**{**base, **fields})
+    return Config(**groups, output_dir=str(tmp_path))
+
+
+def _group_class(name):
+    from sae_dist import config
+
+    return {f.name: f.type for f in config.Config.__dataclass_fields__.values()}[name]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
