@@ -42,7 +42,7 @@ def synthetic_config(tmp_path, **overrides) -> Config:
 def _group_class(name):
     from sae_dist import config
 
-    return {f.name: f.type for f in config.Config.__dataclass_fields__.values()}[name]
+    return {"parallel": config.ParallelConfig, "cluster": config.ClusterConfig}[name]
 
 
 @pytest.fixture(autouse=True)

@@ -120,6 +120,7 @@ class LMActivationSource:
 
     def __init__(self, model_cfg: ModelConfig, data_cfg: DataConfig, split: str = "train") -> None:
         self.cfg = model_cfg
+        self.cycle = split == "train"  # held-out text is read once, never repeated
         model, self.tokenizer = load_model(model_cfg.name, model_cfg.device)
         self.hooked = HookedModel(model, model_cfg.hook_point)
         docs = load_split(data_cfg.corpus, split, data_cfg.heldout_fraction, data_cfg.text_field)
@@ -169,7 +170,7 @@ class LMActivationSource:
                     batch = []
             if batch:
                 yield self.activations(batch), pos
-            if seen == 0:
+            if seen == 0 or not self.cycle:
                 return
             epoch += 1
             log.warning("corpus exhausted after %d contexts; starting pass %d over it", seen, epoch + 1)

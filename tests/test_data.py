@@ -1,0 +1,86 @@
+"""Activation sources: special tokens excluded, deterministic splits, exact stream resume, caches."""
+
+from __future__ import annotations
+
+import torch
+
+from sae_dist.config import DataConfig, ModelConfig
+from sae_dist.data.cache import CachedSource, write_cache
+from sae_dist.data.corpus import is_heldout, load_split
+from sae_dist.data.lm import LMActivationSource
+from sae_dist.data.stream import BatchStream
+from sae_dist.data.synthetic import SyntheticSource
+
+
+def _tiny_corpus(tmp_path):
+    from pydoc_data.topics import topics
+
+    path = tmp_path / "docs.jsonl"
+    import json
+
+    with path.open("w") as fh:
+        for key in sorted(topics)[:12]:
+            fh.write(json.dumps({"text": topics[key]}) + "\n")
+    return str(path)
+
+
+def test_heldout_split_is_disjoint_and_stable():
+    train = load_split("python-docs", "train", 0.02)
+    held = load_split("python-docs", "heldout", 0.02)
+    assert held and train
+    assert not set(held) & set(train[:5000])
+    assert all(is_heldout(d, 0.02) for d in held[:50])
+    assert sum(map(len, train)) > 1_000_000  # real prose, enough for the default job
+
+
+def test_lm_source_excludes_special_tokens(tmp_path):
+    cfg = ModelConfig(context_size=32, batch_contexts=4)
+    src = LMActivationSource(cfg, DataConfig(corpus=_tiny_corpus(tmp_path), heldout_fraction=0.01))
+    acts, pos = next(src.chunks())
+    assert pos == 4
+    # [CLS] + 30 text tokens + [SEP] per context: only the 30 reach the SAE
+    assert acts.shape == (4 * 30, 384)
+    contexts = [c for _, c in zip(range(4), src.packer)]
+    assert all(c[0] == src.tokenizer.cls_token_id and c[-1] == src.tokenizer.sep_token_id for c in contexts)
+    # the same contexts through the full model (no early stop) give the same activations at layer 3
+    ids = torch.tensor(contexts)
+    with torch.no_grad():
+        hidden = src.hooked.model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+    expected = hidden.hidden_states[4][:, 1:-1].reshape(-1, 384)  # hidden_states[0] is the embeddings
+    mask = ~torch.isin(ids[:, 1:-1], src.special).reshape(-1)
+    assert torch.allclose(acts, expected[mask], atol=1e-5)
+
+
+def test_batch_stream_resumes_exactly_mid_block():
+    src = SyntheticSource(16, 64, 3, seed=5, chunk_tokens=100)
+    full = BatchStream(src, 64, 500, seed=1)
+    it = iter(full)
+    batches = [next(it) for _ in range(30)]
+    a = BatchStream(src, 64, 500, seed=1)
+    it = iter(a)
+    for _ in range(11):
+        next(it)
+    state = a.state_dict()
+    b = BatchStream(src, 64, 500, seed=1)
+    b.load_state_dict(state)
+    resumed = [x for _, x in zip(range(19), b)]
+    for x, y in zip(resumed, batches[11:]):
+        assert torch.equal(x, y)
+
+
+def test_shuffle_mixes_contexts():
+    src = SyntheticSource(8, 32, 2, seed=0, chunk_tokens=50)
+    plain = next(iter(BatchStream(src, 50, 0)))
+    mixed = next(iter(BatchStream(src, 50, 400, seed=3)))
+    assert torch.equal(plain, src.chunk(0))
+    assert not torch.equal(mixed, src.chunk(0))
+
+
+def test_cache_roundtrip_gives_the_same_activations(tmp_path):
+    src = SyntheticSource(16, 64, 3, seed=2, chunk_tokens=100)
+    index = write_cache(src.chunks(), str(tmp_path / "c" / "train"), 950, {"note": "t"}, shard_tokens=300)
+    assert index["tokens"] == 950 and len(index["shards"]) == 4
+    cached = CachedSource(str(tmp_path / "c" / "train"))
+    got = torch.cat([acts for _, (acts, _) in zip(range(4), cached.chunks())])
+    want = torch.cat([src.chunk(i) for i in range(10)])[:950]
+    assert torch.equal(got, want)
