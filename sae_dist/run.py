@@ -1,5 +1,8 @@
 """One training job from a validated Config: data, scale, SAE, trainer, checkpoints, evaluation,
 export and tracking, in that order. The Hydra driver (`sae_dist.cli`) calls `train`.
+
+On a (dp x fp) mesh (torchrun sets the environment; see sae_dist.parallel) every rank runs this same
+function: each replica draws its own chunks, rank 0 alone estimates the scale, tracks and exports.
 """
 
 from __future__ import annotations
@@ -17,32 +20,51 @@ from sae_dist.config import Config, flatten
 from sae_dist.data import BatchStream, build_source
 from sae_dist.export import export_saelens
 from sae_dist.metrics import evaluate
+from sae_dist.parallel import Mesh, ReplicaSource, apply_feature_parallel, init_from_env
+from sae_dist.parallel.launch import (
+    broadcast_from_main,
+    build_engine,
+    check_supported,
+    checkpoint_hooks,
+    full_sae,
+)
 from sae_dist.sae import SparseAutoencoder
-from sae_dist.tracking import Tracker, build_tracker
-from sae_dist.trainer import Trainer, TrainState, estimate_scale
+from sae_dist.tracking import NullTracker, Tracker, build_tracker
+from sae_dist.trainer import Trainer, TrainState, auto_lr, estimate_scale
 
 log = logging.getLogger(__name__)
 
 
-def build_sae(cfg: Config, d_model: int) -> SparseAutoencoder:
-    g = torch.Generator().manual_seed(cfg.trainer.seed)
-    return SparseAutoencoder(cfg.sae, d_model, encoder_chunk=cfg.trainer.encoder_chunk, generator=g)
+def build_sae(cfg: Config, d_model: int, mesh: Mesh | None = None) -> SparseAutoencoder:
+    """This rank's shard (the whole SAE without a mesh); every sharding starts from the same weights."""
+    n_local, offset = (mesh.dims.n_local, mesh.latent_offset) if mesh else (cfg.sae.n_latents, 0)
+    sae = SparseAutoencoder(cfg.sae, d_model, n_local=n_local, encoder_chunk=cfg.trainer.encoder_chunk,
+                            seed=cfg.trainer.seed, latent_offset=offset)
+    return apply_feature_parallel(sae, mesh) if mesh else sae
 
 
 def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     """Trains (or resumes) the configured SAE; returns the held-out metrics and the export folder."""
     kernels.set_backend(cfg.trainer.kernels)
+    check_supported(cfg)
+    mesh = init_from_env(cfg.parallel, cfg.sae.n_latents)
     torch.manual_seed(cfg.trainer.seed)
+    cfg.output_dir = broadcast_from_main(cfg.output_dir, mesh)  # Hydra's timestamped dir may differ per rank
     os.makedirs(cfg.output_dir, exist_ok=True)
     source = build_source(cfg, "train")
     d_model = source.d_model
-    sae = build_sae(cfg, d_model)
+    sae = build_sae(cfg, d_model, mesh)
     state = TrainState(seed=cfg.trainer.seed)
-    checkpointer = Checkpointer(cfg)
+    checkpointer = Checkpointer(cfg, mesh.rank, mesh.dims.world_size)
+    if mesh.distributed:
+        checkpointer.gather, checkpointer.barrier = checkpoint_hooks(mesh)
+    if not mesh.is_main:
+        tracker = NullTracker()
     tracker = tracker or build_tracker(
         cfg.tracking.enabled, cfg.tracking.uri, cfg.tracking.experiment, cfg.checkpoint.run_name, cfg.output_dir
     )
-    trainer = Trainer(cfg, sae, state, tracker, checkpointer)
+    engine = build_engine(cfg, sae, mesh, auto_lr(cfg))
+    trainer = Trainer(cfg, sae, state, tracker, checkpointer, engine=engine)
     resumed = None
     if cfg.checkpoint.resume_from:
         resumed = checkpointer.resolve(cfg.checkpoint.resume_from)
@@ -51,9 +73,14 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
         else:
             log.info("no complete checkpoint under %s yet: starting fresh", checkpointer.run_root)
     if not resumed:
-        scale_stream = BatchStream(source, min(cfg.trainer.batch_tokens, cfg.trainer.scale_tokens), 0)
-        state.scale = estimate_scale(iter(scale_stream), d_model, cfg.trainer.scale_tokens)
+        scale = None
+        if mesh.is_main:
+            scale_stream = BatchStream(source, min(cfg.trainer.batch_tokens, cfg.trainer.scale_tokens), 0)
+            scale = estimate_scale(iter(scale_stream), d_model, cfg.trainer.scale_tokens)
+        state.scale = broadcast_from_main(scale, mesh)
     tracker.log_params(flatten(cfg) | {"d_model": d_model, "activation_scale": state.scale})
+    if mesh.dp > 1:
+        source = ReplicaSource(source, mesh.dp_rank, mesh.dp)
     stream = BatchStream(source, cfg.trainer.batch_tokens, cfg.data.shuffle_buffer_tokens, cfg.trainer.seed)
     if state.data:
         stream.load_state_dict(state.data)
@@ -68,10 +95,14 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
         results = evaluate(sae, iter(heldout), state.scale, cfg.trainer.eval_tokens)
         tracker.log_metrics({f"eval/{k}": v for k, v in results.items()}, state.step)
         export_dir = os.path.join(cfg.output_dir, "sae")
-        export_saelens(sae, state.scale, export_dir, {"hook_name": cfg.model.hook_point, "model_name": cfg.model.name,
-                                                       "context_size": cfg.model.context_size})
-        with open(os.path.join(cfg.output_dir, "results.json"), "w") as fh:
-            json.dump(results | {"steps": state.step, "train_tokens": state.tokens}, fh, indent=1)
+        whole = full_sae(sae, mesh)
+        if mesh.is_main:
+            export_saelens(whole, state.scale, export_dir, {"hook_name": cfg.model.hook_point,
+                                                            "model_name": cfg.model.name,
+                                                            "context_size": cfg.model.context_size})
+            with open(os.path.join(cfg.output_dir, "results.json"), "w") as fh:
+                json.dump(results | {"steps": state.step, "train_tokens": state.tokens}, fh, indent=1)
+        mesh.barrier()
         tracker.log_artifacts(export_dir, "sae")
         status = "FINISHED"
         return results | {"export_dir": export_dir, "history": trainer.history, "steps": state.step}

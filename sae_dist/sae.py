@@ -59,6 +59,19 @@ class LocalComm:
         """Minimum over shards of a per-shard statistic."""
         return value
 
+    def shard_input(self, x: Tensor) -> Tensor:
+        """The input every shard encodes: identity forward; backward sums its gradient over shards."""
+        return x
+
+    def mean_over_data(self, value: Tensor) -> Tensor:
+        """Mean over data-parallel replicas of a per-replica statistic."""
+        return value
+
+    def data_variance(self, x: Tensor) -> Tensor:
+        """sum ||x - mean(x)||^2 over the global batch divided by the number of data replicas: the
+        FVU denominator that makes the replicas' mean loss the global batch's FVU."""
+        return (x - x.mean(dim=0)).pow(2).sum()
+
 
 @dataclass
 class SaeOutput:
@@ -75,6 +88,19 @@ class SaeOutput:
 def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
     """Fraction of variance unexplained: sum||x - x^||^2 / sum||x - mean(x)||^2 over the batch."""
     return (x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+
+
+def init_directions(seed: int, start: int, stop: int, d_model: int, block: int = 4096) -> Tensor:
+    """Unit rows [start, stop) of a random (n, d) matrix whose row blocks are seeded by (seed, block
+    index): a shard builds only its own rows (plus at most two partial blocks), and every sharding of
+    the same seed starts from the same dictionary."""
+    rows = []
+    for b in range(start // block, (stop - 1) // block + 1):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        W = torch.randn(block, d_model, generator=g)
+        rows.append(W[max(start - b * block, 0) : min(stop - b * block, block)])
+    W = torch.cat(rows)  # (stop - start, d)
+    return W / W.norm(dim=1, keepdim=True)
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -120,7 +146,12 @@ class SparseAutoencoder(nn.Module):
         n_local: int | None = None,
         encoder_chunk: int = 8192,
         generator: torch.Generator | None = None,
+        seed: int | None = None,
+        latent_offset: int = 0,
     ) -> None:
+        """`generator` draws the n_local rows directly; `seed` instead builds rows [latent_offset,
+        latent_offset + n_local) of the seed's whole dictionary (`init_directions`), as a feature
+        shard does."""
         super().__init__()
         self.cfg = cfg
         self.d_model = d_model
@@ -129,8 +160,11 @@ class SparseAutoencoder(nn.Module):
         self.encoder_chunk = encoder_chunk
         self.k_aux = cfg.k_aux or d_model // 2
         self.comm: LocalComm = LocalComm()
-        W = torch.randn(n, d_model, generator=generator)
-        W = W / W.norm(dim=1, keepdim=True)
+        if seed is not None:
+            W = init_directions(seed, latent_offset, latent_offset + n, d_model)
+        else:
+            W = torch.randn(n, d_model, generator=generator)
+            W = W / W.norm(dim=1, keepdim=True)
         if cfg.arch == "relu":
             W = W * 0.1
         self.W_dec = nn.Parameter(W)
@@ -165,7 +199,7 @@ class SparseAutoencoder(nn.Module):
 
     def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(values, local ids) of the active latents, inference mode (BatchTopK uses its threshold)."""
-        xc = x - self.b_dec
+        xc = self.comm.shard_input(x - self.b_dec)
         arch = self.cfg.arch
         if arch == "topk" or (arch == "batchtopk" and self.threshold < 0):
             vals, idx, _, _ = kernels.topk_encode(xc, self.W_enc, self.b_enc, self.cfg.k, self.encoder_chunk)
@@ -175,18 +209,22 @@ class SparseAutoencoder(nn.Module):
             width = min(self.n_local, 4 * self.cfg.k)
             vals, idx, _, _ = kernels.topk_encode(xc, self.W_enc, self.b_enc, width, self.encoder_chunk)
             return vals * (vals > self.threshold), idx
-        f = self._dense_acts(xc @ self.W_enc.t() + self.b_enc)
+        f = self._dense_acts(xc @ self.W_enc.t() + self.b_enc)  # (B, n_local)
         vals, idx = f.topk(min(self.n_local, max(1, int((f > 0).sum(1).max()))), dim=1)
         return vals, idx
 
     def decode_sparse(self, vals: Tensor, idx: Tensor) -> Tensor:
         return self.comm.sum_partial(kernels.sparse_decode(vals, idx, self.W_dec)) + self.b_dec
 
+    def _fvu(self, x: Tensor, x_hat: Tensor) -> Tensor:
+        """FVU with the global batch's variance (one replica: exactly `fvu`)."""
+        return (x - x_hat).pow(2).sum() / self.comm.data_variance(x).clamp_min(1e-12)
+
     def _forward_topk(self, x: Tensor, dead_mask: Tensor | None) -> SaeOutput:
         cfg = self.cfg
-        xc = x - self.b_dec
-        n_dead = dead_mask.sum() if dead_mask is not None else None
-        use_aux = dead_mask is not None and self.comm.sum_scalar(n_dead.float()) > 0  # type: ignore[union-attr]
+        xc = self.comm.shard_input(x - self.b_dec)
+        total_dead = self.comm.sum_scalar(dead_mask.sum().float()) if dead_mask is not None else None
+        use_aux = total_dead is not None and bool(total_dead > 0)
         k_aux = min(self.k_aux, self.n_local)
         cand, cand_idx, aux, aux_idx = kernels.topk_encode(
             xc, self.W_enc, self.b_enc, cfg.k, self.encoder_chunk, dead_mask if use_aux else None, k_aux
@@ -194,26 +232,26 @@ class SparseAutoencoder(nn.Module):
         vals, idx = self.comm.select_topk(cand, cand_idx, cfg.k)
         vals = F.relu(vals)  # (B, k)
         x_hat = self.decode_sparse(vals, idx)
-        loss = fvu(x, x_hat)
+        loss = self._fvu(x, x_hat)
         terms = {"fvu": loss.detach()}
         if use_aux:
-            total_dead = self.comm.sum_scalar(n_dead.float())  # type: ignore[union-attr]
+            assert total_dead is not None
             k_aux_global = int(min(self.k_aux, total_dead))
             aux = aux.masked_fill(~torch.isfinite(aux), 0.0)
             a_vals, a_idx = self.comm.select_topk(aux, aux_idx, min(k_aux_global, aux.shape[1] * self.comm.n_shards))
             residual = (x - x_hat).detach()
             e_hat = self.comm.sum_partial(kernels.sparse_decode(F.relu(a_vals), a_idx, self.W_dec))
-            aux_loss = fvu(residual, e_hat).nan_to_num(0.0)
+            aux_loss = self._fvu(residual, e_hat).nan_to_num(0.0)
             scale = min(1.0, float(total_dead) / self.k_aux)
             loss = loss + cfg.aux_coef * scale * aux_loss
             terms["auxk"] = aux_loss.detach()
         fired = self._fired_sparse(vals, idx)
-        terms["l0"] = (vals > 0).sum(dim=1).float().mean()
+        terms["l0"] = self.comm.sum_scalar((vals > 0).sum(dim=1).float().mean())
         return SaeOutput(x_hat=x_hat, loss=loss, terms=terms, fired=fired)
 
     def _forward_batchtopk(self, x: Tensor) -> SaeOutput:
         cfg = self.cfg
-        xc = x - self.b_dec
+        xc = self.comm.shard_input(x - self.b_dec)
         if not self.training and self.threshold >= 0:
             vals, idx = self.encode_sparse(x)
         else:
@@ -233,8 +271,8 @@ class SparseAutoencoder(nn.Module):
                     t = self.threshold
                     self.threshold.copy_(torch.where(t < 0, low, 0.99 * t + 0.01 * low))
         x_hat = self.decode_sparse(vals, idx)
-        loss = fvu(x, x_hat)
-        terms = {"fvu": loss.detach(), "l0": (vals > 0).sum(dim=1).float().mean()}
+        loss = self._fvu(x, x_hat)
+        terms = {"fvu": loss.detach(), "l0": self.comm.sum_scalar((vals > 0).sum(dim=1).float().mean())}
         return SaeOutput(x_hat=x_hat, loss=loss, terms=terms, fired=self._fired_sparse(vals, idx))
 
     def _dense_acts(self, pre: Tensor) -> Tensor:
@@ -244,10 +282,10 @@ class SparseAutoencoder(nn.Module):
 
     def _forward_dense(self, x: Tensor) -> SaeOutput:
         cfg = self.cfg
-        pre = (x - self.b_dec) @ self.W_enc.t() + self.b_enc  # (B, n)
+        pre = self.comm.shard_input(x - self.b_dec) @ self.W_enc.t() + self.b_enc  # (B, n_local)
         f = self._dense_acts(pre)
         x_hat = self.comm.sum_partial(f @ self.W_dec) + self.b_dec
-        recon = fvu(x, x_hat)
+        recon = self._fvu(x, x_hat)
         terms = {"fvu": recon.detach()}
         if cfg.arch == "jumprelu":
             l0 = _StepL0.apply(pre, self.log_threshold.exp(), cfg.jumprelu_bandwidth).sum(1).mean()

@@ -93,8 +93,33 @@ def clip_grad_norm(sae: SparseAutoencoder, max_norm: float) -> Tensor:
     return norm
 
 
+class TorchEngine:
+    """Adam on this rank's parameters. With data replicas, `data.reduce(params, fired)` averages the
+    gradients and ORs the fired masks over them (a fixed few collectives) before clipping."""
+
+    def __init__(
+        self, sae: SparseAutoencoder, lr: float, optimizer: torch.optim.Optimizer | None = None, data: Any = None
+    ) -> None:
+        self.sae, self.data = sae, data
+        self.optimizer = optimizer or torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+        self.data_replicas = data.size if data is not None else 1
+
+    def step(self, loss: Tensor, fired: Tensor | None, grad_clip: float) -> tuple[Tensor, Tensor | None]:
+        """Backward, gradient reduction, clipping, update, decoder renormalisation -> (grad norm, fired
+        mask over every replica)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.data is not None:
+            fired = self.data.reduce(list(self.sae.parameters()), fired)
+        self.sae.project_decoder_grad()
+        norm = clip_grad_norm(self.sae, grad_clip)
+        self.optimizer.step()
+        self.sae.normalize_decoder()
+        return norm, fired
+
+
 class Trainer:
-    """Owns the SAE, its optimizer and the per-latent firing statistics."""
+    """Owns the SAE, its optimizer engine and the per-latent firing statistics."""
 
     def __init__(
         self,
@@ -104,13 +129,17 @@ class Trainer:
         tracker: Tracker | None = None,
         checkpointer: Any = None,
         optimizer: torch.optim.Optimizer | None = None,
+        engine: Any = None,
     ) -> None:
         self.cfg, self.sae, self.state = cfg, sae, state
         self.tracker = tracker or NullTracker()
         self.checkpointer = checkpointer
         self.base_lr = auto_lr(cfg)
-        self.optimizer = optimizer or torch.optim.Adam(sae.parameters(), lr=self.base_lr, betas=(0.9, 0.999), eps=1e-8)
-        self.total_steps = max(1, cfg.trainer.total_tokens // cfg.trainer.batch_tokens)
+        self.engine = engine or TorchEngine(sae, self.base_lr, optimizer)
+        self.optimizer = self.engine.optimizer
+        self.data_replicas: int = self.engine.data_replicas
+        """Each step trains on batch_tokens from every data replica."""
+        self.total_steps = max(1, cfg.trainer.total_tokens // (cfg.trainer.batch_tokens * self.data_replicas))
         self.tokens_since_fired = torch.zeros(sae.n_local, dtype=torch.long)
         self.history: list[float] = []
         """Loss at every step of this process, for tests and resume checks."""
@@ -134,17 +163,14 @@ class Trainer:
                 f"{bool(torch.isfinite(x).all())}); last good checkpoint: "
                 f"{getattr(self.checkpointer, 'last_saved', None) or 'none'}"
             )
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        self.sae.project_decoder_grad()
-        out.terms["grad_norm"] = clip_grad_norm(self.sae, self.cfg.trainer.grad_clip).detach()
-        self.optimizer.step()
-        self.sae.normalize_decoder()
-        self.tokens_since_fired += x.shape[0]
-        if out.fired is not None:
-            self.tokens_since_fired[out.fired] = 0
+        norm, fired = self.engine.step(out.loss, out.fired, self.cfg.trainer.grad_clip)
+        out.terms["grad_norm"] = norm.detach()
+        tokens = x.shape[0] * self.data_replicas
+        self.tokens_since_fired += tokens
+        if fired is not None:
+            self.tokens_since_fired[fired] = 0
         self.state.step += 1
-        self.state.tokens += x.shape[0]
+        self.state.tokens += tokens
         if self.cfg.sae.arch == "relu" and self.cfg.sae.resample_every and self.state.step % self.cfg.sae.resample_every == 0:
             self.resample_dead(x)
         self.history.append(float(out.loss.detach()))
@@ -152,17 +178,19 @@ class Trainer:
 
     @torch.no_grad()
     def _init_b_dec(self, x: Tensor) -> None:
-        self.sae.b_dec.copy_(x.mean(dim=0))
+        self.sae.b_dec.copy_(self.sae.comm.mean_over_data(x.mean(dim=0)))
 
     @torch.no_grad()
     def resample_dead(self, x: Tensor) -> int:
         """Anthropic (2023): dead latents get an input with high reconstruction error as their
         decoder direction, and a scaled copy as their encoder row; their Adam state is reset."""
         dead = self.dead_mask().nonzero().squeeze(1)
-        if dead.numel() == 0:
-            return 0
+        if not float(self.sae.comm.sum_scalar(torch.tensor(float(dead.numel())))):
+            return 0  # every shard agrees, so the forward below runs on all of them or none
         sae = self.sae
         err = (x - sae(x).x_hat).pow(2).sum(1)
+        if dead.numel() == 0:
+            return 0
         g = torch.Generator().manual_seed(self.cfg.trainer.seed * 7919 + self.state.step)
         pick = torch.multinomial(err / err.sum(), dead.numel(), replacement=True, generator=g)
         v = x[pick] - sae.b_dec

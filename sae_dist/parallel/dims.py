@@ -1,0 +1,167 @@
+"""The (dp, fp) mesh: validated degrees, process-group start-up, and this rank's place on each axis.
+
+    torchrun --nproc-per-node 4 -m sae_dist parallel.dp=2 parallel.fp=2   # init_from_env
+    init_distributed(rank, world, "10.0.0.1", 29500, cfg.parallel, n)      # a Ray trainer actor
+    single_process(cfg.parallel, n)                                         # no torch.distributed
+
+Ranks are laid out fp-fastest: rank = dp_rank * fp + fp_rank, so the feature shards of one replica are
+neighbours (one node on GPUs, where the per-step fp traffic is). An axis of size 1 has no group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sae_dist.config import ConfigError, ParallelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp: int
+    """Data-parallel replicas."""
+    fp: int
+    """Feature shards per replica."""
+    world_size: int
+    """Processes in the job."""
+    n_latents: int
+    """Dictionary size, split evenly over fp."""
+
+    def __post_init__(self) -> None:
+        for name, value in (("dp", self.dp), ("fp", self.fp)):
+            if value < 1:
+                raise ConfigError(f"parallel.{name} ({value}) must be >= 1")
+        if self.dp * self.fp != self.world_size:
+            raise ConfigError(
+                f"parallel.dp ({self.dp}) x parallel.fp ({self.fp}) = {self.dp * self.fp} must equal the world "
+                f"size ({self.world_size}); launch dp*fp processes (torchrun --nproc-per-node {self.dp * self.fp})"
+            )
+        if self.n_latents % self.fp:
+            raise ConfigError(
+                f"parallel.fp ({self.fp}) must divide sae.n_latents ({self.n_latents}); "
+                "pick n_latents a multiple of fp"
+            )
+
+    @property
+    def n_local(self) -> int:
+        return self.n_latents // self.fp
+
+
+@dataclass
+class Mesh:
+    """This rank's view of the mesh. Groups are None where the axis has size 1 (or no distributed)."""
+
+    dims: ParallelDims
+    rank: int = 0
+    device_mesh: Any = None
+    """torch DeviceMesh with axes ("dp", "fp"), or None in a single process."""
+
+    @property
+    def dp(self) -> int:
+        return self.dims.dp
+
+    @property
+    def fp(self) -> int:
+        return self.dims.fp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.dims.fp
+
+    @property
+    def fp_rank(self) -> int:
+        return self.rank % self.dims.fp
+
+    @property
+    def latent_offset(self) -> int:
+        """First latent this rank holds."""
+        return self.fp_rank * self.dims.n_local
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.device_mesh is not None
+
+    def group(self, axis: str) -> Any:
+        """Process group of `axis` ("dp" or "fp") holding this rank; None when the axis has size 1."""
+        if self.device_mesh is None or getattr(self.dims, axis) == 1:
+            return None
+        return self.device_mesh[axis].get_group()
+
+    @property
+    def world_group(self) -> Any:
+        return dist.group.WORLD if self.device_mesh is not None and self.dims.world_size > 1 else None
+
+    def barrier(self) -> None:
+        if self.world_group is not None:
+            dist.barrier()
+
+    def describe(self) -> dict[str, int]:
+        """What the checkpointer and logs need to know about this rank."""
+        return {
+            "rank": self.rank, "world": self.dims.world_size, "dp": self.dp, "fp": self.fp,
+            "dp_rank": self.dp_rank, "fp_rank": self.fp_rank, "n_latents": self.dims.n_latents,
+            "n_local": self.dims.n_local, "latent_offset": self.latent_offset,
+        }
+
+
+def resolve_backend(name: str) -> str:
+    if name == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return name
+
+
+def single_process(p: ParallelConfig, n_latents: int) -> Mesh:
+    return Mesh(ParallelDims(p.dp, p.fp, 1, n_latents))
+
+
+def build_mesh(p: ParallelConfig, n_latents: int) -> Mesh:
+    """The mesh over an initialised default group (all ranks must call this together)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dims = ParallelDims(p.dp, p.fp, dist.get_world_size(), n_latents)
+    device = "cuda" if resolve_backend(p.backend) == "nccl" else "cpu"
+    mesh = init_device_mesh(device, (dims.dp, dims.fp), mesh_dim_names=("dp", "fp"))
+    return Mesh(dims, dist.get_rank(), mesh)
+
+
+def init_distributed(
+    rank: int, world_size: int, master_addr: str, master_port: int, p: ParallelConfig, n_latents: int,
+    timeout_s: float = 600.0,
+) -> Mesh:
+    """Joins the process group explicitly (Ray actors: the driver hands out ranks and one address)."""
+    ParallelDims(p.dp, p.fp, world_size, n_latents)  # fail before blocking on the rendezvous
+    if not dist.is_initialized():
+        dist.init_process_group(
+            resolve_backend(p.backend), init_method=f"tcp://{master_addr}:{master_port}",
+            rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
+        )
+    return build_mesh(p, n_latents)
+
+
+def init_from_env(p: ParallelConfig, n_latents: int, timeout_s: float = 600.0) -> Mesh:
+    """torchrun's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, or a single process when they are absent."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and not dist.is_initialized():
+        return single_process(p, n_latents)
+    ParallelDims(p.dp, p.fp, world, n_latents)
+    if not dist.is_initialized():
+        backend = resolve_backend(p.backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
+    mesh = build_mesh(p, n_latents)
+    log.info("rank %d of %d: dp_rank %d/%d, fp_rank %d/%d", mesh.rank, world, mesh.dp_rank, mesh.dp,
+             mesh.fp_rank, mesh.fp)
+    return mesh

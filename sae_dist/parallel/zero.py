@@ -1,0 +1,118 @@
+"""parallel.engine=deepspeed: DeepSpeed ZeRO stage 1/2 shards Adam's state (and, at stage 2, the
+gradients) over the dp axis; the fp axis is DeepSpeed's model-parallel group, so its gradient clipping
+sums the sharded parameters' norms over fp and counts the replicated b_dec once.
+
+    torchrun --nproc-per-node 4 -m sae_dist parallel.dp=2 parallel.fp=2 parallel.engine=deepspeed \\
+        parallel.zero_stage=2 parallel.offload_optimizer=true
+
+Runs on CPU (gloo) and GPUs (nccl). The decoder-gradient projection is a hook on W_dec's gradient (ZeRO
+reduces gradients into its own buffers during backward, so p.grad is gone by the time the step runs),
+and the decoder renormalisation after each step is copied back into ZeRO's fp32 master partitions.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sae_dist.config import Config, ConfigError
+from sae_dist.parallel.dims import Mesh
+from sae_dist.parallel.dp import DataParallel
+from sae_dist.parallel.fp import SHARDED
+from sae_dist.sae import SparseAutoencoder
+
+log = logging.getLogger(__name__)
+
+
+class MeshMpu:
+    """The model-parallel-unit interface DeepSpeed reads groups from: model parallel = fp, data = dp."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+
+    def _group(self, axis: str) -> Any:
+        if self.mesh.device_mesh is None:
+            raise ConfigError("parallel.engine=deepspeed needs torch.distributed: launch with torchrun")
+        return self.mesh.device_mesh[axis].get_group()
+
+    def get_model_parallel_rank(self) -> int:
+        return self.mesh.fp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.mesh.fp
+
+    def get_model_parallel_group(self) -> Any:
+        return self._group("fp")
+
+    def get_data_parallel_rank(self) -> int:
+        return self.mesh.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.mesh.dp
+
+    def get_data_parallel_group(self) -> Any:
+        return self._group("dp")
+
+
+def ds_config(cfg: Config) -> dict[str, Any]:
+    p = cfg.parallel
+    zero: dict[str, Any] = {"stage": p.zero_stage, "overlap_comm": False, "contiguous_gradients": True}
+    if p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # batches are fed by the trainer; DeepSpeed only counts them
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.trainer.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch.optim.Adam: the same update as the torch engine
+        "zero_force_ds_cpu_optimizer": False,  # offload with torch Adam (DeepSpeedCPUAdam needs built ops)
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine:
+    """Same interface as trainer.TorchEngine: `optimizer`, `data_replicas` and `step(loss, fired, clip)`."""
+
+    def __init__(self, sae: SparseAutoencoder, lr: float, cfg: Config, mesh: Mesh) -> None:
+        try:
+            import deepspeed
+        except ImportError as err:
+            raise ConfigError(
+                "parallel.engine=deepspeed but DeepSpeed is not installed; "
+                "DS_BUILD_OPS=0 pip install deepspeed, or use parallel.engine=torch"
+            ) from err
+        if cfg.sae.arch == "relu" and cfg.sae.resample_every:
+            raise ConfigError("sae.resample_every needs per-latent Adam state: use parallel.engine=torch")
+        self.sae = sae
+        for name, p in sae.named_parameters():
+            p.model_parallel = name in SHARDED and mesh.fp > 1  # type: ignore[attr-defined]
+        if sae.unit_norm_decoder:
+            sae.W_dec.register_hook(self._project)
+        deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False)
+        optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=sae, optimizer=optimizer, config=ds_config(cfg), mpu=MeshMpu(mesh), dist_init_required=False
+        )
+        self.data = DataParallel(mesh)
+        self.data_replicas = mesh.dp
+        log.warning("parallel.engine=deepspeed: checkpoints hold weights but not ZeRO's optimizer state")
+
+    def _project(self, grad: Tensor) -> Tensor:
+        """sae.project_decoder_grad as a gradient hook: linear in the gradient, so projecting each
+        contribution equals projecting their sum."""
+        W = self.sae.W_dec.detach()
+        return grad - (grad * W).sum(dim=1, keepdim=True) * W
+
+    def step(self, loss: Tensor, fired: Tensor | None, grad_clip: float) -> tuple[Tensor, Tensor | None]:
+        self.engine.backward(loss)
+        fired = self.data.any(fired)
+        self.engine.step()
+        self.sae.normalize_decoder()
+        if self.sae.unit_norm_decoder:
+            self.optimizer.refresh_fp32_params()  # the master copy must hold the renormalised rows
+        norm = self.engine.get_global_grad_norm()
+        return torch.as_tensor(float(norm) if norm is not None else float("nan")), fired

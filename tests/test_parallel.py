@@ -1,0 +1,299 @@
+"""Feature and data parallelism with real gloo processes on CPU (DESIGN §3).
+
+    python -m pytest -q tests/test_parallel.py
+
+Each world of processes is spawned once per module (a fixture) and runs several scenarios; the tests
+assert on what they recorded against single-process references computed here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections import Counter
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import synthetic_config
+
+from sae_dist.data.synthetic import SyntheticSource
+from sae_dist.parallel import apply_feature_parallel, gather_full_state, single_process
+from sae_dist.parallel.dims import build_mesh
+from sae_dist.parallel.launch import build_engine
+from sae_dist.sae import SparseAutoencoder
+from sae_dist.trainer import Trainer, TrainState, auto_lr
+
+D, N, K, B, STEPS = 32, 256, 4, 64, 20
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor", "broadcast",
+               "reduce_scatter_tensor", "barrier", "all_gather_object", "broadcast_object_list", "gather")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cfg(tmp, arch="topk", n=N, dp=1, fp=1, batch=B, engine="torch", zero_stage=1, dead_tokens=2 * B):
+    return synthetic_config(
+        tmp,
+        sae={"arch": arch, "n_latents": n, "k": K, "dead_tokens": dead_tokens},
+        trainer={"batch_tokens": batch, "total_tokens": batch * dp * STEPS, "encoder_chunk": 32, "warmup_steps": 5},
+        parallel={"dp": dp, "fp": fp, "engine": engine, "zero_stage": zero_stage},
+    )
+
+
+def _batches(rows: int, steps: int = STEPS) -> list[torch.Tensor]:
+    src = SyntheticSource(D, 128, 3, seed=0)
+    data = torch.cat([src.chunk(i) for i in range(rows * steps // 4096 + 1)])
+    return [data[s * rows : (s + 1) * rows] for s in range(steps)]
+
+
+def _train(cfg, mesh, batches, count_at=None):
+    """Runs `batches` through a Trainer on this rank; records losses, the selected latents and bytes."""
+    full = SparseAutoencoder(cfg.sae, D, encoder_chunk=cfg.trainer.encoder_chunk,
+                             generator=torch.Generator().manual_seed(1))
+    sae = apply_feature_parallel(full, mesh)
+    trainer = Trainer(cfg, sae, TrainState(), engine=build_engine(cfg, sae, mesh, auto_lr(cfg)))
+    comm, picks, chosen = sae.comm, [], []
+
+    def record(vals, idx):
+        mask = torch.zeros(vals.shape[0], cfg.sae.n_latents, dtype=torch.bool)
+        rows, cols = (vals.detach() != 0).nonzero(as_tuple=True)  # this rank's entries only
+        mask[rows, idx[rows, cols] + comm.latent_offset] = True
+        picks.append(mask)
+
+    select_topk, select_batch = comm.select_topk, comm.select_batch_topk
+
+    def topk(vals, idx, k):
+        out = select_topk(vals, idx, k)
+        record(*out)
+        return out
+
+    def batch_topk(vals, idx, total):
+        out = select_batch(vals, idx, total)
+        if picks:
+            picks.pop()  # the candidate list was too short and is being widened: keep the final pick
+        record(out[0], out[1])
+        return out
+
+    comm.select_topk, comm.select_batch_topk = topk, batch_topk
+    losses, counts = [], {}
+    for step, x in enumerate(batches):
+        picks.clear()
+        with _counting() if step in (count_at or ()) else contextlib.nullcontext() as c:
+            losses.append(float(trainer.train_step(x).loss.detach()))
+        if c is not None:
+            counts[step] = dict(c)
+        chosen.append(picks[0])  # TopK's selection (AuxK's comes second)
+    opt = trainer.optimizer
+    state = getattr(opt, "state", {})
+    nbytes = sum(p.numel() * p.element_size() for p in sae.parameters())
+    nbytes += sum(t.numel() * t.element_size() for st in state.values() for t in st.values() if torch.is_tensor(t))
+    return {"losses": losses, "chosen": torch.stack(chosen), "weights": gather_full_state(sae, mesh),
+            "bytes": nbytes, "counts": counts}
+
+
+@contextlib.contextmanager
+def _counting():
+    """Counts top-level torch.distributed collectives called in the block (nested calls count once)."""
+    counts: Counter = Counter()
+    depth = threading.local()
+    saved = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+
+    def wrap(name, fn):
+        def counted(*args, **kwargs):
+            outer = getattr(depth, "n", 0) == 0
+            if outer:
+                counts[name] += 1
+            depth.n = getattr(depth, "n", 0) + 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth.n -= 1
+
+        return counted
+
+    for name, fn in saved.items():
+        setattr(dist, name, wrap(name, fn))
+    try:
+        yield counts
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+
+
+def _mesh(cfg):
+    return build_mesh(cfg.parallel, cfg.sae.n_latents)
+
+
+def _job_world2(rank, tmp):
+    out = {}
+    for arch in ("topk", "batchtopk"):
+        cfg = _cfg(tmp, arch, fp=2)
+        out[f"fp2-{arch}"] = _train(cfg, _mesh(cfg), _batches(B))
+    cfg = _cfg(tmp, "topk", fp=2, batch=2 * B)
+    out["dp1-fp2-double"] = _train(cfg, _mesh(cfg), _batches(2 * B))
+    for n in (128, 512):
+        cfg = _cfg(tmp, "topk", n=n, fp=2, batch=16, dead_tokens=1)
+        out[f"count-{n}"] = _train(cfg, _mesh(cfg), _batches(16, 4), count_at=(2, 3))["counts"]
+    return out
+
+
+def _replica_batches(rank, fp):
+    half = (rank // fp) * B
+    return [x[half : half + B] for x in _batches(2 * B)]
+
+
+def _job_world4(rank, tmp):
+    out = {}
+    for arch in ("topk", "batchtopk"):
+        cfg = _cfg(tmp, arch, fp=4)
+        out[f"fp4-{arch}"] = _train(cfg, _mesh(cfg), _batches(B))
+    cfg = _cfg(tmp, "topk", dp=2, fp=2)
+    out["dp2-fp2"] = _train(cfg, _mesh(cfg), _replica_batches(rank, 2))
+    for n in (128, 512):
+        cfg = _cfg(tmp, "topk", n=n, dp=2, fp=2, batch=16, dead_tokens=1)
+        out[f"count-{n}"] = _train(cfg, _mesh(cfg), [x[(rank // 2) * 16 :][:16] for x in _batches(32, 4)],
+                                   count_at=(2, 3))["counts"]
+    return out
+
+
+def _job_zero(rank, tmp):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="4")
+    out = {}
+    for stage in (1, 2):
+        cfg = _cfg(tmp, "topk", dp=2, fp=2, engine="deepspeed", zero_stage=stage)
+        out[f"zero{stage}"] = _train(cfg, _mesh(cfg), _replica_batches(rank, 2))
+    return out
+
+
+def _worker(rank, world, port, tmp, job):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.save(job(rank, tmp), os.path.join(tmp, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(tmp_path_factory, name, job, world):
+    tmp = str(tmp_path_factory.mktemp(name))
+    mp.spawn(_worker, args=(world, _free_port(), tmp, job), nprocs=world)
+    return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory):
+    return _spawn(tmp_path_factory, "w2", _job_world2, 2)
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory):
+    return _spawn(tmp_path_factory, "w4", _job_world4, 4)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    torch.set_num_threads(1)
+    return {arch: _train(cfg, single_process(cfg.parallel, N), _batches(B))
+            for arch in ("topk", "batchtopk") for cfg in [_cfg(tmp, arch)]}
+
+
+def _merged_choice(ranks, key):
+    """Every slot of a selection is claimed by exactly one fp rank: OR the ranks' masks together."""
+    masks = torch.stack([r[key]["chosen"] for r in ranks])  # (fp, steps, B, n)
+    assert int(masks.sum(0).max()) <= 1, "two shards claimed the same latent"
+    return masks.any(0)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("fp", [2, 4])
+def test_fp_matches_fp1_losses_indices_and_weights(world2, world4, reference, fp, arch):
+    ranks = world2 if fp == 2 else world4[:4]
+    key = f"fp{fp}-{arch}"
+    ref = reference[arch]
+    for r in ranks:
+        got, want = torch.tensor(r[key]["losses"]), torch.tensor(ref["losses"])
+        assert torch.allclose(got, want, rtol=1e-5, atol=0), (got - want).abs().max()
+    chosen = _merged_choice(ranks, key)
+    assert torch.equal(chosen, ref["chosen"]), f"selection differs at steps {(chosen != ref['chosen']).any(-1).any(-1).nonzero().flatten().tolist()}"
+    if arch == "topk":
+        assert bool((chosen.sum(-1) == K).all())
+    for name, want in ref["weights"].items():
+        got = ranks[0][key]["weights"][name]
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), f"{name}: {(got - want).abs().max()}"
+
+
+@pytest.mark.parametrize("fp", [2, 4])
+def test_per_rank_parameter_and_optimizer_bytes_are_one_over_fp(world2, world4, reference, fp):
+    ranks = world2 if fp == 2 else world4
+    total = reference["topk"]["bytes"]
+    for r in ranks:
+        assert abs(r[f"fp{fp}-topk"]["bytes"] * fp / total - 1) < 0.01
+
+
+def _assert_same_updates(got_ranks, key, want):
+    """dp=2 replicas' mean loss is the doubled batch's loss; weights after every update agree."""
+    losses = torch.tensor([r[key]["losses"] for r in got_ranks])  # (world, steps)
+    mean_over_replicas = (losses[0] + losses[2]) / 2  # rank = dp_rank * fp + fp_rank
+    assert torch.allclose(mean_over_replicas, torch.tensor(want["losses"]), rtol=1e-5)
+    for r in got_ranks:
+        for name, w in want["weights"].items():
+            assert torch.allclose(r[key]["weights"][name], w, atol=1e-5, rtol=1e-4), name
+
+
+def test_dp2_fp2_matches_dp1_fp2_with_doubled_batch(world2, world4):
+    _assert_same_updates(world4, "dp2-fp2", world2[0]["dp1-fp2-double"])
+
+
+def test_collectives_per_step_are_fixed_and_independent_of_n_latents(world2, world4):
+    # TopK + AuxK with dead latents present. fp=2: dead count, L0, clip norm, 2 x decode, encoder-input
+    # gradient (6 all-reduces) + 2 candidate all-gathers. dp=2 adds the gradient reduction (3
+    # all-reduces) and the global-batch variance for the two FVUs (2 all-gathers).
+    fp_only = {"all_reduce": 6, "all_gather_single": 2}
+    both = {"all_reduce": 9, "all_gather_single": 4}
+    for ranks, want in ((world2, fp_only), (world4, both)):
+        for r in ranks:
+            for step in (2, 3):
+                assert r["count-128"][step] == r["count-512"][step] == want, r["count-128"]
+
+
+def test_zero_stage_1_and_2_match_dp1_with_doubled_batch(world2, tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    zero = _spawn(tmp_path_factory, "zero", _job_zero, 4)
+    for stage in (1, 2):
+        _assert_same_updates(zero, f"zero{stage}", world2[0]["dp1-fp2-double"])
+
+
+def test_torchrun_fp2_reaches_single_rank_fvu(tmp_path):
+    from sae_dist.run import train
+
+    overrides = {"model": {"d_model": 64}, "data": {"synthetic_n_features": 256, "synthetic_k": 4},
+                 "sae": {"n_latents": 512, "k": 8, "dead_tokens": 20000},
+                 "trainer": {"total_tokens": 512 * 60, "batch_tokens": 512, "encoder_chunk": 128, "log_every": 20}}
+    single = train(synthetic_config(tmp_path / "single", **overrides))
+    out = tmp_path / "fp2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "sae_dist", "data=synthetic", "model.d_model=64", "data.synthetic_n_features=256",
+           "data.synthetic_k=4", "sae.n_latents=512", "sae.k=8", "sae.dead_tokens=20000",
+           "trainer.total_tokens=30720", "trainer.batch_tokens=512", "trainer.encoder_chunk=128",
+           "trainer.eval_tokens=2048", "trainer.scale_tokens=1024", "trainer.warmup_steps=5",
+           "data.shuffle_buffer_tokens=2048", "checkpoint.every_steps=0", "tracking=none", "parallel.fp=2",
+           f"hydra.run.dir={out}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == single["steps"] == 60
+    assert abs(results["fvu"] - single["fvu"]) < 0.01 + 0.02 * single["fvu"], (results["fvu"], single["fvu"])
+    assert (out / "sae" / "sae_weights.safetensors").exists()
