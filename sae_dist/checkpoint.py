@@ -1,174 +1,434 @@
-"""Checkpoints at any fsspec URL (DESIGN §5).
+"""Sharded, atomic, asynchronous checkpoints at any fsspec URL (DESIGN §5).
 
-    <url>/<run>/step-<N>/model-rank<R>.safetensors   SAE shard + per-latent firing counters
-                         optim-rank<R>.safetensors   Adam state of that shard
-                         trainer_state.json          step, tokens, scale, data position, seed, config
-                         manifest.json               written LAST: every file's size and sha256
-    <url>/<run>/latest                               name of the newest complete step
+    <url>/<run>/step-<N>/model-fp<j>of<P>.safetensors   feature shard j of P: SAE rows + firing counters
+                         optim-fp<j>of<P>.safetensors   Adam state of that shard
+                         part-dp<i>-fp<j>.json          what rank (i, j) wrote, and its data position
+                         trainer_state.json             step, tokens, scale, data positions, RNG, config,
+                                                        mesh and latent layout
+                         manifest.json                  written LAST: every file's size and sha256, layout
+    <url>/<run>/latest                                  name of the newest complete step
 
-A step without a readable manifest does not exist. Loading reads safetensors and JSON only.
+`save()` copies the state to host memory on the training thread and uploads it in a background thread
+with retries (`sae_dist.storage`); a save that comes while the previous one is still uploading is skipped,
+so training never waits on storage. Only dp rank 0 of each feature shard writes weights (replicas are
+identical); every other rank of dp 0 or fp 0 writes a small part file; rank 0 waits for those, then
+writes the trainer state, the manifest and `latest`. A step without a readable manifest does not exist.
+The save at the last step waits for its upload.
+
+Loading reads safetensors and JSON only, checks every file against the manifest, and reshards: the rows
+of the saved shards are concatenated along the latent dim and this rank's slice is taken, so a run saved
+with fp=2 resumes with fp=1 or fp=4.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
 import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from sae_dist.config import Config, ConfigError, flatten
+from sae_dist.storage import Storage, join, redact
 
 log = logging.getLogger(__name__)
 
+FORMAT = "sae-dist-ckpt-v2"
+REPLICATED = ("b_dec",)
+"""Tensors (and their optimizer state) that every feature shard holds whole."""
 _STEP = re.compile(r"step-(\d+)$")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint could not be used; the message names the file and what was wrong."""
-
-
-def _join(*parts: str) -> str:
-    return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts))
+    """A checkpoint could not be used or written; the message names the file and what was wrong."""
 
 
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def shard_file(kind: str, fp_rank: int, fp_size: int) -> str:
+    return f"{kind}-fp{fp_rank}of{fp_size}.safetensors"
+
+
+def shard_range(n_latents: int, fp_rank: int, fp_size: int) -> tuple[int, int]:
+    """Latents [lo, hi) of feature shard `fp_rank` (DESIGN §3)."""
+    return fp_rank * n_latents // fp_size, (fp_rank + 1) * n_latents // fp_size
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
 def optimizer_tensors(sae: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Host copies of the optimizer state, `<param>.<key>` -> tensor."""
     out = {}
     for name, p in sae.named_parameters():
         for key, value in optimizer.state.get(p, {}).items():
-            out[f"{name}.{key}"] = value.detach().clone() if torch.is_tensor(value) else torch.tensor(float(value))
+            out[f"{name}.{key}"] = _host(value) if torch.is_tensor(value) else torch.tensor(float(value))
     return out
 
 
 def load_optimizer_tensors(sae: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
     for name, p in sae.named_parameters():
-        state = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == name}
+        state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
         if state:
             optimizer.state[p] = {k: v.to(p.device) for k, v in state.items()}
 
 
+def _sharded_names(tensors: dict[str, torch.Tensor], n_local: int) -> list[str]:
+    return sorted(
+        k for k, v in tensors.items() if v.dim() >= 1 and v.shape[0] == n_local and k.split(".")[0] not in REPLICATED
+    )
+
+
+def _entry(data: bytes) -> dict[str, Any]:
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@dataclass
+class _Snapshot:
+    """Everything one rank uploads for one step, already in host memory."""
+
+    step: int
+    step_dir: str
+    tensors: dict[str, dict[str, torch.Tensor]]
+    """File name -> tensors; empty on ranks that write no weights."""
+    data: Any
+    """This rank's data position."""
+    state: dict[str, Any] | None
+    """Rank 0: trainer_state.json without the data positions of the other replicas."""
+
+
 class Checkpointer:
-    """Saves and restores a Trainer. `rank`/`world` name this process's shard files; with more than one
-    rank, `gather` (set by the parallel layer) collects every rank's manifest entries on rank 0."""
+    """Saves and restores a Trainer from one mesh position. `rank` is the global rank; rank 0 must be
+    (dp 0, fp 0). The parallel layer sets `gather(obj) -> list` (an all-gather of a small JSON-able
+    object, in rank order) and `barrier()`; both are called on the training thread only, never from the
+    upload thread."""
 
-    def __init__(self, cfg: Config, rank: int = 0, world: int = 1) -> None:
-        ck = cfg.checkpoint
-        base = ck.url or _join(cfg.output_dir, "checkpoints")
-        self.fs, root = fsspec.core.url_to_fs(base)
-        self.run_root = _join(root, ck.run_name)
-        self.cfg, self.rank, self.world = cfg, rank, world
-        self.last_saved: str | None = None
-        self.gather = lambda entries: entries
-        self.barrier = lambda: None
-
-    def _write(self, path: str, data: bytes) -> dict[str, Any]:
-        with self.fs.open(path, "wb") as fh:
-            fh.write(data)
-        return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-    def save(self, trainer: Any) -> str:
-        step_dir = _join(self.run_root, step_name(trainer.state.step))
-        self.fs.makedirs(step_dir, exist_ok=True)
-        r = f"rank{self.rank:05d}"
-        model = {k: v.detach().contiguous() for k, v in trainer.sae.state_dict().items()}
-        model["tokens_since_fired"] = trainer.tokens_since_fired.clone()
-        entries = {
-            f"model-{r}.safetensors": self._write(_join(step_dir, f"model-{r}.safetensors"), st_save(model)),
-            f"optim-{r}.safetensors": self._write(
-                _join(step_dir, f"optim-{r}.safetensors"), st_save(optimizer_tensors(trainer.sae, trainer.optimizer))
-            ),
-        }
-        entries = self.gather(entries)
-        if self.rank == 0:
-            state = trainer.state.to_json() | {"config": flatten(self.cfg), "world": self.world}
-            entries["trainer_state.json"] = self._write(
-                _join(step_dir, "trainer_state.json"), json.dumps(state, indent=1).encode()
+    def __init__(
+        self,
+        cfg: Config,
+        rank: int = 0,
+        world: int = 1,
+        *,
+        fp_rank: int = 0,
+        fp_size: int = 1,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        gather: Callable[[Any], list[Any]] | None = None,
+        barrier: Callable[[], None] | None = None,
+    ) -> None:
+        if (
+            fp_size * dp_size != world
+            or not (0 <= fp_rank < fp_size and 0 <= dp_rank < dp_size and 0 <= rank < world)
+            or (rank == 0) != (fp_rank == 0 and dp_rank == 0)
+        ):
+            raise ValueError(
+                f"mesh position rank={rank}/{world} fp={fp_rank}/{fp_size} dp={dp_rank}/{dp_size} is inconsistent: "
+                "world must be fp_size * dp_size and rank 0 must be fp 0, dp 0"
             )
-            manifest = {"step": trainer.state.step, "files": entries, "format": "sae-dist-ckpt-v1"}
-            self._write(_join(step_dir, "manifest.json"), json.dumps(manifest, indent=1).encode())
-            self._write(_join(self.run_root, "latest"), step_name(trainer.state.step).encode())
-            self.prune()
-        self.barrier()
-        self.last_saved = step_dir
-        log.info("checkpoint %s", step_dir)
-        return step_dir
+        ck = cfg.checkpoint
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.fp_rank, self.fp_size, self.dp_rank, self.dp_size = fp_rank, fp_size, dp_rank, dp_size
+        self.store = self._open(ck.url or join(cfg.output_dir, "checkpoints"))
+        self.fs = self.store.fs
+        self.run_root = join(self.store.root, ck.run_name)
+        self.gather: Callable[[Any], list[Any]] = gather or (lambda obj: [obj])
+        self.barrier: Callable[[], None] = barrier or (lambda: None)
+        self.last_saved: str | None = None
+        """The newest step this process knows to be complete (rank 0: committed by it)."""
+        self.last_blocking_s = 0.0
+        """Seconds the last save() kept the training thread (the host copy, when uploads are async)."""
+        self.skipped = 0
+        """Saves skipped because the previous upload was still running."""
+        self._thread: threading.Thread | None = None
+        self._failure: tuple[int, BaseException] | None = None
 
-    def complete_steps(self, run_root: str | None = None) -> list[tuple[int, str]]:
-        """(step, folder) of every step with a readable manifest, oldest first."""
-        root = run_root or self.run_root
-        if not self.fs.exists(root):
-            return []
-        found = []
-        for path in self.fs.ls(root, detail=False):
-            m = _STEP.search(path.rstrip("/"))
-            if m and self.fs.exists(_join(path, "manifest.json")):
-                try:
-                    json.loads(self.fs.cat_file(_join(path, "manifest.json")))
-                except (ValueError, OSError):
-                    continue
-                found.append((int(m.group(1)), path.rstrip("/")))
-        return sorted(found)
-
-    def prune(self) -> None:
+    def _open(self, url: str) -> Storage:
         ck = self.cfg.checkpoint
-        steps = self.complete_steps()
-        keep = {s for s, _ in steps[-ck.keep_last :]}
-        for step, path in steps:
-            if step not in keep and not (ck.keep_every and step % ck.keep_every == 0):
-                self.fs.rm(path, recursive=True)
+        return Storage(url, ck.storage_options, ck.endpoint_url, ck.op_timeout_s, ck.retry_initial_s, ck.retry_max_s)
+
+    def _part_name(self, dp_rank: int, fp_rank: int) -> str:
+        return f"part-dp{dp_rank}-fp{fp_rank}.json"
+
+    def _expected_parts(self) -> list[str]:
+        """Parts rank 0 waits for: the other weight writers (dp 0) and the other replicas' data (fp 0)."""
+        return [self._part_name(0, j) for j in range(1, self.fp_size)] + [
+            self._part_name(i, 0) for i in range(1, self.dp_size)
+        ]
+
+    def save(self, trainer: Any) -> str | None:
+        """Snapshots the trainer and uploads it (in the background, except at the last step, which waits
+        for its upload and every rank). Returns the step folder, or None if this save was skipped."""
+        t0 = time.perf_counter()
+        final = trainer.state.step >= getattr(trainer, "total_steps", float("inf"))
+        if any(self.gather(self._thread is not None and self._thread.is_alive())):
+            if not final:
+                self.skipped += 1
+                log.warning(
+                    "checkpoint at step %d skipped: the one before is still uploading (storage slow or down)",
+                    trainer.state.step,
+                )
+                return None
+            self._join(None)
+        snap = self._snapshot(trainer)
+        if self.cfg.checkpoint.async_upload and not final:
+            self._thread = threading.Thread(target=self._upload, args=(snap,), name=f"checkpoint-{snap.step}")
+            self._thread.start()
+        else:
+            self._upload(snap)
+        self.last_blocking_s = time.perf_counter() - t0
+        if final:
+            self.close()
+        return snap.step_dir
+
+    def _snapshot(self, trainer: Any) -> _Snapshot:
+        sae, st = trainer.sae, trainer.state
+        tensors: dict[str, dict[str, torch.Tensor]] = {}
+        state = None
+        if self.dp_rank == 0:
+            model = {k: _host(v) for k, v in sae.state_dict().items()}
+            model["tokens_since_fired"] = _host(trainer.tokens_since_fired)
+            tensors[shard_file("model", self.fp_rank, self.fp_size)] = model
+            tensors[shard_file("optim", self.fp_rank, self.fp_size)] = optimizer_tensors(sae, trainer.optimizer)
+        if self.rank == 0:
+            sharded = {kind: _sharded_names(tensors[shard_file(kind, 0, self.fp_size)], sae.n_local) for kind in ("model", "optim")}
+            layout = {
+                "n_latents": sae.n_latents,
+                "fp_size": self.fp_size,
+                "dp_size": self.dp_size,
+                "shards": [
+                    {"fp_rank": j, "latents": list(shard_range(sae.n_latents, j, self.fp_size)),
+                     "model": shard_file("model", j, self.fp_size), "optim": shard_file("optim", j, self.fp_size)}
+                    for j in range(self.fp_size)
+                ],
+                "sharded": sharded,
+            }
+            state = st.to_json() | {
+                "config": flatten(self.cfg),
+                "world": self.world,
+                "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+                "layout": layout,
+            }
+            state = json.loads(json.dumps(state))
+        return _Snapshot(st.step, join(self.run_root, step_name(st.step)), tensors, json.loads(json.dumps(st.data)), state)
+
+    def _upload(self, snap: _Snapshot) -> None:
+        """Runs on the upload thread (or inline). Failures are logged and kept for wait(); the step stays
+        invisible."""
+        self._failure = None
+        deadline = time.monotonic() + self.cfg.checkpoint.upload_timeout_s
+        try:
+            files = {}
+            for name, tensors in snap.tensors.items():
+                data = st_save(tensors, metadata={"format": "pt"})
+                self.store.put(join(snap.step_dir, name), data, deadline)
+                files[name] = _entry(data)
+            part = {"step": snap.step, "mesh": [self.dp_size, self.fp_size], "dp_rank": self.dp_rank,
+                    "fp_rank": self.fp_rank, "files": files, "data": snap.data}
+            if self.rank != 0:
+                if self._part_name(self.dp_rank, self.fp_rank) in self._expected_parts():
+                    self.store.put(join(snap.step_dir, self._part_name(self.dp_rank, self.fp_rank)),
+                                   json.dumps(part).encode(), deadline)
+                return
+            self._commit(snap, part, deadline)
+        except Exception as err:  # noqa: BLE001 - the upload thread must not die silently
+            self._failure = (snap.step, err)
+            log.error("checkpoint %s failed and stays invisible: %s: %s", redact(snap.step_dir), type(err).__name__, err)
+
+    def _commit(self, snap: _Snapshot, own: dict[str, Any], deadline: float) -> None:
+        parts = [own]
+        for name in self._expected_parts():
+            raw, wait = None, 0.05
+            while raw is None:
+                raw = self.store.get_if_exists(join(snap.step_dir, name), deadline)
+                if raw is None:
+                    if time.monotonic() + wait > deadline:
+                        raise CheckpointError(f"{join(snap.step_dir, name)} never arrived (checkpoint.upload_timeout_s)")
+                    time.sleep(wait)
+                    wait = min(2 * wait, 2.0)
+            part = json.loads(raw)
+            if part["step"] != snap.step or part["mesh"] != [self.dp_size, self.fp_size]:
+                raise CheckpointError(f"{join(snap.step_dir, name)} is from another save (step {part['step']}, mesh {part['mesh']})")
+            parts.append(part | {"self": (name, _entry(raw))})
+        files: dict[str, Any] = {}
+        for part in parts:
+            files |= part["files"]
+            if "self" in part:
+                files[part["self"][0]] = part["self"][1]
+        assert snap.state is not None
+        by_dp = {p["dp_rank"]: p["data"] for p in parts if p["fp_rank"] == 0}
+        state = snap.state | {"data_by_dp": [by_dp[i] for i in range(self.dp_size)]}
+        data = json.dumps(state, indent=1).encode()
+        self.store.put(join(snap.step_dir, "trainer_state.json"), data, deadline)
+        files["trainer_state.json"] = _entry(data)
+        manifest = {"format": FORMAT, "step": snap.step, "layout": state["layout"], "files": files}
+        self.store.put(join(snap.step_dir, "manifest.json"), json.dumps(manifest, indent=1).encode(), deadline)
+        self.store.put(join(self.run_root, "latest"), step_name(snap.step).encode(), deadline)
+        self.last_saved = self.store.unstrip(snap.step_dir)
+        log.info("checkpoint %s complete", redact(self.last_saved))
+        self.prune(deadline)
+
+    def _join(self, timeout: float | None) -> None:
+        ck = self.cfg.checkpoint
+        limit = timeout if timeout is not None else ck.upload_timeout_s + ck.op_timeout_s
+        if self._thread is not None:
+            self._thread.join(limit)
+            if self._thread.is_alive():
+                raise CheckpointError(
+                    f"waited {limit:.0f}s for the upload of checkpoint {self._thread.name} and it is still "
+                    "running; raise checkpoint.upload_timeout_s or check the storage"
+                )
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Blocks until this rank's last upload ended; raises CheckpointError if it failed."""
+        self._join(timeout)
+        if self._failure is not None:
+            step, err = self._failure
+            raise CheckpointError(f"checkpoint of step {step} was not written: {type(err).__name__}: {err}") from err
+
+    def close(self) -> None:
+        """wait(), then a barrier: on return every rank's upload has ended."""
+        self.wait()
+        self.barrier()
+
+    def complete_steps(self, run_root: str | None = None, store: Storage | None = None) -> list[tuple[int, str]]:
+        """(step, folder) of every step with a readable manifest, oldest first."""
+        return [(s, p) for s, p, ok in sorted(self._scan(store or self.store, run_root or self.run_root)) if ok]
+
+    def _scan(self, store: Storage, root: str) -> list[tuple[int, str, bool]]:
+        out = []
+        for path in store.list_dirs(root):
+            m = _STEP.search(path)
+            if m:
+                raw = store.get_if_exists(join(path, "manifest.json"))
+                out.append((int(m.group(1)), path, raw is not None and _valid_manifest(raw)))
+        return out
+
+    def prune(self, deadline: float | None = None) -> None:
+        """Retention: keep the newest keep_last complete steps and every keep_every-th; drop incomplete
+        steps older than the newest complete one (left by killed runs)."""
+        ck = self.cfg.checkpoint
+        scan = sorted(self._scan(self.store, self.run_root))
+        complete = [s for s, _, ok in scan if ok]
+        keep = set(complete[-ck.keep_last :])
+        for step, path, ok in scan:
+            stale = not ok and complete and step < complete[-1]
+            if (ok and step not in keep and not (ck.keep_every and step % ck.keep_every == 0)) or stale:
+                self.store.remove_tree(path, deadline)
 
     def resolve(self, resume_from: str) -> str | None:
-        """The step folder to resume from, or None when there is none yet."""
-        if resume_from == "latest":
-            steps = self.complete_steps()
-            return steps[-1][1] if steps else None
-        fs, path = fsspec.core.url_to_fs(resume_from)
-        self.fs = fs
-        if _STEP.search(path.rstrip("/")):
-            if not fs.exists(_join(path, "manifest.json")):
-                raise ConfigError(
-                    f"checkpoint.resume_from ({resume_from!r}) has no manifest.json: the step is incomplete; "
-                    "point at the run folder to take the newest complete step"
-                )
-            return path
-        steps = self.complete_steps(path)
-        if not steps:
-            raise ConfigError(f"checkpoint.resume_from ({resume_from!r}) holds no complete step; check the URL")
-        return steps[-1][1]
+        """The step folder (a URL, or a path on the local disk) to resume from, or None when `latest`
+        finds none yet. Every rank gets rank 0's answer."""
+        store, root = (self.store, self.run_root) if resume_from == "latest" else self._locate(resume_from)
+        found: str | None = None
+        if self.rank == 0:
+            if _STEP.search(root):
+                if store.get_if_exists(join(root, "manifest.json")) is None:
+                    raise ConfigError(
+                        f"checkpoint.resume_from ({redact(resume_from)!r}) has no manifest.json: the step is "
+                        "incomplete; point at the run folder to take the newest complete step"
+                    )
+                found = store.unstrip(root)
+            else:
+                steps = self.complete_steps(root, store)
+                if steps:
+                    found = store.unstrip(steps[-1][1])
+                elif resume_from != "latest":
+                    raise ConfigError(
+                        f"checkpoint.resume_from ({redact(resume_from)!r}) holds no complete step; check the URL"
+                    )
+        return self.gather(found)[0]
 
-    def _read_verified(self, step_dir: str, name: str, manifest: dict[str, Any]) -> bytes:
+    def _locate(self, url: str) -> tuple[Storage, str]:
+        store = self._open(url)
+        return store, store.root.rstrip("/")
+
+    def _read_verified(self, store: Storage, step_dir: str, name: str, manifest: dict[str, Any]) -> bytes:
+        where = f"{redact(store.unstrip(step_dir))}/{name}"
         entry = manifest["files"].get(name)
         if entry is None:
-            raise CheckpointError(f"{_join(step_dir, name)} is not listed in the manifest")
-        data = self.fs.cat_file(_join(step_dir, name))
+            raise CheckpointError(f"{where} is not listed in the manifest")
+        data = store.get(join(step_dir, name))
         if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise CheckpointError(
-                f"{_join(step_dir, name)} does not match its manifest checksum (corrupt or partly written); "
+                f"{where} does not match its manifest checksum (corrupt or partly written); "
                 "delete that step folder to resume from the one before"
             )
         return data
 
+    def _read_rows(self, store: Storage, step_dir: str, manifest: dict[str, Any], kind: str, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        """This rank's latents [lo, hi) of `kind` (model or optim), cut from whichever saved shards hold
+        them; replicated tensors from the first of those shards."""
+        layout = manifest["layout"]
+        sharded = set(layout["sharded"][kind])
+        pieces: dict[str, list[torch.Tensor]] = {}
+        for shard in layout["shards"]:
+            s_lo, s_hi = shard["latents"]
+            if s_hi <= lo or s_lo >= hi:
+                continue
+            tensors = st_load(self._read_verified(store, step_dir, shard[kind], manifest))
+            for name, t in tensors.items():
+                if name in sharded:
+                    pieces.setdefault(name, []).append(t[max(lo, s_lo) - s_lo : min(hi, s_hi) - s_lo])
+                elif name not in pieces:
+                    pieces[name] = [t]
+        return {name: torch.cat(ts) if name in sharded else ts[0] for name, ts in pieces.items()}
+
     def load(self, trainer: Any, step_dir: str) -> None:
-        manifest = json.loads(self.fs.cat_file(_join(step_dir, "manifest.json")))
-        state = json.loads(self._read_verified(step_dir, "trainer_state.json", manifest))
-        r = f"rank{self.rank:05d}"
-        model = st_load(self._read_verified(step_dir, f"model-{r}.safetensors", manifest))
+        """Restores `trainer` (this rank's shard) from a step folder given by resolve()."""
+        store, path = self._locate(step_dir)
+        raw = store.get_if_exists(join(path, "manifest.json"))
+        if raw is None or not _valid_manifest(raw):
+            raise CheckpointError(f"{redact(step_dir)}/manifest.json is missing or not a {FORMAT} manifest")
+        manifest = json.loads(raw)
+        state = json.loads(self._read_verified(store, path, "trainer_state.json", manifest))
+        layout = manifest["layout"]
+        sae = trainer.sae
+        if layout["n_latents"] != sae.n_latents:
+            raise CheckpointError(
+                f"{redact(step_dir)} holds n_latents={layout['n_latents']} but sae.n_latents is {sae.n_latents}"
+            )
+        lo, hi = shard_range(sae.n_latents, self.fp_rank, self.fp_size)
+        if hi - lo != sae.n_local:
+            raise CheckpointError(f"this rank's SAE has {sae.n_local} latents, the fp={self.fp_size} layout gives {hi - lo}")
+        if layout["fp_size"] != self.fp_size:
+            log.info("resharding %s: fp %d -> %d, rank %d takes latents [%d, %d)",
+                     redact(step_dir), layout["fp_size"], self.fp_size, self.rank, lo, hi)
+        model = self._read_rows(store, path, manifest, "model", lo, hi)
         trainer.tokens_since_fired.copy_(model.pop("tokens_since_fired"))
-        trainer.sae.load_state_dict(model)
-        optim = st_load(self._read_verified(step_dir, f"optim-{r}.safetensors", manifest))
-        load_optimizer_tensors(trainer.sae, trainer.optimizer, optim)
+        sae.load_state_dict(model)
+        load_optimizer_tensors(sae, trainer.optimizer, self._read_rows(store, path, manifest, "optim", lo, hi))
         st = trainer.state
-        st.step, st.tokens, st.scale, st.data, st.seed = (
-            state["step"], state["tokens"], state["scale"], state["data"], state["seed"]
-        )
+        st.step, st.tokens, st.scale, st.seed = state["step"], state["tokens"], state["scale"], state["seed"]
+        by_dp = state["data_by_dp"]
+        if len(by_dp) != self.dp_size:
+            log.warning("resuming dp=%d from a dp=%d checkpoint: replica %d continues replica %d's data position, "
+                        "so the data order differs from an uninterrupted run", self.dp_size, len(by_dp),
+                        self.dp_rank, self.dp_rank % len(by_dp))
+        st.data = by_dp[self.dp_rank % len(by_dp)]
+        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch_rng"])), dtype=torch.uint8))
         self.last_saved = step_dir
-        log.info("resumed from %s (step %d)", step_dir, st.step)
+        if self.rank == 0 and store.fs is self.store.fs and path.rsplit("/", 1)[0] == self.run_root:
+            for step, other, ok in self._scan(self.store, self.run_root):
+                if not ok and step > st.step:  # a killed save's leftovers: its parts must not join a new save
+                    self.store.remove_tree(other)
+        log.info("resumed from %s (step %d)", redact(step_dir), st.step)
+
+
+def _valid_manifest(raw: bytes) -> bool:
+    try:
+        manifest = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT and "files" in manifest

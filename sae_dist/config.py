@@ -199,10 +199,42 @@ class CheckpointConfig:
     folder or of one step folder."""
     run_name: str = "sae"
     """Run folder under url."""
+    endpoint_url: str = ""
+    """S3-compatible endpoint for s3:// URLs (MinIO, Ceph, moto); empty = the standard AWS settings
+    (AWS_ENDPOINT_URL, ~/.aws/config). Credentials always come from the environment or the AWS config
+    files, never from this config."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the fsspec filesystem, e.g. {"config_kwargs": {"read_timeout": 30}}
+    for s3fs. Not for secrets: the config is saved with every checkpoint."""
+    async_upload: bool = True
+    """Upload in a background thread (save() costs a copy to host memory); false uploads before
+    save() returns."""
+    op_timeout_s: float = 600.0
+    """Limit on one storage operation (one file's upload or download) before it counts as failed and
+    is retried; raise it for multi-GB shards on slow links."""
+    retry_initial_s: float = 1.0
+    """First wait after a failed storage operation; doubles on each retry up to retry_max_s."""
+    retry_max_s: float = 60.0
+    """Longest wait between retries."""
+    upload_timeout_s: float = 3600.0
+    """Give up on one checkpoint after this long (it stays invisible; training goes on). Also bounds
+    the wait for the final checkpoint at the end of training."""
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, f"checkpoint.every_steps ({self.every_steps}) must be >= 0")
         _require(self.keep_last >= 1, f"checkpoint.keep_last ({self.keep_last}) must be >= 1")
+        _require(
+            not self.endpoint_url or self.endpoint_url.startswith(("http://", "https://")),
+            f"checkpoint.endpoint_url ({self.endpoint_url!r}) must start with http:// or https://",
+        )
+        for name in ("op_timeout_s", "retry_initial_s", "upload_timeout_s"):
+            value = getattr(self, name)
+            _require(value > 0, f"checkpoint.{name} ({value}) must be > 0")
+        _require(
+            self.retry_max_s >= self.retry_initial_s,
+            f"checkpoint.retry_max_s ({self.retry_max_s}) must be >= checkpoint.retry_initial_s "
+            f"({self.retry_initial_s})",
+        )
 
 
 @dataclass
@@ -223,9 +255,20 @@ class ClusterConfig:
     """Ray address for kind=ray, e.g. `auto` or `ray://head:10001`."""
     num_cpus: int = 0
     """CPUs for a local Ray cluster (0 = all)."""
+    producers: int = 0
+    """LM shard actors streaming activations through Ray (0 = run the LM inside the trainer process)."""
+    producer_cpus: float = 1.0
+    """Ray CPUs reserved per producer (and torch threads it uses, rounded up)."""
+    max_in_flight: int = 4
+    """Activation chunks requested but not yet consumed, per trainer replica (the backpressure bound)."""
+    timeout_s: float = 300.0
+    """Longest wait for one chunk before the run stops with an error naming this setting."""
 
     def __post_init__(self) -> None:
         _require(self.kind in ("local", "ray"), f"cluster.kind ({self.kind!r}) must be local or ray")
+        _require(self.producers >= 0, f"cluster.producers ({self.producers}) must be >= 0")
+        _require(self.max_in_flight >= 1, f"cluster.max_in_flight ({self.max_in_flight}) must be >= 1")
+        _require(self.timeout_s > 0, f"cluster.timeout_s ({self.timeout_s}) must be positive")
         _require(
             self.kind != "ray" or bool(self.address),
             "cluster.address is empty but cluster.kind=ray; set cluster.address=auto (or the head's address)",
