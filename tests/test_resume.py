@@ -64,12 +64,12 @@ def test_corrupt_shard_stops_resume_naming_the_file(tmp_path):
     train(cfg)
     ck = Checkpointer(cfg)
     step_dir = ck.resolve("latest")
-    path = os.path.join(step_dir, "optim-rank00000.safetensors")
+    path = os.path.join(step_dir, "optim-fp0of1.safetensors")
     data = bytearray(open(path, "rb").read())
     data[-1] ^= 0xFF
     open(path, "wb").write(bytes(data))
     cfg2 = synthetic_config(tmp_path, checkpoint={"resume_from": "latest"}, trainer={"total_tokens": 256 * 20})
-    with pytest.raises(CheckpointError, match=r"optim-rank00000\.safetensors does not match its manifest checksum"):
+    with pytest.raises(CheckpointError, match=r"optim-fp0of1\.safetensors does not match its manifest checksum"):
         train(cfg2)
 
 
