@@ -14,41 +14,100 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _merge_topk(vals: Tensor, idx: Tensor, new_vals: Tensor, new_idx: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    cat_vals = torch.cat([vals, new_vals], dim=1)
-    cat_idx = torch.cat([idx, new_idx], dim=1)
-    top_vals, pos = cat_vals.topk(k, dim=1, sorted=False)
-    return top_vals, cat_idx.gather(1, pos)
+class _RunningTopK:
+    """Top-k per row over a stream of latent blocks. Block winners are buffered and merged once the
+    buffer holds 8k columns: a top-k over a short row is cheap, a merge per block is not."""
+
+    def __init__(self, B: int, k: int, like: Tensor) -> None:
+        self.k = k
+        self.vals: list[Tensor] = []
+        self.idx: list[Tensor] = []
+        self.width = 0
+        self.empty = (like.new_empty(B, 0), torch.empty(B, 0, dtype=torch.long, device=like.device))
+
+    def add(self, vals: Tensor, idx: Tensor) -> None:
+        self.vals.append(vals)
+        self.idx.append(idx)
+        self.width += vals.shape[1]
+        if self.width >= 8 * self.k and len(self.vals) > 1:
+            vals, idx = self._merge(sort=False)
+            self.vals, self.idx, self.width = [vals], [idx], vals.shape[1]
+
+    def _merge(self, sort: bool) -> tuple[Tensor, Tensor]:
+        if not self.vals:
+            return self.empty
+        vals, idx = torch.cat(self.vals, dim=1), torch.cat(self.idx, dim=1)
+        if vals.shape[1] <= self.k and not sort:
+            return vals, idx
+        top, pos = vals.topk(min(self.k, vals.shape[1]), dim=1, sorted=sort)
+        return top, idx.gather(1, pos)
+
+    def result(self, sort: bool) -> tuple[Tensor, Tensor]:
+        """(B, k) values (sorted descending if `sort`) and ids; rows short of k candidates are padded
+        with -inf at latent 0."""
+        vals, idx = self._merge(sort)
+        short = self.k - vals.shape[1]
+        if short > 0:
+            vals = torch.cat([vals, vals.new_full((vals.shape[0], short), float("-inf"))], dim=1)
+            idx = torch.cat([idx, idx.new_zeros(idx.shape[0], short)], dim=1)
+        return vals, idx
 
 
 def topk_encode_forward(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, chunk: int, aux_mask: Tensor | None = None, k_aux: int = 0
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    chunk: int,
+    aux_mask: Tensor | None = None,
+    k_aux: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per row of x @ W_enc.T + b_enc: the k largest (values, latent ids), and, over the latents where
-    aux_mask is True, the k_aux largest. Streams over `chunk` latents at a time."""
+    """Per row of x @ W_enc.T + b_enc: the k largest (values sorted descending, latent ids), and, over
+    the latents where aux_mask is True, the k_aux largest (-inf at latent 0 where a row has fewer).
+    Streams over `chunk` latents at a time: the largest temporary is (B, chunk)."""
     B, n = x.shape[0], W_enc.shape[0]
     k = min(k, n)
-    vals = x.new_full((B, 0), float("-inf"))
-    idx = torch.zeros(B, 0, dtype=torch.long, device=x.device)
-    aux_vals, aux_idx = vals, idx
     want_aux = aux_mask is not None and k_aux > 0
+    k_aux = min(k_aux, n) if want_aux else 0
+    top = _RunningTopK(B, k, x)
+    aux = _RunningTopK(B, k_aux, x)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         pre = torch.addmm(b_enc[start:stop], x, W_enc[start:stop].t())  # (B, c)
-        c = stop - start
-        local_idx = torch.arange(start, stop, device=x.device).expand(B, c)
-        kc = min(k, c)
-        cv, ci = pre.topk(kc, dim=1, sorted=False)
-        vals, idx = _merge_topk(vals, idx, cv, local_idx.gather(1, ci), min(k, vals.shape[1] + kc))
+        cv, ci = pre.topk(min(k, stop - start), dim=1, sorted=False)
+        top.add(cv, ci + start)
         if want_aux:
             assert aux_mask is not None
-            masked = pre.masked_fill(~aux_mask[start:stop], float("-inf"))
-            ka = min(k_aux, c)
-            av, ai = masked.topk(ka, dim=1, sorted=False)
-            aux_vals, aux_idx = _merge_topk(aux_vals, aux_idx, av, local_idx.gather(1, ai), min(k_aux, aux_vals.shape[1] + ka))
-    vals, order = vals.sort(dim=1, descending=True)
-    idx = idx.gather(1, order)
+            dead = aux_mask[start:stop].nonzero().squeeze(1)  # usually few: select them, not mask the rest
+            if dead.numel():
+                dv = pre.index_select(1, dead)  # (B, n_dead)
+                av, ai = dv.topk(min(k_aux, dead.numel()), dim=1, sorted=False)
+                aux.add(av, dead[ai] + start)
+        del pre
+    vals, idx = top.result(sort=True)
+    aux_vals, aux_idx = aux.result(sort=False) if want_aux else aux.empty
     return vals, idx, aux_vals, aux_idx
+
+
+def scatter_rows(w: Tensor, idx: Tensor, x: Tensor, n: int) -> Tensor:
+    """out[l] = sum over (b, j) with idx[b, j] = l of w[b, j] * x[b] -> (n, d): the weight gradient of
+    k active rows per token, a sparse (n x B) @ (B x d) product costing B * k * d (deterministic)."""
+    B, K = idx.shape
+    tokens = torch.arange(B, device=x.device).repeat_interleave(K)
+    G = torch.sparse_coo_tensor(
+        torch.stack([idx.reshape(-1), tokens]), w.reshape(-1).to(x.dtype), (n, B), check_invariants=False
+    )
+    return torch.sparse.mm(G, x)
+
+
+def gather_dot(g: Tensor, idx: Tensor, table: Tensor) -> Tensor:
+    """out[b, j] = <g[b], table[idx[b, j]]> -> (B, k), without gathering a (B, k, d) tensor: this is
+    exactly the per-sample-weights gradient of embedding_bag, whose CPU kernel is a fused loop."""
+    with torch.enable_grad():
+        w = torch.zeros(idx.shape, dtype=table.dtype, device=table.device, requires_grad=True)
+        out = F.embedding_bag(idx, table.detach(), per_sample_weights=w, mode="sum")
+        (grad,) = torch.autograd.grad(out, w, g.to(out.dtype))
+    return grad
 
 
 def encoder_backward(
@@ -56,20 +115,14 @@ def encoder_backward(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Gradients of sum(grad_vals * pre[idx]) w.r.t. x (B, d), W_enc (n, d) and b_enc (n,).
 
-    Only the rows of active latents receive gradient; the weight gradient is a sparse (n x B) @ (B x d)
-    product, so its cost is B * k * d, not B * n * d."""
-    B, K = idx.shape
+    Only the rows of active latents receive gradient: cost B * k * d, not B * n * d."""
     n = W_enc.shape[0]
     grad_x = F.embedding_bag(idx, W_enc, per_sample_weights=grad_vals.to(W_enc.dtype), mode="sum")
     if not need_w:
         return grad_x, None, None
-    rows = idx.reshape(-1)
-    cols = torch.arange(B, device=x.device).repeat_interleave(K)
     g = grad_vals.reshape(-1).to(x.dtype)
-    G = torch.sparse_coo_tensor(torch.stack([rows, cols]), g, (n, B), check_invariants=False)
-    grad_W = torch.sparse.mm(G, x)  # (n, d)
-    grad_b = torch.zeros(n, dtype=x.dtype, device=x.device).index_add_(0, rows, g)
-    return grad_x, grad_W, grad_b
+    grad_b = torch.zeros(n, dtype=x.dtype, device=x.device).index_add_(0, idx.reshape(-1), g)
+    return grad_x, scatter_rows(grad_vals, idx, x, n), grad_b
 
 
 class TopKEncode(torch.autograd.Function):
@@ -95,7 +148,13 @@ class TopKEncode(torch.autograd.Function):
 
 
 def topk_encode(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, chunk: int = 8192, aux_mask: Tensor | None = None, k_aux: int = 0
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    chunk: int = 8192,
+    aux_mask: Tensor | None = None,
+    k_aux: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Top-k pre-activations of x @ W_enc.T + b_enc without a (B, n) buffer.
 
@@ -104,7 +163,28 @@ def topk_encode(
     return TopKEncode.apply(x, W_enc, b_enc, k, chunk, aux_mask, k_aux)
 
 
+class SparseDecode(torch.autograd.Function):
+    """embedding_bag forward; a backward that touches only the k active rows per token (embedding_bag's
+    own CPU backward sorts all B * k ids, slowly)."""
+
+    @staticmethod
+    def forward(ctx, vals, idx, W_dec):  # type: ignore[override]
+        ctx.save_for_backward(vals, idx, W_dec)
+        return F.embedding_bag(idx, W_dec, per_sample_weights=vals.to(W_dec.dtype), mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        vals, idx, W_dec = ctx.saved_tensors
+        grad_vals = gather_dot(grad_out, idx, W_dec).to(vals.dtype) if ctx.needs_input_grad[0] else None
+        grad_W = (
+            scatter_rows(vals, idx, grad_out, W_dec.shape[0]).to(W_dec.dtype)
+            if ctx.needs_input_grad[2]
+            else None
+        )
+        return grad_vals, None, grad_W
+
+
 def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
-    """sum_j vals[:, j] * W_dec[idx[:, j]] -> (B, d). embedding_bag's backward is already sparse:
-    dot products for vals, a scatter-add into the k rows for W_dec."""
-    return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
+    """sum_j vals[:, j] * W_dec[idx[:, j]] -> (B, d), with a sparse backward: dot products for vals, a
+    scatter-add into the k rows for W_dec."""
+    return SparseDecode.apply(vals, idx, W_dec)

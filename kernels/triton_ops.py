@@ -1,0 +1,91 @@
+"""Triton path of `sae_dist.kernels`: the same two ops as `reference.py`, same signatures, same grads.
+
+    topk_encode(x, W_enc, b_enc, k, chunk, aux_mask, k_aux) -> (vals, idx, aux_vals, aux_idx)
+    sparse_decode(vals, idx, W_dec) -> (B, d)
+
+Forward and backward are all sparse Triton kernels (`triton_encoder.py`, `triton_decoder.py`); nothing
+of size B x n is allocated. Weight gradients are deterministic unless `set_deterministic(False)`
+(atomic adds: faster when few latents are very hot, run-to-run bit differences). fp32 and bf16 inputs,
+fp32 accumulation. Runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (tests).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .triton_decoder import gather_dot, gather_sum, scatter_rows
+from .triton_encoder import topk_encode_fwd
+
+_deterministic = True
+
+
+def set_deterministic(on: bool) -> None:
+    """Sorted segment sums (on, the default) or atomic adds (off) for the sparse weight gradients."""
+    global _deterministic
+    _deterministic = on
+
+
+class TopKEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, k, chunk, aux_mask, k_aux):  # type: ignore[override]
+        vals, idx, aux_vals, aux_idx = topk_encode_fwd(x, W_enc, b_enc, k, aux_mask, k_aux)
+        ctx.save_for_backward(x, W_enc, idx, aux_idx)
+        ctx.mark_non_differentiable(idx, aux_idx)
+        ctx.b_dtype = b_enc.dtype
+        return vals, idx, aux_vals, aux_idx
+
+    @staticmethod
+    def backward(ctx, grad_vals, _gi, grad_aux, _gai):  # type: ignore[override]
+        x, W_enc, idx, aux_idx = ctx.saved_tensors
+        if grad_vals is None:
+            grad_vals = torch.zeros(idx.shape, dtype=x.dtype, device=x.device)
+        if aux_idx.shape[1] and grad_aux is not None:
+            idx = torch.cat([idx, aux_idx], dim=1)
+            grad_vals = torch.cat([grad_vals, grad_aux], dim=1)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = gather_sum(grad_vals, idx, W_enc).to(x.dtype) if need_x else None
+        grad_W = grad_b = None
+        if need_w or need_b:
+            gw, gb = scatter_rows(
+                grad_vals, idx, x, W_enc.shape[0], with_bias=need_b, deterministic=_deterministic
+            )
+            grad_W = gw.to(W_enc.dtype) if need_w else None
+            grad_b = gb.to(ctx.b_dtype) if need_b and gb is not None else None
+        return grad_x, grad_W, grad_b, None, None, None, None
+
+
+class SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, vals, idx, W_dec):  # type: ignore[override]
+        ctx.save_for_backward(vals, idx, W_dec)
+        return gather_sum(vals, idx, W_dec)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        vals, idx, W_dec = ctx.saved_tensors
+        grad_vals = grad_W = None
+        if ctx.needs_input_grad[0]:
+            grad_vals = gather_dot(grad_out, idx, W_dec).to(vals.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_W, _ = scatter_rows(vals, idx, grad_out, W_dec.shape[0], deterministic=_deterministic)
+            grad_W = grad_W.to(W_dec.dtype)
+        return grad_vals, None, grad_W
+
+
+def topk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    chunk: int = 8192,
+    aux_mask: Tensor | None = None,
+    k_aux: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """See `reference.topk_encode`; `chunk` is unused (the kernel streams over its own latent blocks)."""
+    return TopKEncode.apply(x, W_enc, b_enc, k, chunk, aux_mask, k_aux)
+
+
+def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
+    """See `reference.sparse_decode`: sum_j vals[:, j] * W_dec[idx[:, j]] -> (B, d)."""
+    return SparseDecode.apply(vals, idx, W_dec)

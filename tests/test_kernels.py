@@ -1,0 +1,333 @@
+"""Kernel parity (DESIGN §4): the torch reference and the Triton kernels against float64 dense maths.
+
+    pytest tests/test_kernels.py                              # no GPU: Triton runs under TRITON_INTERPRET=1
+    pytest tests/test_kernels.py                              # with a GPU: the same checks on compiled kernels
+    SAE_DIST_TEST_DEVICE=cpu pytest tests/test_kernels.py     # force the interpreter on a GPU machine
+    SAE_DIST_TEST_SEED=1234 pytest tests/test_kernels.py      # replay the inputs of a failure
+
+Inputs are fresh every run (seed from os.urandom, printed in every failure message). Shapes include
+non-powers of two in B, d, n and k. Every buffer the Triton launchers allocate is poisoned (NaN, or a
+huge id) so that an unwritten output fails.
+
+Error bounds, inputs ~ N(0, 1), against float64 on the same (rounded) inputs:
+    fp32:  |err| <= 1e-4 + 1e-4 |ref|   (pre-activations, decode, every gradient)
+    bf16:  |err| <= 2e-2 + 2e-2 |ref|   (bf16 inputs and outputs, fp32 accumulation)
+Top-k ids must equal the float64 top-k as sets wherever the float64 gap between the k-th and (k+1)-th
+value exceeds twice the bound; elsewhere every chosen id must be within the bound of the k-th value.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import unittest
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from sae_dist import kernels
+from sae_dist.config import SaeConfig
+from sae_dist.sae import SparseAutoencoder
+
+DEVICE = os.environ.get("SAE_DIST_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+reference = kernels.reference
+SEED = int(os.environ.get("SAE_DIST_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+BOUNDS = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2)}
+# (B, d, n, k, k_aux, n_dead): n not a multiple of any latent block, k up to n - 3, rows short of aux latents
+SHAPES = [(37, 24, 100, 5, 7, 30), (19, 40, 67, 20, 12, 5), (6, 17, 23, 20, 3, 2)]
+
+
+def _load_triton_ops():
+    """(module, why not). Triton picks interpreter or compiler when a function is decorated, its own
+    library included, and checks the choice again on lazy imports, so without a GPU TRITON_INTERPRET=1 is
+    set before triton is first imported and stays set (harmless there: nothing can compile)."""
+    if DEVICE == "cpu":
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            return None, "triton was imported without TRITON_INTERPRET=1 before this module"
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return importlib.import_module("sae_dist.kernels.triton_ops"), ""
+    except ImportError as e:
+        return None, f"triton is not importable ({e})"
+
+
+triton_ops, NO_TRITON = _load_triton_ops()
+needs_triton = pytest.mark.skipif(triton_ops is None, reason=NO_TRITON)
+
+
+def _gen(salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed(SEED + salt)
+
+
+def _randn(*shape, g, dtype=torch.float32):
+    return torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype)
+
+
+def _close(actual, expected, dtype, what):
+    atol, rtol = BOUNDS[dtype]
+    torch.testing.assert_close(
+        actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what} (seed {SEED}): {m}"
+    )
+
+
+def _check_topk(vals, idx, pre64, k, dtype, what, mask=None):
+    """vals (B, k) sorted descending with ids idx are a valid top-k of pre64 (B, n) float64."""
+    atol, rtol = BOUNDS[dtype]
+    if mask is not None:
+        pre64 = pre64.masked_fill(~mask, float("-inf"))
+    finite = torch.isfinite(pre64.gather(1, idx))
+    _close(
+        vals.masked_fill(~finite, 0), pre64.gather(1, idx).masked_fill(~finite, 0), dtype, what + " values"
+    )
+    assert torch.equal(torch.isfinite(vals), finite), f"{what}: -inf padding misplaced (seed {SEED})"
+    ref = pre64.topk(min(k + 1, pre64.shape[1]), dim=1).values
+    kth = ref[:, k - 1 : k]
+    tol = 2 * (atol + rtol * kth.abs())
+    assert (pre64.gather(1, idx)[finite.all(1)] >= (kth - tol)[finite.all(1)]).all(), (
+        f"{what}: not a top-k (seed {SEED})"
+    )
+    for row in range(idx.shape[0]):
+        chosen = idx[row][finite[row]]
+        assert chosen.unique().numel() == chosen.numel(), f"{what}: repeated id in row {row} (seed {SEED})"
+        if ref.shape[1] > k and ref[row, k - 1] - ref[row, k] > tol[row, 0]:
+            want = pre64[row].topk(k).indices
+            assert set(chosen.tolist()) == set(want.tolist()), f"{what}: row {row} ids differ (seed {SEED})"
+
+
+def _problem(B, d, n, n_dead, salt, dtype=torch.float32):
+    """x, W, b ~ N(0, 1) and an aux mask of n_dead latents, never latent 0 (the id of -inf padding)."""
+    g = _gen(salt)
+    x, W, b = _randn(B, d, g=g, dtype=dtype), _randn(n, d, g=g, dtype=dtype), _randn(n, g=g, dtype=dtype)
+    dead = torch.zeros(n, dtype=torch.bool)
+    dead[1 + torch.randperm(n - 1, generator=g)[:n_dead]] = True
+    return x, W, b, dead.to(DEVICE)
+
+
+def _dense64_encode_grads(x, W, b, idx, aux_idx, gv, ga):
+    x64, W64, b64 = (t.detach().double().requires_grad_() for t in (x, W, b))
+    pre = x64 @ W64.T + b64
+    loss = (gv.double() * pre.gather(1, idx)).sum() + (ga.double() * pre.gather(1, aux_idx)).sum()
+    loss.backward()
+    return x64.grad, W64.grad, b64.grad
+
+
+def _encode_and_check(ops_module, B, d, n, k, k_aux, n_dead, salt, dtype=torch.float32, **kw):
+    """Forward and backward of ops_module.topk_encode against float64 dense maths."""
+    x, W, b, dead = _problem(B, d, n, n_dead, salt, dtype)
+    pre64 = x.double() @ W.double().T + b.double()
+    xs, Ws, bs = (t.clone().requires_grad_() for t in (x, W, b))
+    vals, idx, aux_vals, aux_idx = ops_module.topk_encode(xs, Ws, bs, k, aux_mask=dead, k_aux=k_aux, **kw)
+    assert vals.shape == (B, min(k, n)) and aux_vals.shape == (B, min(k_aux, n)) and vals.dtype == dtype
+    assert (vals[:, 1:] <= vals[:, :-1]).all(), f"values not sorted descending (seed {SEED})"
+    _check_topk(vals, idx, pre64, min(k, n), dtype, "top-k")
+    _check_topk(aux_vals, aux_idx, pre64, min(k_aux, n), dtype, "aux top-k", mask=dead)
+    g = _gen(salt + 1)
+    gv, ga = _randn(*vals.shape, g=g, dtype=dtype), _randn(*aux_vals.shape, g=g, dtype=dtype)
+    ga = ga.masked_fill(~torch.isfinite(aux_vals), 0)
+    loss = (gv * vals).sum() + (ga * aux_vals.masked_fill(~torch.isfinite(aux_vals), 0)).sum()
+    loss.backward()
+    for got, want, name in zip(
+        (xs.grad, Ws.grad, bs.grad), _dense64_encode_grads(x, W, b, idx, aux_idx, gv, ga), "xWb"
+    ):
+        assert got.dtype == dtype
+        _close(got, want, dtype, f"encoder grad of {name}")
+    return vals, idx, Ws.grad
+
+
+def _decode_and_check(ops_module, B, d, n, k, salt, dtype=torch.float32):
+    g = _gen(salt)
+    vals, W = _randn(B, k, g=g, dtype=dtype), _randn(n, d, g=g, dtype=dtype)
+    idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(B)]).to(DEVICE)
+    idx[: B // 2, 0] = idx[0, 0]  # one hot latent shared by half the rows: scatter collisions
+    grad_out = _randn(B, d, g=g)
+    vs, Ws = vals.clone().requires_grad_(), W.clone().requires_grad_()
+    out = ops_module.sparse_decode(vs, idx, Ws)
+    out.backward(grad_out.to(out.dtype))
+    v64, W64 = vals.double().requires_grad_(), W.double().requires_grad_()
+    out64 = (v64.unsqueeze(2) * W64[idx]).sum(1)
+    out64.backward(grad_out.to(dtype).double())
+    _close(out, out64, dtype, "decode")
+    _close(vs.grad, v64.grad, dtype, "decode grad of vals")
+    _close(Ws.grad, W64.grad, dtype, "decode grad of W_dec")
+    return out, Ws.grad
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Numel of the largest dense tensor (nnz for sparse ones) any op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() if t.layout == torch.strided else t._nnz())
+        return out
+
+
+@pytest.mark.parametrize("chunk", [7, 32, 8192])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_topk_encode_and_grads_match_float64_dense(shape, chunk):
+    _encode_and_check(reference, *shape, salt=chunk)
+
+
+def test_reference_topk_handles_k_above_n_and_rows_short_of_aux_latents():
+    x, W, b, dead = _problem(6, 8, 4, 1, salt=3)
+    dead[:] = False
+    dead[2] = True
+    vals, idx, aux_vals, aux_idx = reference.topk_encode(x, W, b, 9, 2, dead, 3)
+    assert vals.shape == (6, 4) and sorted(idx[0].tolist()) == [0, 1, 2, 3]
+    assert (aux_idx[:, 0] == 2).all() and torch.isinf(aux_vals[:, 1:]).all() and (aux_idx[:, 1:] == 0).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_sparse_decode_and_grads_match_float64_dense(shape):
+    B, d, n, k = shape[:4]
+    _decode_and_check(reference, B, d, n, k, salt=11)
+
+
+def test_reference_results_do_not_depend_on_chunk_and_never_allocate_batch_by_latents():
+    B, d, n, k, k_aux, chunk = 64, 8, 512, 4, 6, 64
+    results = []
+    for c in (chunk, 100, n):
+        x, W, b, dead = _problem(B, d, n, 40, salt=5)
+        xs, Ws, bs, Wd = (
+            x.requires_grad_(),
+            W.requires_grad_(),
+            b.requires_grad_(),
+            W.detach().clone().requires_grad_(),
+        )
+        with _LargestTensor() as probe:
+            vals, idx, aux, aux_idx = reference.topk_encode(xs, Ws, bs, k, c, dead, k_aux)
+            x_hat = reference.sparse_decode(vals.relu(), idx, Wd)
+            (x_hat.square().sum() + aux.masked_fill(~torch.isfinite(aux), 0).sum()).backward()
+        if c == chunk:
+            assert probe.largest <= max(B * chunk, n * d), (
+                f"a tensor of {probe.largest} elements; B x n = {B * n}"
+            )
+        results.append((vals, idx, aux_idx, xs.grad, Ws.grad, bs.grad, Wd.grad))
+    for other in results[1:]:
+        assert torch.equal(results[0][1], other[1]) and torch.equal(
+            results[0][2].sort(1)[0], other[2].sort(1)[0]
+        )
+        for a, b in zip(results[0][3:] + results[0][:1], other[3:] + other[:1]):
+            _close(a, b, torch.float32, "chunked vs unchunked")
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty returns NaN (floats) or a huge id (ints) while a Triton launcher runs."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            return t.fill_(float("nan"))
+        return t.fill_(True if t.dtype == torch.bool else torch.iinfo(t.dtype).max)
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+@needs_triton
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_topk_encode_and_grads_match_float64_dense(shape, deterministic, poisoned_empty):
+    triton_ops.set_deterministic(deterministic)
+    try:
+        _encode_and_check(triton_ops, *shape, salt=21)
+    finally:
+        triton_ops.set_deterministic(True)
+
+
+@needs_triton
+@pytest.mark.parametrize("n_splits", [1, 3])
+def test_triton_encoder_latent_splits_and_small_blocks_give_the_same_top_k(n_splits, poisoned_empty):
+    x, W, b, dead = _problem(37, 24, 100, 30, salt=31)
+    pre64 = x.double() @ W.double().T + b.double()
+    vals, idx, aux, aux_idx = triton_ops.topk_encode_fwd(
+        x, W, b, 5, dead, 7, n_splits=n_splits, block_b=16, block_n=16, block_d=16
+    )
+    _check_topk(vals, idx, pre64, 5, torch.float32, "split top-k")
+    _check_topk(aux, aux_idx, pre64, 7, torch.float32, "split aux top-k", mask=dead)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_sparse_decode_and_grads_match_float64_dense(shape, poisoned_empty):
+    B, d, n, k = shape[:4]
+    _decode_and_check(triton_ops, B, d, n, k, salt=41)
+
+
+@needs_triton
+def test_triton_bf16_encode_and_decode_within_bf16_bounds(poisoned_empty):
+    _encode_and_check(triton_ops, *SHAPES[0], salt=51, dtype=torch.bfloat16)
+    _decode_and_check(triton_ops, 37, 24, 100, 5, salt=52, dtype=torch.bfloat16)
+
+
+@needs_triton
+def test_triton_weight_grads_are_bitwise_deterministic():
+    first = _decode_and_check(triton_ops, 37, 24, 100, 5, salt=61)[1]
+    again = _decode_and_check(triton_ops, 37, 24, 100, 5, salt=61)[1]
+    assert torch.equal(first, again)
+
+
+@needs_triton
+def test_sae_topk_auxk_step_is_the_same_on_triton_and_torch(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sae_dist.kernels.triton_ops", triton_ops)
+    monkeypatch.setattr(kernels, "triton_ops", triton_ops, raising=False)
+    cfg = SaeConfig(arch="topk", n_latents=100, k=5, k_aux=7)
+    x = _randn(37, 24, g=_gen(71))
+    dead = torch.zeros(100, dtype=torch.bool, device=DEVICE)
+    dead[::3] = True
+    grads = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("SAE_DIST_KERNELS", backend)
+        sae = SparseAutoencoder(
+            cfg, d_model=24, encoder_chunk=33, generator=torch.Generator().manual_seed(SEED)
+        ).to(DEVICE)
+        out = sae(x, dead)
+        out.loss.backward()
+        grads[backend] = [out.loss.detach()] + [p.grad for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
+    for name, a, b in zip(["loss", "W_enc", "b_enc", "W_dec", "b_dec"], grads["torch"], grads["triton"]):
+        _close(b, a, torch.float32, f"SAE {name} triton vs torch")
+
+
+@pytest.mark.skipif(
+    not NO_TRITON.startswith("triton was imported"), reason="the kernels loaded in this process"
+)
+def test_triton_kernels_in_a_fresh_process():
+    env = {**os.environ, "SAE_DIST_TEST_SEED": str(SEED)}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-k", "triton", __file__],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+@unittest.skipUnless(torch.cuda.is_available(), "compiling the Triton kernels needs a CUDA GPU")
+@needs_triton
+@pytest.mark.skipif(
+    torch.cuda.is_available() and DEVICE != "cuda", reason="SAE_DIST_TEST_DEVICE=cpu: interpreted"
+)
+def test_compiled_kernels_match_reference_at_training_shape():
+    B, d, n, k = 2048, 384, 20000, 32
+    x, W, b, dead = _problem(B, d, n, 3000, salt=81)
+    got = triton_ops.topk_encode(x, W, b, k, aux_mask=dead, k_aux=d // 2)
+    want = reference.topk_encode(x, W, b, k, 8192, dead, d // 2)
+    _close(got[0], want[0], torch.float32, "compiled top-k values")
+    assert (got[1] == want[1]).float().mean() > 0.999, f"compiled top-k ids differ (seed {SEED})"
+    _close(got[2].sort(1)[0], want[2].sort(1)[0], torch.float32, "compiled aux values")
+    vals = got[0].relu().requires_grad_()
+    Ws = W.clone().requires_grad_()
+    Wr = W.clone().requires_grad_()
+    triton_ops.sparse_decode(vals, got[1], Ws).square().sum().backward()
+    reference.sparse_decode(vals.detach(), got[1], Wr).square().sum().backward()
+    _close(Ws.grad, Wr.grad, torch.float32, "compiled decoder weight grad")
