@@ -55,9 +55,9 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     d_model = source.d_model
     sae = build_sae(cfg, d_model, mesh)
     state = TrainState(seed=cfg.trainer.seed)
-    checkpointer = Checkpointer(cfg, mesh.rank, mesh.dims.world_size)
-    if mesh.distributed:
-        checkpointer.gather, checkpointer.barrier = checkpoint_hooks(mesh)
+    gather, barrier = checkpoint_hooks(mesh) if mesh.distributed else (None, None)
+    checkpointer = Checkpointer(cfg, mesh.rank, mesh.dims.world_size, fp_rank=mesh.fp_rank, fp_size=mesh.fp,
+                                dp_rank=mesh.dp_rank, dp_size=mesh.dp, gather=gather, barrier=barrier)
     if not mesh.is_main:
         tracker = NullTracker()
     tracker = tracker or build_tracker(

@@ -117,6 +117,9 @@ class TorchEngine:
         self.sae.normalize_decoder()
         return norm, fired
 
+    def params_changed(self) -> None:
+        """The weights were written outside the optimizer (nothing to do: Adam updates them in place)."""
+
 
 class Trainer:
     """Owns the SAE, its optimizer engine and the per-latent firing statistics."""
@@ -156,6 +159,7 @@ class Trainer:
             )
         if self.state.step == 0:
             self._init_b_dec(x)
+            self.engine.params_changed()
         out = self.sae(x, self.dead_mask() if self.cfg.sae.arch == "topk" else None)
         if not torch.isfinite(out.loss):
             raise NonFiniteError(

@@ -41,12 +41,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cfg(tmp, arch="topk", n=N, dp=1, fp=1, batch=B, engine="torch", zero_stage=1, dead_tokens=2 * B):
+def _cfg(tmp, arch="topk", n=N, dp=1, fp=1, batch=B, engine="torch", zero_stage=1, dead_tokens=2 * B,
+         offload=False):
     return synthetic_config(
         tmp,
         sae={"arch": arch, "n_latents": n, "k": K, "dead_tokens": dead_tokens},
         trainer={"batch_tokens": batch, "total_tokens": batch * dp * STEPS, "encoder_chunk": 32, "warmup_steps": 5},
-        parallel={"dp": dp, "fp": fp, "engine": engine, "zero_stage": zero_stage},
+        parallel={"dp": dp, "fp": fp, "engine": engine, "zero_stage": zero_stage, "offload_optimizer": offload},
     )
 
 
@@ -95,10 +96,10 @@ def _train(cfg, mesh, batches, count_at=None):
         chosen.append(picks[0])  # TopK's selection (AuxK's comes second)
     opt = trainer.optimizer
     state = getattr(opt, "state", {})
-    nbytes = sum(p.numel() * p.element_size() for p in sae.parameters())
-    nbytes += sum(t.numel() * t.element_size() for st in state.values() for t in st.values() if torch.is_tensor(t))
+    opt_bytes = sum(t.numel() * t.element_size() for st in state.values() for t in st.values() if torch.is_tensor(t))
+    nbytes = opt_bytes + sum(p.numel() * p.element_size() for p in sae.parameters())
     return {"losses": losses, "chosen": torch.stack(chosen), "weights": gather_full_state(sae, mesh),
-            "bytes": nbytes, "counts": counts}
+            "bytes": nbytes, "opt_bytes": opt_bytes, "counts": counts}
 
 
 @contextlib.contextmanager
@@ -169,9 +170,9 @@ def _job_world4(rank, tmp):
 def _job_zero(rank, tmp):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="4")
     out = {}
-    for stage in (1, 2):
-        cfg = _cfg(tmp, "topk", dp=2, fp=2, engine="deepspeed", zero_stage=stage)
-        out[f"zero{stage}"] = _train(cfg, _mesh(cfg), _replica_batches(rank, 2))
+    for stage, offload in ((1, False), (2, False), (2, True)):
+        cfg = _cfg(tmp, "topk", dp=2, fp=2, engine="deepspeed", zero_stage=stage, offload=offload)
+        out[f"zero{stage}{'-offload' * offload}"] = _train(cfg, _mesh(cfg), _replica_batches(rank, 2))
     return out
 
 
@@ -268,11 +269,14 @@ def test_collectives_per_step_are_fixed_and_independent_of_n_latents(world2, wor
                 assert r["count-128"][step] == r["count-512"][step] == want, r["count-128"]
 
 
-def test_zero_stage_1_and_2_match_dp1_with_doubled_batch(world2, tmp_path_factory):
+def test_zero_stage_1_and_2_match_dp1_with_doubled_batch_and_shard_adam_over_dp(world2, reference, tmp_path_factory):
     pytest.importorskip("deepspeed")
     zero = _spawn(tmp_path_factory, "zero", _job_zero, 4)
-    for stage in (1, 2):
-        _assert_same_updates(zero, f"zero{stage}", world2[0]["dp1-fp2-double"])
+    adam_total = reference["topk"]["opt_bytes"]  # whole Adam state (exp_avg, exp_avg_sq) of one process
+    for key in ("zero1", "zero2", "zero2-offload"):
+        _assert_same_updates(zero, key, world2[0]["dp1-fp2-double"])
+        for r in zero:  # each of the 4 ranks holds a quarter: 1/fp of the latents, 1/dp of their state
+            assert abs(r[key]["opt_bytes"] * 4 / adam_total - 1) < 0.01, (key, r[key]["opt_bytes"], adam_total)
 
 
 def test_torchrun_fp2_reaches_single_rank_fvu(tmp_path):

@@ -49,7 +49,8 @@ def broadcast_from_main(value: Any, mesh: Mesh) -> Any:
 
 
 def checkpoint_hooks(mesh: Mesh) -> tuple[Any, Any]:
-    """(gather, barrier) for the Checkpointer: every rank's manifest entries merged on rank 0."""
+    """(gather, barrier) for the Checkpointer: gather(dict) -> the union of every rank's dict, on every
+    rank (JSON-able values; all_gather_object over the world)."""
 
     def gather(entries: dict[str, Any]) -> dict[str, Any]:
         everyone: list[Any] = [None] * mesh.dims.world_size

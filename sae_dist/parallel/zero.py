@@ -107,12 +107,17 @@ class DeepSpeedEngine:
         W = self.sae.W_dec.detach()
         return grad - (grad * W).sum(dim=1, keepdim=True) * W
 
+    def params_changed(self) -> None:
+        """Weights written outside the optimizer (b_dec's initialisation, renormalised decoder rows) are
+        copied into ZeRO's fp32 master partitions, which the next step would otherwise restore."""
+        self.optimizer.refresh_fp32_params()
+
     def step(self, loss: Tensor, fired: Tensor | None, grad_clip: float) -> tuple[Tensor, Tensor | None]:
         self.engine.backward(loss)
         fired = self.data.any(fired)
         self.engine.step()
         self.sae.normalize_decoder()
         if self.sae.unit_norm_decoder:
-            self.optimizer.refresh_fp32_params()  # the master copy must hold the renormalised rows
+            self.params_changed()
         norm = self.engine.get_global_grad_norm()
         return torch.as_tensor(float(norm) if norm is not None else float("nan")), fired
