@@ -20,6 +20,10 @@ def build_source(cfg: Config, split: str = "train") -> Source:
         from sae_dist.data.cache import CachedSource
 
         return CachedSource(cfg.data.cache_dir.rstrip("/") + "/" + split)
+    if split == "train" and cfg.cluster.producers > 0:
+        from sae_dist.pipeline.launch import build_stream_source
+
+        return build_stream_source(cfg)
     from sae_dist.data.lm import LMActivationSource
 
     return LMActivationSource(cfg.model, cfg.data, split)

@@ -90,6 +90,7 @@ class ContextPacker:
 
     def __init__(self, tokenizer: object, docs: list[str], context_size: int) -> None:
         self.tok = tokenizer
+        tokenizer.model_max_length = 1 << 30  # type: ignore[attr-defined]  # packing cuts long documents itself
         self.docs = docs
         tk = tokenizer
         self.prefix = [tk.cls_token_id] if getattr(tk, "cls_token_id", None) is not None else (
@@ -152,28 +153,38 @@ class LMActivationSource:
     def special(self) -> Tensor:
         return self.packer.special
 
-    def chunks(self, start: int = 0) -> Iterator[tuple[Tensor, int]]:
-        """Yields (activations, position after this chunk), beginning at context `start`."""
-        pos, epoch = 0, 0
+    def contexts(self, start: int = 0) -> Iterator[list[int]]:
+        """Token ids of contexts start, start+1, ... (tokenising only; cycles on the train split)."""
+        pos, passes = 0, 0
         while True:
-            batch: list[list[int]] = []
             seen = 0
             for ctx in self.packer:
                 seen += 1
-                if pos < start:
-                    pos += 1
-                    continue
-                batch.append(ctx)
+                if pos >= start:
+                    yield ctx
                 pos += 1
-                if len(batch) == self.cfg.batch_contexts:
-                    yield self.activations(batch), pos
-                    batch = []
-            if batch:
-                yield self.activations(batch), pos
             if seen == 0 or not self.cycle:
                 return
-            epoch += 1
-            log.warning("corpus exhausted after %d contexts; starting pass %d over it", seen, epoch + 1)
+            passes += 1
+            log.warning("corpus exhausted after %d contexts; starting pass %d over it", seen, passes + 1)
+
+    def context_batches(self, start: int = 0) -> Iterator[tuple[int, list[list[int]]]]:
+        """(position after the batch, contexts) in batches of model.batch_contexts from context `start`."""
+        batch: list[list[int]] = []
+        pos = start
+        for ctx in self.contexts(start):
+            batch.append(ctx)
+            if len(batch) == self.cfg.batch_contexts:
+                pos += len(batch)
+                yield pos, batch
+                batch = []
+        if batch:
+            yield pos + len(batch), batch
+
+    def chunks(self, start: int = 0) -> Iterator[tuple[Tensor, int]]:
+        """Yields (activations, position after this chunk), beginning at context `start`."""
+        for pos, batch in self.context_batches(start):
+            yield self.activations(batch), pos
 
 
 if __name__ == "__main__":

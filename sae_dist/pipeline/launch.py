@@ -1,0 +1,50 @@
+"""Starting the pipeline's actors: a local Ray cluster by default, or an existing one (cluster=ray)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+from sae_dist.config import Config
+from sae_dist.pipeline.producer import ActivationProducer
+from sae_dist.pipeline.stream import RayStreamSource
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if cfg.cluster.kind == "ray":
+        ray.init(address=cfg.cluster.address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=cfg.cluster.num_cpus or None, include_dashboard=False, log_to_driver=False)
+
+
+def start_producers(cfg: Config, split: str = "train") -> list[Any]:
+    """`cluster.producers` LM shard actors; Ray restarts a dead one and retries its pending chunks."""
+    import ray
+
+    init_ray(cfg)
+    n = cfg.cluster.producers
+    actor = ray.remote(num_cpus=cfg.cluster.producer_cpus, max_restarts=-1, max_task_retries=-1)(ActivationProducer)
+    threads = max(1, math.ceil(cfg.cluster.producer_cpus))
+    producers = [actor.remote(cfg.model, cfg.data, i, n, split, threads) for i in range(n)]
+    ray.get([p.width.remote() for p in producers], timeout=cfg.cluster.timeout_s)
+    return producers
+
+
+def build_stream_source(cfg: Config, producers: list[Any] | None = None, dp_rank: int = 0, dp_size: int = 1) -> RayStreamSource:
+    import ray
+
+    producers = producers or start_producers(cfg)
+    d_model = ray.get(producers[0].width.remote(), timeout=cfg.cluster.timeout_s)
+    return RayStreamSource(
+        producers, int(d_model), cfg.model.batch_contexts, cfg.cluster.max_in_flight, cfg.cluster.timeout_s,
+        dp_rank, dp_size,
+    )
