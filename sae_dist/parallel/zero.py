@@ -59,7 +59,10 @@ class MeshMpu:
 
 def ds_config(cfg: Config) -> dict[str, Any]:
     p = cfg.parallel
-    zero: dict[str, Any] = {"stage": p.zero_stage, "overlap_comm": False, "contiguous_gradients": True}
+    zero: dict[str, Any] = {
+        "stage": p.zero_stage, "overlap_comm": False, "contiguous_gradients": True,
+        "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7,  # 200 MB fp32 each (docs/memory.md)
+    }
     if p.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
