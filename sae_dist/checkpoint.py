@@ -9,8 +9,8 @@
     <url>/<run>/latest                                  name of the newest complete step
 
 `save()` copies the state to host memory on the training thread and uploads it in a background thread
-with retries (`sae_dist.storage`); a save that comes while the previous one is still uploading is skipped,
-so training never waits on storage. Only dp rank 0 of each feature shard writes weights (replicas are
+with retries (`sae_dist.storage`); a save that comes while the previous one is still uploading is skipped
+(checkpoint.when_busy=skip, the default), so training never waits on storage. Only dp rank 0 of each feature shard writes weights (replicas are
 identical); every other rank of dp 0 or fp 0 writes a small part file; rank 0 waits for those, then
 writes the trainer state, the manifest and `latest`. A step without a readable manifest does not exist.
 The save at the last step waits for its upload.
@@ -110,10 +110,11 @@ class _Snapshot:
 
 
 class Checkpointer:
-    """Saves and restores a Trainer from one mesh position. `rank` is the global rank; rank 0 must be
-    (dp 0, fp 0). The parallel layer sets `gather(obj) -> list` (an all-gather of a small JSON-able
-    object, in rank order) and `barrier()`; both are called on the training thread only, never from the
-    upload thread."""
+    """Saves and restores a Trainer from one mesh position. `rank` is the global rank; the fp/dp
+    positions default to the mesh's fp-fastest layout (rank = dp_rank * fp + fp_rank) with the degrees
+    of cfg.parallel. The parallel layer sets `gather(entries: dict) -> dict` (the union of every rank's
+    dict, on every rank) and `barrier()`; both run on the training thread only, never on the upload
+    thread."""
 
     def __init__(
         self,
@@ -121,13 +122,18 @@ class Checkpointer:
         rank: int = 0,
         world: int = 1,
         *,
-        fp_rank: int = 0,
-        fp_size: int = 1,
-        dp_rank: int = 0,
-        dp_size: int = 1,
-        gather: Callable[[Any], list[Any]] | None = None,
+        fp_rank: int | None = None,
+        fp_size: int | None = None,
+        dp_rank: int | None = None,
+        dp_size: int | None = None,
+        gather: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         barrier: Callable[[], None] | None = None,
     ) -> None:
+        if fp_size is None or dp_size is None:
+            p = cfg.parallel
+            fp_size, dp_size = (p.fp, p.dp) if world > 1 else (1, 1)
+        fp_rank = rank % fp_size if fp_rank is None else fp_rank
+        dp_rank = rank // fp_size if dp_rank is None else dp_rank
         if (
             fp_size * dp_size != world
             or not (0 <= fp_rank < fp_size and 0 <= dp_rank < dp_size and 0 <= rank < world)
@@ -143,7 +149,7 @@ class Checkpointer:
         self.store = self._open(ck.url or join(cfg.output_dir, "checkpoints"))
         self.fs = self.store.fs
         self.run_root = join(self.store.root, ck.run_name)
-        self.gather: Callable[[Any], list[Any]] = gather or (lambda obj: [obj])
+        self.gather: Callable[[dict[str, Any]], dict[str, Any]] = gather or (lambda entries: entries)
         self.barrier: Callable[[], None] = barrier or (lambda: None)
         self.last_saved: str | None = None
         """The newest step this process knows to be complete (rank 0: committed by it)."""
@@ -172,8 +178,8 @@ class Checkpointer:
         for its upload and every rank). Returns the step folder, or None if this save was skipped."""
         t0 = time.perf_counter()
         final = trainer.state.step >= getattr(trainer, "total_steps", float("inf"))
-        if any(self.gather(self._thread is not None and self._thread.is_alive())):
-            if not final:
+        if any(self.gather({f"busy{self.rank}": self._thread is not None and self._thread.is_alive()}).values()):
+            if not final and self.cfg.checkpoint.when_busy == "skip":
                 self.skipped += 1
                 log.warning(
                     "checkpoint at step %d skipped: the one before is still uploading (storage slow or down)",
@@ -348,7 +354,7 @@ class Checkpointer:
                     raise ConfigError(
                         f"checkpoint.resume_from ({redact(resume_from)!r}) holds no complete step; check the URL"
                     )
-        return self.gather(found)[0]
+        return self.gather({"resume_from": found} if self.rank == 0 else {})["resume_from"]
 
     def _locate(self, url: str) -> tuple[Storage, str]:
         store = self._open(url)
@@ -377,7 +383,12 @@ class Checkpointer:
             s_lo, s_hi = shard["latents"]
             if s_hi <= lo or s_lo >= hi:
                 continue
-            tensors = st_load(self._read_verified(store, step_dir, shard[kind], manifest))
+            data = self._read_verified(store, step_dir, shard[kind], manifest)
+            try:
+                tensors = st_load(data)
+            except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+                where = f"{redact(store.unstrip(step_dir))}/{shard[kind]}"
+                raise CheckpointError(f"{where} is not a readable safetensors file: {err}") from err
             for name, t in tensors.items():
                 if name in sharded:
                     pieces.setdefault(name, []).append(t[max(lo, s_lo) - s_lo : min(hi, s_hi) - s_lo])

@@ -121,7 +121,7 @@ class SaeConfig:
 class TrainerConfig:
     total_tokens: int = 1_048_576
     """Training tokens."""
-    batch_tokens: int = 2048
+    batch_tokens: int = 1024
     """Tokens per optimizer step (per data-parallel replica)."""
     lr: float = 0.0
     """Adam learning rate; 0 picks 2e-4 / sqrt(n_latents / 2**14) x lr_scale (Gao et al.)."""
@@ -209,6 +209,9 @@ class CheckpointConfig:
     async_upload: bool = True
     """Upload in a background thread (save() costs a copy to host memory); false uploads before
     save() returns."""
+    when_busy: str = "skip"
+    """A save that comes while the previous one is still uploading: `skip` it (training never waits on
+    storage; DESIGN §5) or `wait` for the upload (every checkpoint lands; slow storage stalls training)."""
     op_timeout_s: float = 600.0
     """Limit on one storage operation (one file's upload or download) before it counts as failed and
     is retried; raise it for multi-GB shards on slow links."""
@@ -226,6 +229,9 @@ class CheckpointConfig:
         _require(
             not self.endpoint_url or self.endpoint_url.startswith(("http://", "https://")),
             f"checkpoint.endpoint_url ({self.endpoint_url!r}) must start with http:// or https://",
+        )
+        _require(
+            self.when_busy in ("skip", "wait"), f"checkpoint.when_busy ({self.when_busy!r}) must be skip or wait"
         )
         for name in ("op_timeout_s", "retry_initial_s", "upload_timeout_s"):
             value = getattr(self, name)

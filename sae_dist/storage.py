@@ -90,12 +90,13 @@ class Storage:
             except PERMANENT:
                 raise
             except RETRYABLE as err:
+                why = f"{type(err).__name__}: {err or f'no answer within {self.op_timeout_s}s (checkpoint.op_timeout_s)'}"
                 if time.monotonic() + delay > limit:
                     raise StorageError(
-                        f"{what} failed {attempt} times, the last with {type(err).__name__}: {err}; "
-                        "gave up at the deadline (checkpoint.upload_timeout_s)"
+                        f"{what} failed {attempt} times, the last with {why}; gave up at the deadline "
+                        "(checkpoint.upload_timeout_s)"
                     ) from err
-                log.warning("storage: %s failed (%s: %s); retry %d in %.1fs", what, type(err).__name__, err, attempt, delay)
+                log.warning("storage: %s failed (%s); retry %d in %.1fs", what, why, attempt, delay)
                 if self.on_retry is not None:
                     self.on_retry(what, err, attempt)
                 time.sleep(delay)

@@ -1,0 +1,292 @@
+"""Checkpoints on a real S3 endpoint (DESIGN §5, §7): a moto server this module starts on 127.0.0.1.
+
+    python -m pytest -q tests/test_checkpoint_s3.py
+
+The tiny synthetic job runs through `tests/checkpoint_worker.py`: in this process for fp=1, under
+torchrun for fp=2 and fp=4, in a child process where it gets killed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from checkpoint_worker import run_job
+from conftest import synthetic_config
+from safetensors.torch import load_file
+
+s3fs = pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+from sae_dist.checkpoint import Checkpointer, CheckpointError  # noqa: E402
+
+HERE = os.path.dirname(__file__)
+WORKER = os.path.join(HERE, "checkpoint_worker.py")
+BUCKET = "ckpt"
+SECRET = "s3cr3t-that-must-never-be-logged"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_answering(endpoint: str, proc: subprocess.Popen, log_path: str, timeout_s: float = 60.0) -> None:
+    """Polls the endpoint with a growing interval until it answers HTTP, the server dies, or timeout_s."""
+    deadline, delay = time.monotonic() + timeout_s, 0.05
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return  # any HTTP answer means the server is up
+        except OSError as err:
+            if proc.poll() is not None:
+                raise RuntimeError(f"moto_server exited ({proc.returncode}): {open(log_path).read()[-2000:]}") from err
+            if time.monotonic() + delay > deadline:
+                raise TimeoutError(f"moto_server at {endpoint} did not answer within {timeout_s}s") from err
+            time.sleep(delay)
+            delay = min(2 * delay, 1.0)
+
+
+class Moto:
+    def __init__(self, proc: subprocess.Popen, endpoint: str) -> None:
+        self.proc, self.endpoint = proc, endpoint
+        self.fs = s3fs.S3FileSystem()
+
+    def pause(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server with one bucket, and the standard AWS variables pointing at it."""
+    port = _free_port()
+    log_path = str(tmp_path_factory.mktemp("moto") / "moto.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_answering(endpoint, proc, log_path)
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                               "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+                               "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}.items():
+                mp.setenv(key, value)
+            s3fs.S3FileSystem.clear_instance_cache()
+            moto = Moto(proc, endpoint)
+            moto.fs.mkdir(BUCKET)
+            yield moto
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+        proc.wait(timeout=30)
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _url(name: str) -> str:
+    return f"s3://{BUCKET}/{name}"
+
+
+def _steps(tmp_path, url: str) -> list[int]:
+    return [s for s, _ in Checkpointer(synthetic_config(tmp_path, checkpoint={"url": url})).complete_steps()]
+
+
+def _workers(jobs: list[dict], nproc: int = 1, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, WORKER, json.dumps(jobs), *extra]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+               str(_free_port()), *cmd[1:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _history(out) -> list[float]:
+    return json.loads((out / "history.json").read_text())["history"]
+
+
+@pytest.fixture(scope="module")
+def fp1(s3, tmp_path_factory):
+    """fp=1, in this process: 40 steps straight, and a run stopped after its step-20 checkpoint."""
+    tmp = tmp_path_factory.mktemp("fp1")
+    straight = run_job(str(tmp / "straight"), _url("fp1-straight"))
+    assert straight is not None and straight["steps"] == 40
+    assert run_job(str(tmp / "stopped"), _url("fp1-stopped"), stop_after=20) is None
+    return {"history": straight["history"], "stopped": _url("fp1-stopped"), "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def fp2(s3, tmp_path_factory):
+    """fp=2 under torchrun: 40 steps straight, and a run stopped after its step-20 checkpoint (with the
+    probe batch's reconstructions at that point)."""
+    tmp = tmp_path_factory.mktemp("fp2")
+    _workers([{"out": str(tmp / "straight"), "url": _url("fp2-straight"), "fp": 2},
+              {"out": str(tmp / "stopped"), "url": _url("fp2-stopped"), "fp": 2, "stop_after": 20,
+               "with_probe": True}], nproc=2)
+    return {"history": _history(tmp / "straight"), "stopped": _url("fp2-stopped"), "tmp": tmp}
+
+
+def test_fp1_stop_and_resume_from_s3_gives_identical_losses(fp1, tmp_path):
+    assert _steps(tmp_path, fp1["stopped"]) == [10, 20]
+    resumed = run_job(str(tmp_path), _url("fp1-resumed"), resume_from=fp1["stopped"] + "/sae")
+    assert resumed["steps"] == 40
+    assert resumed["history"] == fp1["history"][20:]  # fp32 on CPU: bit-identical, data order and RNG included
+
+
+def test_fp2_stop_and_resume_from_s3_gives_identical_losses(fp2, tmp_path):
+    assert _steps(tmp_path, fp2["stopped"]) == [10, 20]
+    _workers([{"out": str(tmp_path), "url": _url("fp2-resumed"), "fp": 2, "resume_from": fp2["stopped"] + "/sae"}],
+             nproc=2)
+    assert _history(tmp_path) == fp2["history"][20:]
+
+
+@pytest.mark.parametrize("fp", [1, 4])
+def test_fp2_checkpoint_resumes_on_fp1_and_fp4(fp2, tmp_path, fp):
+    job = {"out": str(tmp_path), "url": _url(f"fp2-to-fp{fp}"), "fp": fp, "resume_from": fp2["stopped"] + "/sae",
+           "with_probe": True}
+    if fp == 1:
+        history = run_job(**job)["history"]
+    else:
+        _workers([job], nproc=fp)
+        history = _history(tmp_path)
+    saved = load_file(str(fp2["tmp"] / "stopped" / "recon-saved.safetensors"))["x_hat"]
+    loaded = load_file(str(tmp_path / "recon-loaded.safetensors"))["x_hat"]
+    assert torch.allclose(loaded, saved, atol=1e-5, rtol=1e-5)
+    assert len(history) == 20  # training continues from step 20 to 40 ...
+    # ... along the same path, up to float summation order across shards
+    assert torch.allclose(torch.tensor(history), torch.tensor(fp2["history"][20:]), rtol=1e-3, atol=1e-5)
+
+
+def test_killed_upload_leaves_an_invisible_step_and_older_ones_intact(fp1, s3, tmp_path):
+    url = _url("killed")
+    cmd = [sys.executable, WORKER, json.dumps([{"out": str(tmp_path), "url": url}]), "--hang-upload-at", "30"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        assert sel.select(timeout=120), "the worker never reached the upload of step 30"
+        assert proc.stdout.readline().strip() == "STALLED"
+    finally:
+        proc.kill()  # SIGKILL, with step 30's upload half done
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    step30 = f"{BUCKET}/killed/sae/step-00000030"
+    s3.fs.invalidate_cache()
+    written = [os.path.basename(p) for p in s3.fs.ls(step30)]
+    assert written and "manifest.json" not in written
+    assert _steps(tmp_path, url) == [10, 20]
+
+    cfg = synthetic_config(tmp_path, checkpoint={"url": url})
+    from sae_dist.run import build_sae
+    from sae_dist.trainer import Trainer, TrainState
+
+    ck = Checkpointer(cfg)
+    for _step, path in ck.complete_steps():  # every older file still matches its checksum
+        ck.load(Trainer(cfg, build_sae(cfg, 32), TrainState()), s3.fs.unstrip_protocol(path))
+    resumed = run_job(str(tmp_path), url, resume_from="latest")
+    assert resumed["history"] == fp1["history"][20:]
+    assert _steps(tmp_path, url) == [10, 20, 30, 40]
+
+
+def test_checksum_mismatch_stops_resume_naming_the_file(fp1, s3, tmp_path):
+    s3.fs.copy(f"{BUCKET}/fp1-stopped", f"{BUCKET}/corrupt", recursive=True)
+    shard = f"{BUCKET}/corrupt/sae/step-00000020/optim-fp0of1.safetensors"
+    data = bytearray(s3.fs.cat_file(shard))
+    data[-1] ^= 0xFF
+    s3.fs.pipe_file(shard, bytes(data))
+    with pytest.raises(CheckpointError, match=rf"s3://{shard} does not match its manifest checksum"):
+        run_job(str(tmp_path), _url("corrupt-resumed"), resume_from=_url("corrupt/sae"))
+
+
+class _Boom:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_in_checkpoint_folder_is_never_executed(fp1, s3, tmp_path):
+    marker = str(tmp_path / "pwned")
+    payload = pickle.dumps(_Boom(marker))
+    s3.fs.copy(f"{BUCKET}/fp1-stopped", f"{BUCKET}/pickled", recursive=True)
+    step = f"{BUCKET}/pickled/sae/step-00000020"
+    for name in ("model-fp0of1.pt", "optim.pkl", "trainer_state.pkl", "rng_state.pth"):
+        s3.fs.pipe_file(f"{step}/{name}", payload)
+    resumed = run_job(str(tmp_path / "a"), _url("pickled-resumed"), resume_from=_url("pickled/sae"))
+    assert resumed["steps"] == 40 and not os.path.exists(marker)
+
+    # a pickle in place of a shard, with a manifest rewritten to match it, fails to parse and runs nothing
+    manifest = json.loads(s3.fs.cat_file(f"{step}/manifest.json"))
+    manifest["files"]["model-fp0of1.safetensors"] = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    s3.fs.pipe_file(f"{step}/model-fp0of1.safetensors", payload)
+    s3.fs.pipe_file(f"{step}/manifest.json", json.dumps(manifest).encode())
+    with pytest.raises(CheckpointError, match=r"model-fp0of1\.safetensors is not a readable safetensors file"):
+        run_job(str(tmp_path / "b"), _url("pickled-resumed-2"), resume_from=_url("pickled/sae"))
+    assert not os.path.exists(marker)
+
+
+def test_training_continues_while_storage_is_down_and_checkpoints_after_it(fp1, s3, tmp_path, monkeypatch, caplog):
+    import sae_dist.run
+    from sae_dist.tracking import NullTracker
+
+    made: list[Checkpointer] = []
+    retried = threading.Event()
+    blocked: dict[int, float] = {}
+
+    class Recorded(Checkpointer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+            self.store.on_retry = lambda what, err, attempt: retried.set() if attempt >= 2 else None
+
+        def save(self, trainer):
+            out = super().save(trainer)
+            blocked[trainer.state.step] = self.last_blocking_s
+            return out
+
+    class Outage(NullTracker):
+        def log_metrics(self, metrics, step):
+            if step == 12:
+                made[0].wait(60)  # step 10 is stored; the outage hits step 20's upload
+                s3.pause()
+            if step == 25:
+                try:  # steps 13..25 trained with the server stopped; it stays down until the upload retried twice
+                    assert retried.wait(60), "the upload of step 20 never retried"
+                finally:
+                    s3.resume()
+
+    url = _url("outage")
+    monkeypatch.setattr(sae_dist.run, "Checkpointer", Recorded)
+    cfg = synthetic_config(tmp_path, trainer={"log_every": 1}, checkpoint={
+        "url": url, "every_steps": 10, "keep_last": 5, "op_timeout_s": 1.0, "retry_initial_s": 0.2, "retry_max_s": 0.5})
+    caplog.set_level("INFO")
+    try:
+        out = sae_dist.run.train(cfg, Outage())
+    finally:
+        s3.resume()
+    assert out["history"] == fp1["history"]  # storage trouble never touched training
+    assert max(blocked[s] for s in (10, 20, 30)) < 0.5, blocked  # saves cost a host copy, not an upload
+    steps = _steps(tmp_path, url)
+    assert 20 in steps and steps[-1] == 40, steps  # step 20 landed once the server was back, and so did 40
+    assert "retry" in caplog.text and SECRET not in caplog.text
