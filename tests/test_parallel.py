@@ -23,8 +23,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import synthetic_config
 
+from sae_dist.config import ConfigError, ParallelConfig
+from sae_dist.data.stream import BatchStream
 from sae_dist.data.synthetic import SyntheticSource
-from sae_dist.parallel import apply_feature_parallel, gather_full_state, single_process
+from sae_dist.parallel import (
+    ParallelDims,
+    ReplicaSource,
+    apply_feature_parallel,
+    gather_full_state,
+    init_distributed,
+    single_process,
+)
 from sae_dist.parallel.dims import build_mesh
 from sae_dist.parallel.launch import build_engine
 from sae_dist.sae import SparseAutoencoder
@@ -93,7 +102,7 @@ def _train(cfg, mesh, batches, count_at=None):
             losses.append(float(trainer.train_step(x).loss.detach()))
         if c is not None:
             counts[step] = dict(c)
-        chosen.append(picks[0])  # TopK's selection (AuxK's comes second)
+        chosen.append(picks[0] if picks else torch.zeros(0))  # TopK's selection (AuxK's comes second)
     opt = trainer.optimizer
     state = getattr(opt, "state", {})
     opt_bytes = sum(t.numel() * t.element_size() for st in state.values() for t in st.values() if torch.is_tensor(t))
@@ -137,11 +146,13 @@ def _mesh(cfg):
 
 def _job_world2(rank, tmp):
     out = {}
-    for arch in ("topk", "batchtopk"):
+    for arch in ("topk", "batchtopk", "jumprelu"):
         cfg = _cfg(tmp, arch, fp=2)
         out[f"fp2-{arch}"] = _train(cfg, _mesh(cfg), _batches(B))
     cfg = _cfg(tmp, "topk", fp=2, batch=2 * B)
     out["dp1-fp2-double"] = _train(cfg, _mesh(cfg), _batches(2 * B))
+    cfg = _cfg(tmp, "topk", dp=2)
+    out["dp2-fp1"] = _train(cfg, _mesh(cfg), _replica_batches(rank, 1))
     for n in (128, 512):
         cfg = _cfg(tmp, "topk", n=n, fp=2, batch=16, dead_tokens=1)
         out[f"count-{n}"] = _train(cfg, _mesh(cfg), _batches(16, 4), count_at=(2, 3))["counts"]
@@ -179,7 +190,7 @@ def _job_zero(rank, tmp):
 def _worker(rank, world, port, tmp, job):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    init_distributed(rank, world, "127.0.0.1", port, ParallelConfig(fp=world), N, timeout_s=120)
     try:
         torch.save(job(rank, tmp), os.path.join(tmp, f"rank{rank}.pt"))
     finally:
@@ -206,8 +217,11 @@ def world4(tmp_path_factory):
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
     torch.set_num_threads(1)
-    return {arch: _train(cfg, single_process(cfg.parallel, N), _batches(B))
-            for arch in ("topk", "batchtopk") for cfg in [_cfg(tmp, arch)]}
+    out = {arch: _train(cfg, single_process(cfg.parallel, N), _batches(B))
+           for arch in ("topk", "batchtopk", "jumprelu") for cfg in [_cfg(tmp, arch)]}
+    cfg = _cfg(tmp, "topk", batch=2 * B)
+    out["double"] = _train(cfg, single_process(cfg.parallel, N), _batches(2 * B))
+    return out
 
 
 def _merged_choice(ranks, key):
@@ -243,10 +257,10 @@ def test_per_rank_parameter_and_optimizer_bytes_are_one_over_fp(world2, world4, 
         assert abs(r[f"fp{fp}-topk"]["bytes"] * fp / total - 1) < 0.01
 
 
-def _assert_same_updates(got_ranks, key, want):
+def _assert_same_updates(got_ranks, key, want, fp=2):
     """dp=2 replicas' mean loss is the doubled batch's loss; weights after every update agree."""
     losses = torch.tensor([r[key]["losses"] for r in got_ranks])  # (world, steps)
-    mean_over_replicas = (losses[0] + losses[2]) / 2  # rank = dp_rank * fp + fp_rank
+    mean_over_replicas = (losses[0] + losses[fp]) / 2  # rank = dp_rank * fp + fp_rank
     assert torch.allclose(mean_over_replicas, torch.tensor(want["losses"]), rtol=1e-5)
     for r in got_ranks:
         for name, w in want["weights"].items():
@@ -255,6 +269,47 @@ def _assert_same_updates(got_ranks, key, want):
 
 def test_dp2_fp2_matches_dp1_fp2_with_doubled_batch(world2, world4):
     _assert_same_updates(world4, "dp2-fp2", world2[0]["dp1-fp2-double"])
+
+
+def test_dp2_fp1_matches_one_process_with_doubled_batch(world2, reference):
+    _assert_same_updates(world2, "dp2-fp1", reference["double"], fp=1)
+
+
+def test_fp2_dense_jumprelu_matches_fp1(world2, reference):
+    ref = reference["jumprelu"]
+    for r in world2:
+        assert torch.allclose(torch.tensor(r["fp2-jumprelu"]["losses"]), torch.tensor(ref["losses"]), rtol=1e-5)
+    for name, want in ref["weights"].items():
+        assert torch.allclose(world2[0]["fp2-jumprelu"]["weights"][name], want, atol=1e-5, rtol=1e-4), name
+
+
+def test_parallel_dims_errors_name_the_field_and_values():
+    with pytest.raises(ConfigError, match=r"parallel\.fp \(3\) must divide sae\.n_latents \(16384\)"):
+        ParallelDims(dp=1, fp=3, world_size=3, n_latents=16384)
+    with pytest.raises(ConfigError, match=r"parallel\.dp \(2\) x parallel\.fp \(2\) = 4 must equal the world size \(3\)"):
+        ParallelDims(dp=2, fp=2, world_size=3, n_latents=16)
+    with pytest.raises(ConfigError, match=r"world size \(1\)"):
+        single_process(ParallelConfig(dp=2), 16)
+
+
+def test_replicas_read_disjoint_chunks_and_resume_exactly():
+    src = SyntheticSource(D, 16, 2, seed=0, chunk_tokens=8)
+    firsts = [[acts for acts, _ in zip_n(ReplicaSource(src, r, 3).chunks(), 4)] for r in range(3)]
+    dealt = torch.stack([firsts[i % 3][i // 3] for i in range(12)])
+    assert torch.equal(dealt, torch.stack([src.chunk(i) for i in range(12)]))  # round-robin, nothing shared
+    stream = BatchStream(ReplicaSource(src, 1, 3), 8, 16, seed=3)
+    it = iter(stream)
+    for _ in range(3):
+        next(it)
+    state = dict(stream.state_dict())
+    after = [next(it) for _ in range(3)]
+    again = BatchStream(ReplicaSource(src, 1, 3), 8, 16, seed=3)
+    again.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(after, iter(again)))
+
+
+def zip_n(it, n):
+    return [x for x, _ in zip(it, range(n))]
 
 
 def test_collectives_per_step_are_fixed_and_independent_of_n_latents(world2, world4):

@@ -116,9 +116,10 @@ class Mesh:
         }
 
 
-def resolve_backend(name: str) -> str:
+def resolve_backend(name: str, device: str = "cpu") -> str:
+    """auto: nccl when the SAE trains on CUDA, gloo otherwise."""
     if name == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
+        return "nccl" if device.startswith("cuda") else "gloo"
     return name
 
 
@@ -131,33 +132,35 @@ def build_mesh(p: ParallelConfig, n_latents: int) -> Mesh:
     from torch.distributed.device_mesh import init_device_mesh
 
     dims = ParallelDims(p.dp, p.fp, dist.get_world_size(), n_latents)
-    device = "cuda" if resolve_backend(p.backend) == "nccl" else "cpu"
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     mesh = init_device_mesh(device, (dims.dp, dims.fp), mesh_dim_names=("dp", "fp"))
     return Mesh(dims, dist.get_rank(), mesh)
 
 
 def init_distributed(
     rank: int, world_size: int, master_addr: str, master_port: int, p: ParallelConfig, n_latents: int,
-    timeout_s: float = 600.0,
+    device: str = "cpu", timeout_s: float = 600.0,
 ) -> Mesh:
-    """Joins the process group explicitly (Ray actors: the driver hands out ranks and one address)."""
+    """Joins the process group explicitly (Ray actors: the driver hands out ranks and one address).
+    `device` is where the SAE trains (it picks the backend when parallel.backend=auto)."""
     ParallelDims(p.dp, p.fp, world_size, n_latents)  # fail before blocking on the rendezvous
     if not dist.is_initialized():
         dist.init_process_group(
-            resolve_backend(p.backend), init_method=f"tcp://{master_addr}:{master_port}",
+            resolve_backend(p.backend, device), init_method=f"tcp://{master_addr}:{master_port}",
             rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
         )
     return build_mesh(p, n_latents)
 
 
-def init_from_env(p: ParallelConfig, n_latents: int, timeout_s: float = 600.0) -> Mesh:
-    """torchrun's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, or a single process when they are absent."""
+def init_from_env(p: ParallelConfig, n_latents: int, device: str = "cpu", timeout_s: float = 600.0) -> Mesh:
+    """torchrun's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, or a single process when they are absent.
+    `device` is where the SAE trains (it picks the backend when parallel.backend=auto)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and not dist.is_initialized():
         return single_process(p, n_latents)
     ParallelDims(p.dp, p.fp, world, n_latents)
     if not dist.is_initialized():
-        backend = resolve_backend(p.backend)
+        backend = resolve_backend(p.backend, device)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))

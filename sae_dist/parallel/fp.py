@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sae_dist.parallel.dims import Mesh
-from sae_dist.sae import SparseAutoencoder
+from sae_dist.sae import LocalComm, SparseAutoencoder
 
 SHARDED = ("W_enc", "W_dec", "b_enc", "log_threshold")
 """Parameters split by latent rows; everything else (b_dec, the BatchTopK threshold) is replicated."""
@@ -64,8 +64,9 @@ def _as_int(t: Tensor) -> Tensor:
     return t.view({4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
-class FeatureParallelComm:
-    """The SAE's cross-shard steps as collectives over the fp axis (and the dp axis for batch stats)."""
+class FeatureParallelComm(LocalComm):
+    """The SAE's cross-shard steps as collectives over the fp axis (and the dp axis for batch stats).
+    With fp = 1 (data parallelism only) the shard steps are LocalComm's and only the dp ones remain."""
 
     def __init__(self, mesh: Mesh) -> None:
         self.n_shards = mesh.fp
@@ -90,6 +91,8 @@ class FeatureParallelComm:
         return all_vals, all_ids
 
     def select_topk(self, vals: Tensor, idx: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        if self.fp_group is None:
+            return super().select_topk(vals, idx, k)
         c = vals.shape[1]
         all_vals, all_ids = self._gather_candidates(vals, idx)
         top, pos = all_vals.topk(k, dim=1)  # (B, k) the exact global top-k, same on every shard
@@ -100,6 +103,8 @@ class FeatureParallelComm:
         return out_vals, out_idx
 
     def select_batch_topk(self, vals: Tensor, idx: Tensor, total: int) -> tuple[Tensor, Tensor, bool]:
+        if self.fp_group is None:
+            return super().select_batch_topk(vals, idx, total)
         B, c = vals.shape
         all_vals, _ = self._gather_candidates(vals, idx)
         flat = all_vals.reshape(-1)
@@ -111,10 +116,10 @@ class FeatureParallelComm:
         return vals * keep[:, self.shard], idx, saturated
 
     def sum_partial(self, partial: Tensor) -> Tensor:
-        return _SumForward.apply(partial, self.fp_group)
+        return partial if self.fp_group is None else _SumForward.apply(partial, self.fp_group)
 
     def sum_scalar(self, value: Tensor) -> Tensor:
-        return _SumForward.apply(value, self.fp_group)
+        return value if self.fp_group is None else _SumForward.apply(value, self.fp_group)
 
     def min_scalar(self, value: Tensor) -> Tensor:
         """Minimum over every rank (both axes), so replicated buffers stay identical across replicas."""
@@ -124,7 +129,7 @@ class FeatureParallelComm:
         return out
 
     def shard_input(self, x: Tensor) -> Tensor:
-        return _SumBackward.apply(x, self.fp_group)
+        return x if self.fp_group is None else _SumBackward.apply(x, self.fp_group)
 
     def mean_over_data(self, value: Tensor) -> Tensor:
         if self.dp_group is None:

@@ -22,6 +22,11 @@ def check_supported(cfg: Config) -> None:
             f"sae.resample_every ({cfg.sae.resample_every}) with parallel.dp ({p.dp}) > 1 is not supported: "
             "replicas would resample from different batches; set sae.resample_every=0 or parallel.dp=1"
         )
+    if p.backend == "nccl":
+        raise ConfigError(
+            "parallel.backend=nccl, but the trainer keeps the SAE on the CPU (it is not placed on CUDA yet); "
+            "use parallel.backend=auto or gloo"
+        )
     if p.engine == "deepspeed" and cfg.checkpoint.resume_from:
         raise ConfigError(
             "checkpoint.resume_from with parallel.engine=deepspeed is not supported yet: checkpoints do not "
