@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from sae_dist.config import Config, ConfigError, flatten
+from sae_dist.snapshot import load_optimizer_tensors, optimizer_tensors, pack_safetensors
 from sae_dist.storage import Storage, join, redact
 
 log = logging.getLogger(__name__)
@@ -65,33 +65,13 @@ def shard_range(n_latents: int, fp_rank: int, fp_size: int) -> tuple[int, int]:
     return fp_rank * n_latents // fp_size, (fp_rank + 1) * n_latents // fp_size
 
 
-def _host(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", copy=True).contiguous()
-
-
-def optimizer_tensors(sae: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """Host copies of the optimizer state, `<param>.<key>` -> tensor."""
-    out = {}
-    for name, p in sae.named_parameters():
-        for key, value in optimizer.state.get(p, {}).items():
-            out[f"{name}.{key}"] = _host(value) if torch.is_tensor(value) else torch.tensor(float(value))
-    return out
-
-
-def load_optimizer_tensors(sae: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    for name, p in sae.named_parameters():
-        state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
-        if state:
-            optimizer.state[p] = {k: v.to(p.device) for k, v in state.items()}
-
-
 def _sharded_names(tensors: dict[str, torch.Tensor], n_local: int) -> list[str]:
     return sorted(
         k for k, v in tensors.items() if v.dim() >= 1 and v.shape[0] == n_local and k.split(".")[0] not in REPLICATED
     )
 
 
-def _entry(data: bytes) -> dict[str, Any]:
+def _entry(data: bytes | bytearray) -> dict[str, Any]:
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -101,8 +81,8 @@ class _Snapshot:
 
     step: int
     step_dir: str
-    tensors: dict[str, dict[str, torch.Tensor]]
-    """File name -> tensors; empty on ranks that write no weights."""
+    files: dict[str, bytearray]
+    """File name -> its bytes (safetensors); empty on ranks that write no weights."""
     data: Any
     """This rank's data position."""
     state: dict[str, Any] | None
@@ -157,6 +137,7 @@ class Checkpointer:
         """Seconds the last save() kept the training thread (the host copy, when uploads are async)."""
         self.skipped = 0
         """Saves skipped because the previous upload was still running."""
+        self._config = flatten(cfg)  # slow (OmegaConf): once here, not on the training thread at every save
         self._thread: threading.Thread | None = None
         self._failure: tuple[int, BaseException] | None = None
 
@@ -200,15 +181,14 @@ class Checkpointer:
 
     def _snapshot(self, trainer: Any) -> _Snapshot:
         sae, st = trainer.sae, trainer.state
-        tensors: dict[str, dict[str, torch.Tensor]] = {}
+        live = {"model": sae.state_dict() | {"tokens_since_fired": trainer.tokens_since_fired},
+                "optim": optimizer_tensors(sae, trainer.optimizer)}
+        files = {}
+        if self.dp_rank == 0:  # the host copy: the only part of a save the training thread waits for
+            files = {shard_file(kind, self.fp_rank, self.fp_size): pack_safetensors(t) for kind, t in live.items()}
         state = None
-        if self.dp_rank == 0:
-            model = {k: _host(v) for k, v in sae.state_dict().items()}
-            model["tokens_since_fired"] = _host(trainer.tokens_since_fired)
-            tensors[shard_file("model", self.fp_rank, self.fp_size)] = model
-            tensors[shard_file("optim", self.fp_rank, self.fp_size)] = optimizer_tensors(sae, trainer.optimizer)
         if self.rank == 0:
-            sharded = {kind: _sharded_names(tensors[shard_file(kind, 0, self.fp_size)], sae.n_local) for kind in ("model", "optim")}
+            sharded = {kind: _sharded_names(t, sae.n_local) for kind, t in live.items()}
             layout = {
                 "n_latents": sae.n_latents,
                 "fp_size": self.fp_size,
@@ -221,13 +201,13 @@ class Checkpointer:
                 "sharded": sharded,
             }
             state = st.to_json() | {
-                "config": flatten(self.cfg),
+                "config": self._config,
                 "world": self.world,
                 "torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
                 "layout": layout,
             }
             state = json.loads(json.dumps(state))
-        return _Snapshot(st.step, join(self.run_root, step_name(st.step)), tensors, json.loads(json.dumps(st.data)), state)
+        return _Snapshot(st.step, join(self.run_root, step_name(st.step)), files, json.loads(json.dumps(st.data)), state)
 
     def _upload(self, snap: _Snapshot) -> None:
         """Runs on the upload thread (or inline). Failures are logged and kept for wait(); the step stays
@@ -236,8 +216,7 @@ class Checkpointer:
         deadline = time.monotonic() + self.cfg.checkpoint.upload_timeout_s
         try:
             files = {}
-            for name, tensors in snap.tensors.items():
-                data = st_save(tensors, metadata={"format": "pt"})
+            for name, data in snap.files.items():
                 self.store.put(join(snap.step_dir, name), data, deadline)
                 files[name] = _entry(data)
             part = {"step": snap.step, "mesh": [self.dp_size, self.fp_size], "dp_rank": self.dp_rank,

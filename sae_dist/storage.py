@@ -102,7 +102,7 @@ class Storage:
                 time.sleep(delay)
                 delay = min(2 * delay, self.retry_max_s)
 
-    def put(self, path: str, data: bytes, deadline: float | None) -> None:
+    def put(self, path: str, data: bytes | bytearray, deadline: float | None) -> None:
         """Writes one object. Object stores publish a PUT whole or not at all; on a local disk the
         bytes go to a temporary name that is renamed into place, which is atomic too."""
         if self.local:

@@ -1,0 +1,61 @@
+"""The host copy a checkpoint is made of: tensors copied once, straight into safetensors bytes.
+
+`pack_safetensors` writes the safetensors layout (8-byte header length, JSON header, raw data) into one
+bytearray, copying each tensor into its slice with torch (which releases the GIL; from a GPU this is the
+device-to-host copy). The upload thread then hashes and sends that buffer as it is: no second copy and
+no long GIL hold that would stall the training thread. Any safetensors reader loads the result.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import torch
+
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def pack_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytearray:
+    """`tensors` (on any device) as the bytes of a .safetensors file."""
+    # widest elements first, so every tensor starts at a multiple of its element size
+    names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-(8 + len(head)) % 8)
+    out = bytearray(8 + len(head) + offset)
+    out[: 8 + len(head)] = struct.pack("<Q", len(head)) + head
+    if offset:
+        data = torch.frombuffer(out, dtype=torch.uint8, offset=8 + len(head))  # shares out's memory
+        for name in names:
+            t = tensors[name].detach()
+            begin, end = header[name]["data_offsets"]  # type: ignore[index]
+            if end > begin:
+                data[begin:end].copy_(t.reshape(-1).view(torch.uint8))
+    return out
+
+
+def optimizer_tensors(sae: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer state as `<param>.<key>` -> tensor (live references: pack them to copy)."""
+    out = {}
+    for name, p in sae.named_parameters():
+        for key, value in optimizer.state.get(p, {}).items():
+            out[f"{name}.{key}"] = value if torch.is_tensor(value) else torch.tensor(float(value))
+    return out
+
+
+def load_optimizer_tensors(sae: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    for name, p in sae.named_parameters():
+        state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
+        if state:
+            optimizer.state[p] = {k: v.to(p.device) for k, v in state.items()}
