@@ -6,6 +6,10 @@
     sae-dist cache data.cache_dir=/tmp/acts trainer.total_tokens=1000000   # fill an activation cache
     sae-dist data=cache data.cache_dir=/tmp/acts                         # train from it
     sae-dist checkpoint.resume_from=latest hydra.run.dir=outputs/myrun   # resume a killed run
+    sae-dist eval outputs/<date>/<time>                                  # metrics, LM loss recovered
+    sae-dist dashboard build outputs/<date>/<time> --features 256        # feature dashboards
+    sae-dist dashboard serve outputs/<date>/<time>/dashboard
+    sae-dist steer <causal-LM run> --feature 12 --value 8 --prompt "The"  # steering
 
 Every field, its meaning and its default: sae_dist/config.py. Config groups: conf/.
 """
@@ -41,9 +45,14 @@ def _guard(fn):  # type: ignore[no-untyped-def]
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 @_guard
 def train_main(cfg):  # type: ignore[no-untyped-def]
-    from sae_dist.run import train
+    if cfg.cluster.producers or cfg.cluster.kind == "ray":
+        from sae_dist.pipeline.group import run_trainer_group
 
-    results = train(cfg)
+        results = run_trainer_group(cfg)
+    else:
+        from sae_dist.run import train
+
+        results = train(cfg)
     summary = {k: results[k] for k in ("fvu", "l0", "dead_fraction", "dense_fraction", "tokens", "steps")}
     print(f"held-out: FVU {results['fvu']:.4f}  L0 {results['l0']:.1f}  dead {results['dead_fraction']:.2%}")
     print(json.dumps(summary | {"export_dir": results["export_dir"]}))
@@ -63,7 +72,17 @@ def cache_main(cfg):  # type: ignore[no-untyped-def]
         print(f"{split}: {index['tokens']} tokens in {len(index['shards'])} shards")
 
 
-SUBCOMMANDS = {"cache": cache_main}
+def _features(name: str):  # type: ignore[no-untyped-def]
+    def run() -> None:  # argparse entry points: sae_dist/features/cli.py
+        from sae_dist.features.cli import run as run_features
+
+        run_features(name)
+
+    return run
+
+
+SUBCOMMANDS = {"cache": cache_main, "eval": _features("eval"), "dashboard": _features("dashboard"),
+               "steer": _features("steer")}
 
 
 def main() -> None:

@@ -269,6 +269,13 @@ class ClusterConfig:
     """Activation chunks requested but not yet consumed, per trainer replica (the backpressure bound)."""
     timeout_s: float = 300.0
     """Longest wait for one chunk before the run stops with an error naming this setting."""
+    cache_url: str = ""
+    """Producers also write every chunk they make to this fsspec URL (an activation cache that
+    data=cache data.cache_dir=<url> trains from later, in the same order); empty = no cache."""
+    trainer_restarts: int = 2
+    """Ray trainer group: restarts from the last checkpoint after a trainer actor dies."""
+    trainer_cpus: float = 1.0
+    """Ray CPUs reserved per trainer actor (and its torch threads, rounded down, at least 1)."""
 
     def __post_init__(self) -> None:
         _require(self.kind in ("local", "ray"), f"cluster.kind ({self.kind!r}) must be local or ray")

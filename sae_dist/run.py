@@ -80,8 +80,10 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
         state.scale = broadcast_from_main(scale, mesh)
     tracker.log_params(flatten(cfg) | {"d_model": d_model, "activation_scale": state.scale})
     if mesh.dp > 1:
-        source = ReplicaSource(source, mesh.dp_rank, mesh.dp)
+        for_replica = getattr(source, "for_replica", None)  # the Ray stream deals replicas their own chunks
+        source = for_replica(mesh.dp_rank, mesh.dp) if for_replica else ReplicaSource(source, mesh.dp_rank, mesh.dp)
     stream = BatchStream(source, cfg.trainer.batch_tokens, cfg.data.shuffle_buffer_tokens, cfg.trainer.seed)
+    trainer.extra_metrics = getattr(source, "metrics", None)
     if state.data:
         stream.load_state_dict(state.data)
     log.info(
@@ -105,6 +107,7 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
         mesh.barrier()
         tracker.log_artifacts(export_dir, "sae")
         status = "FINISHED"
-        return results | {"export_dir": export_dir, "history": trainer.history, "steps": state.step}
+        return results | {"export_dir": export_dir, "history": trainer.history, "steps": state.step,
+                           "rank": mesh.rank}
     finally:
         tracker.finish(status)

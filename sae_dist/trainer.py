@@ -144,6 +144,8 @@ class Trainer:
         """Each step trains on batch_tokens from every data replica."""
         self.total_steps = max(1, cfg.trainer.total_tokens // (cfg.trainer.batch_tokens * self.data_replicas))
         self.tokens_since_fired = torch.zeros(sae.n_local, dtype=torch.long)
+        self.extra_metrics: Any = None
+        """Optional callable returning more metrics to log with the trainer's (e.g. the pipeline's)."""
         self.history: list[float] = []
         """Loss at every step of this process, for tests and resume checks."""
 
@@ -238,6 +240,8 @@ class Trainer:
                 metrics["train/dead_fraction"] = self.dead_fraction()
                 metrics["train/tokens_per_s"] = (self.state.tokens - tok0) / max(dt, 1e-9)
                 metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
+                if self.extra_metrics is not None:
+                    metrics.update(self.extra_metrics())
                 self.tracker.log_metrics(metrics, self.state.step)
                 bar.set_postfix(fvu=f"{metrics.get('train/fvu', 0):.3f}", l0=f"{metrics.get('train/l0', 0):.1f}")
                 sums, t0, tok0, n = {}, time.perf_counter(), self.state.tokens, 0

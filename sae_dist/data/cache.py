@@ -1,7 +1,10 @@
-"""Activation cache: safetensors shards plus an `index.json`, at any fsspec URL or path.
+"""Activation cache: one safetensors shard per source chunk plus an `index.json`, at any fsspec URL.
 
-Write one with `sae-dist cache` (or `write_cache`); train from it with data.source=cache. A shard is one
-tensor `activations` (tokens, d); position = shards consumed. Nothing here unpickles.
+Shard j holds chunk j of the source (tensor `activations`, (tokens, d)), so training from a cache sees
+the same chunks in the same order as training from the live stream it was written from. Write one with
+`sae-dist cache`, or let the pipeline's producers write each chunk as they make it
+(cluster.cache_url). index.json is written last: a cache without one is incomplete. Nothing here
+unpickles.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import fsspec
-import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
@@ -21,51 +23,76 @@ from sae_dist.config import ConfigError
 
 log = logging.getLogger(__name__)
 
+FORMAT = "sae-dist-cache-v2"
+
 
 def _join(root: str, name: str) -> str:
     return root.rstrip("/") + "/" + name
 
 
-def write_cache(
-    chunks: Iterator[tuple[Tensor, int]], url: str, total_tokens: int, meta: dict[str, Any], shard_tokens: int = 65536
-) -> dict[str, Any]:
-    """Writes shards of about `shard_tokens` until `total_tokens`; index.json last, so a cache without
-    one is incomplete."""
-    fs, root = fsspec.core.url_to_fs(url)
-    fs.makedirs(root, exist_ok=True)
-    shards: list[dict[str, Any]] = []
-    pending: list[Tensor] = []
-    have = written = 0
-    d_model = 0
+def shard_name(index: int) -> str:
+    return f"chunk-{index:06d}.safetensors"
 
-    def flush() -> None:
-        nonlocal pending, have, written
-        acts = torch.cat(pending)
-        name = f"shard-{len(shards):05d}.safetensors"
-        with fs.open(_join(root, name), "wb") as fh:
+
+class CacheWriter:
+    """Writes chunk shards under `url`; `finish` writes the index of chunks 0..n-1."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def put(self, index: int, acts: Tensor) -> None:
+        path = _join(self.root, shard_name(index))
+        tmp = path + ".partial"
+        with self.fs.open(tmp, "wb") as fh:
             fh.write(st_save({"activations": acts.contiguous()}))
-        shards.append({"file": name, "tokens": int(acts.shape[0])})
-        written += int(acts.shape[0])
-        pending, have = [], 0
+        self.fs.mv(tmp, path)
 
+    def has(self, index: int) -> bool:
+        return self.fs.exists(_join(self.root, shard_name(index)))
+
+    def contiguous(self) -> int:
+        """Number of shards 0, 1, ... present without a gap."""
+        n = 0
+        while self.has(n):
+            n += 1
+        return n
+
+    def finish(self, n_chunks: int, meta: dict[str, Any]) -> dict[str, Any]:
+        shards = []
+        d_model = tokens = 0
+        for j in range(n_chunks):
+            path = _join(self.root, shard_name(j))
+            if not self.fs.exists(path):
+                raise FileNotFoundError(f"cache {self.url}: chunk {j} was never written ({path})")
+            with self.fs.open(path, "rb") as fh:
+                acts = st_load(fh.read())["activations"]
+            d_model = int(acts.shape[1])
+            shards.append({"file": shard_name(j), "tokens": int(acts.shape[0])})
+            tokens += int(acts.shape[0])
+        index = {**meta, "d_model": d_model, "tokens": tokens, "shards": shards, "format": FORMAT}
+        with self.fs.open(_join(self.root, "index.json"), "w") as fh:
+            json.dump(index, fh, indent=1)
+        return index
+
+
+def write_cache(chunks: Iterator[tuple[Tensor, int]], url: str, total_tokens: int, meta: dict[str, Any]) -> dict[str, Any]:
+    """Writes whole chunks until at least `total_tokens` tokens; the index last."""
+    writer = CacheWriter(url)
+    n = have = 0
     for acts, _pos in chunks:
-        d_model = int(acts.shape[1])
-        acts = acts[: total_tokens - written - have]
-        pending.append(acts)
+        writer.put(n, acts)
+        n += 1
         have += int(acts.shape[0])
-        if have >= shard_tokens:
-            flush()
-        if written + have >= total_tokens:
+        if have >= total_tokens:
             break
-    if pending:
-        flush()
-    index = {**meta, "d_model": d_model, "tokens": written, "shards": shards, "format": "sae-dist-cache-v1"}
-    with fs.open(_join(root, "index.json"), "w") as fh:
-        json.dump(index, fh, indent=1)
-    return index
+    return writer.finish(n, meta)
 
 
 class CachedSource:
+    """Position = chunks consumed; cycles over the cache like the LM source cycles over its corpus."""
+
     def __init__(self, url: str) -> None:
         self.fs, self.root = fsspec.core.url_to_fs(url)
         index_path = _join(self.root, "index.json")

@@ -34,7 +34,12 @@ def start_producers(cfg: Config, split: str = "train") -> list[Any]:
     n = cfg.cluster.producers
     actor = ray.remote(num_cpus=cfg.cluster.producer_cpus, max_restarts=-1, max_task_retries=-1)(ActivationProducer)
     threads = max(1, math.ceil(cfg.cluster.producer_cpus))
-    producers = [actor.remote(cfg.model, cfg.data, i, n, split, threads) for i in range(n)]
+    producers = [
+        actor.options(name=f"sae-dist-producer-{split}-{i}-of-{n}", get_if_exists=True).remote(
+            cfg.model, cfg.data, i, n, split, threads, cfg.cluster.cache_url
+        )
+        for i in range(n)
+    ]
     ray.get([p.width.remote() for p in producers], timeout=cfg.cluster.timeout_s)
     return producers
 

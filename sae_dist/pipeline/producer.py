@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 class ActivationProducer:
     def __init__(
         self, model_cfg: ModelConfig, data_cfg: DataConfig, shard: int, n_shards: int, split: str = "train",
-        threads: int = 0,
+        threads: int = 0, cache_url: str = "",
     ) -> None:
         from sae_dist.data.lm import LMActivationSource
 
@@ -28,6 +28,11 @@ class ActivationProducer:
         if not 0 <= shard < n_shards:
             raise ValueError(f"producer shard ({shard}) must be in [0, n_shards ({n_shards}))")
         self.source = LMActivationSource(model_cfg, data_cfg, split)
+        self.cache = None
+        if cache_url:
+            from sae_dist.data.cache import CacheWriter
+
+            self.cache = CacheWriter(f"{cache_url.rstrip('/')}/{split}")
         self.shard, self.n_shards = shard, n_shards
         self.batch_contexts = model_cfg.batch_contexts
         self._batches: Iterator[tuple[int, list[list[int]]]] | None = None
@@ -54,6 +59,8 @@ class ActivationProducer:
             self._next_chunk += 1
             if current == index:
                 acts = self.source.activations(contexts)
+                if self.cache is not None and not self.cache.has(index):
+                    self.cache.put(index, acts)
                 self._skip_to_own_next()
                 self.busy_s += time.perf_counter() - t0
                 self.served += 1

@@ -36,10 +36,30 @@ class RayStreamSource:
         self.max_in_flight = max_in_flight
         self.timeout_s = timeout_s
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.created = time.perf_counter()
         self.wait_s = 0.0
         """Seconds spent blocked waiting for data (trainer starvation)."""
         self.received: list[int] = []
         """Chunk numbers delivered, in order (tests check that none is lost or repeated)."""
+
+    def for_replica(self, dp_rank: int, dp_size: int) -> RayStreamSource:
+        """The same producers, dealing replica `dp_rank` its own chunks (j % dp_size == dp_rank)."""
+        return RayStreamSource(self.producers, self.d_model, self.batch_contexts, self.max_in_flight,
+                               self.timeout_s, dp_rank, dp_size)
+
+    def metrics(self) -> dict[str, float]:
+        """Trainer starvation (share of wall time blocked on data since the last call) and producer
+        idle time, for the tracker."""
+        import ray
+
+        now = time.perf_counter()
+        last_t, last_wait = getattr(self, "_last", (self.created, 0.0))
+        self._last = (now, self.wait_s)
+        stats = ray.get([p.stats.remote() for p in self.producers], timeout=self.timeout_s)
+        return {
+            "pipeline/trainer_starvation": (self.wait_s - last_wait) / max(now - last_t, 1e-9),
+            "pipeline/producer_idle_fraction": sum(s["idle_fraction"] for s in stats) / len(stats),
+        }
 
     def _request(self, j: int) -> Any:
         return self.producers[j % len(self.producers)].chunk.remote(j)

@@ -1,0 +1,112 @@
+"""The trainer group on Ray: dp x fp trainer actors that form one torch.distributed group, fed by the
+LM shard actors. A dead trainer actor restarts the whole group from the last complete checkpoint.
+
+    sae-dist cluster.producers=2 parallel.fp=2                 # local Ray cluster
+    sae-dist cluster=ray cluster.producers=8 parallel.fp=4     # attach to a running cluster
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+from typing import Any
+
+from sae_dist.config import Config
+from sae_dist.pipeline.launch import init_ray, start_producers
+
+log = logging.getLogger(__name__)
+
+
+class TrainerWorker:
+    """One trainer rank. A plain class; `run_trainer_group` makes it a Ray actor."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free port, for rank 0 to host the rendezvous."""
+        ip = "127.0.0.1" if self._local() else socket.gethostbyname(socket.gethostname())
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ip, s.getsockname()[1]
+
+    @staticmethod
+    def _local() -> bool:
+        import ray
+
+        return ray.util.get_node_ip_address() in ("127.0.0.1", socket.gethostbyname("localhost"))
+
+    def run(self, cfg: Config, master: tuple[str, int], threads: int = 1) -> dict[str, Any]:
+        import torch
+
+        from sae_dist.run import train
+
+        torch.set_num_threads(threads)
+        os.environ.update(
+            RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK="0",
+            MASTER_ADDR=master[0], MASTER_PORT=str(master[1]),
+        )
+        return train(cfg)
+
+
+def run_trainer_group(cfg: Config) -> dict[str, Any]:
+    """Producers (owned by this driver, so they outlive a trainer restart), then the trainer group;
+    returns rank 0's results."""
+    import ray
+
+    init_ray(cfg)
+    producers = start_producers(cfg) if cfg.cluster.producers else []
+    world = cfg.parallel.dp * cfg.parallel.fp
+    attempt = 0
+    try:
+        while True:
+            try:
+                results = _run_group_once(cfg, world)
+                if cfg.cluster.cache_url:
+                    _finish_cache(cfg)
+                return results
+            except ray.exceptions.RayActorError as err:
+                if attempt >= cfg.cluster.trainer_restarts:
+                    raise RuntimeError(
+                        f"trainer group failed {attempt + 1} times (cluster.trainer_restarts="
+                        f"{cfg.cluster.trainer_restarts}); last error: {err}"
+                    ) from err
+                attempt += 1
+                log.warning("a trainer actor died (%s); restarting the group from the last checkpoint", err)
+                ck = dataclasses.replace(cfg.checkpoint, resume_from="latest")
+                cfg = dataclasses.replace(cfg, checkpoint=ck)
+    finally:
+        for p in producers:
+            ray.kill(p, no_restart=True)
+
+
+def _run_group_once(cfg: Config, world: int) -> dict[str, Any]:
+    import ray
+
+    actor = ray.remote(num_cpus=cfg.cluster.trainer_cpus, max_restarts=0)(TrainerWorker)
+    workers = [actor.remote(rank, world) for rank in range(world)]
+    try:
+        master = ray.get(workers[0].address.remote(), timeout=cfg.cluster.timeout_s)
+        threads = max(1, int(cfg.cluster.trainer_cpus))
+        refs = [w.run.remote(cfg, master, threads) for w in workers]
+        pending, results = list(refs), {}
+        while pending:  # surface the first failure at once instead of waiting on the survivors' collectives
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                results[ref] = ray.get(ref)
+        return results[refs[0]]
+    finally:
+        for w in workers:
+            ray.kill(w, no_restart=True)
+
+
+def _finish_cache(cfg: Config) -> None:
+    from sae_dist.data.cache import CacheWriter
+
+    writer = CacheWriter(f"{cfg.cluster.cache_url.rstrip('/')}/train")
+    meta = {"model_name": cfg.model.name, "hook_point": cfg.model.hook_point, "corpus": cfg.data.corpus,
+            "batch_contexts": cfg.model.batch_contexts}
+    index = writer.finish(writer.contiguous(), meta)
+    log.info("activation cache %s: %d chunks, %d tokens", writer.url, len(index["shards"]), index["tokens"])
