@@ -145,6 +145,15 @@ def fp2(s3, tmp_path_factory):
     return {"history": _history(tmp / "straight"), "stopped": _url("fp2-stopped"), "tmp": tmp}
 
 
+@pytest.fixture(scope="module")
+def dp2(s3, tmp_path_factory):
+    """dp=2 under torchrun: two replicas, each with its own data position in the checkpoint."""
+    tmp = tmp_path_factory.mktemp("dp2")
+    _workers([{"out": str(tmp / "straight"), "url": _url("dp2-straight"), "dp": 2},
+              {"out": str(tmp / "stopped"), "url": _url("dp2-stopped"), "dp": 2, "stop_after": 20}], nproc=2)
+    return {"history": _history(tmp / "straight"), "stopped": _url("dp2-stopped"), "tmp": tmp}
+
+
 def test_fp1_stop_and_resume_from_s3_gives_identical_losses(fp1, tmp_path):
     assert _steps(tmp_path, fp1["stopped"]) == [10, 20]
     resumed = run_job(str(tmp_path), _url("fp1-resumed"), resume_from=fp1["stopped"] + "/sae")
@@ -157,6 +166,15 @@ def test_fp2_stop_and_resume_from_s3_gives_identical_losses(fp2, tmp_path):
     _workers([{"out": str(tmp_path), "url": _url("fp2-resumed"), "fp": 2, "resume_from": fp2["stopped"] + "/sae"}],
              nproc=2)
     assert _history(tmp_path) == fp2["history"][20:]
+
+
+def test_dp2_stop_and_resume_from_s3_gives_identical_losses(dp2, s3, tmp_path):
+    assert _steps(tmp_path, dp2["stopped"]) == [10, 20]
+    state = json.loads(s3.fs.cat_file(f"{BUCKET}/dp2-stopped/sae/step-00000020/trainer_state.json"))
+    assert len(state["data_by_dp"]) == 2
+    _workers([{"out": str(tmp_path), "url": _url("dp2-resumed"), "dp": 2, "resume_from": dp2["stopped"] + "/sae"}],
+             nproc=2)
+    assert _history(tmp_path) == dp2["history"][20:]
 
 
 @pytest.mark.parametrize("fp", [1, 4])
