@@ -45,6 +45,12 @@ def _guard(fn):  # type: ignore[no-untyped-def]
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 @_guard
 def train_main(cfg):  # type: ignore[no-untyped-def]
+    if cfg.sae.fanout_n_latents:
+        from sae_dist.pipeline.fanout import train_fanout
+
+        for res in train_fanout(cfg):
+            print(f"n_latents {res['n_latents']}: FVU {res['fvu']:.4f}  L0 {res['l0']:.1f}  dead {res['dead_fraction']:.2%}")
+        return None
     if cfg.cluster.producers or cfg.cluster.kind == "ray":
         from sae_dist.pipeline.group import run_trainer_group
 

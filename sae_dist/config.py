@@ -105,6 +105,9 @@ class SaeConfig:
     """jumprelu: initial per-latent threshold."""
     resample_every: int = 0
     """relu: resample dead latents every N steps (0 = never; Anthropic 2023)."""
+    fanout_n_latents: list[int] = field(default_factory=list)
+    """Train one SAE per size listed here from a single activation stream (the LM forward is paid
+    once); empty = one SAE of n_latents."""
 
     def __post_init__(self) -> None:
         _require(self.arch in ARCHS, f"sae.arch ({self.arch!r}) must be one of {', '.join(ARCHS)}")
@@ -115,6 +118,8 @@ class SaeConfig:
         )
         _require(self.k_aux >= 0, f"sae.k_aux ({self.k_aux}) must be >= 0 (0 = d_model // 2)")
         _require(self.dead_tokens >= 1, f"sae.dead_tokens ({self.dead_tokens}) must be positive")
+        for n in self.fanout_n_latents:
+            _require(self.k < n, f"sae.fanout_n_latents has {n}, not above sae.k ({self.k}); drop it or lower k")
 
 
 @dataclass

@@ -80,3 +80,20 @@ def test_producers_feed_fp2_group_and_cache_replays_the_same_order(ray_cluster, 
     cached = train(_config(tmp_path / "cached", corpus, data=DataConfig(source="cache", cache_dir=str(cache),
                                                                          shuffle_buffer_tokens=2048)))
     assert cached["history"] == single["history"]
+
+
+def test_fanout_members_equal_training_each_alone(tmp_path):
+    import dataclasses
+
+    from conftest import synthetic_config
+
+    from sae_dist.pipeline.fanout import train_fanout
+
+    cfg = synthetic_config(tmp_path, trainer={"total_tokens": 256 * 12}, checkpoint={"every_steps": 0})
+    cfg = dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, fanout_n_latents=[64, 128]))
+    members = train_fanout(cfg)
+    alone = train(synthetic_config(tmp_path / "alone", sae={"n_latents": 128}, trainer={"total_tokens": 256 * 12},
+                                   checkpoint={"every_steps": 0}))
+    assert [m["n_latents"] for m in members] == [64, 128]
+    assert members[1]["history"] == alone["history"]
+    assert members[1]["fvu"] == pytest.approx(alone["fvu"], rel=1e-6)
