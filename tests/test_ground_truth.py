@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from conftest import synthetic_config
 
 from sae_dist.data.synthetic import SyntheticSource

@@ -40,7 +40,8 @@ class BatchStream:
         chunks = self.source.chunks(self.block_start)
         while True:
             parts, have, pos = [], 0, self.block_start
-            for acts, pos in chunks:
+            for acts, end in chunks:
+                pos = end
                 parts.append(acts)
                 have += acts.shape[0]
                 if have >= self.buffer_tokens:

@@ -1,0 +1,128 @@
+"""Pipeline throughput, all figures from one run on this machine:
+
+    python scripts/bench_pipeline.py [--tokens 65536] [--producers 2] [--repeats 3]
+
+1. producers alone: N MiniLM producer actors, chunks pulled as fast as they come (no training);
+2. trainer alone: the TopK SAE (default size) training on activations already in memory;
+3. end to end: the trainer fed by the producers (tokens/s of the training loop);
+4. fan-out: 3 SAE sizes from one in-process LM stream vs the largest alone (LM-bound).
+Prints medians over --repeats and the ratio e2e / min(producers, trainer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from sae_dist.config import (  # noqa: E402
+    ClusterConfig,
+    Config,
+    DataConfig,
+    ModelConfig,
+    SaeConfig,
+    TrackingConfig,
+    TrainerConfig,
+)
+from sae_dist.data import BatchStream  # noqa: E402
+from sae_dist.data.lm import LMActivationSource  # noqa: E402
+from sae_dist.pipeline.fanout import train_fanout  # noqa: E402
+from sae_dist.pipeline.launch import build_stream_source, start_producers  # noqa: E402
+from sae_dist.run import build_sae  # noqa: E402
+from sae_dist.trainer import Trainer, TrainState  # noqa: E402
+
+
+def config(tokens: int, producers: int, out: str, **sae) -> Config:
+    return Config(
+        model=ModelConfig(batch_contexts=16),
+        data=DataConfig(shuffle_buffer_tokens=8192),
+        sae=SaeConfig(**sae),
+        trainer=TrainerConfig(total_tokens=tokens, log_every=10_000),
+        tracking=TrackingConfig(enabled=False),
+        cluster=ClusterConfig(producers=producers, producer_cpus=1.0, max_in_flight=2 * producers),
+        output_dir=out,
+    )
+
+
+def pull(source, tokens: int) -> float:
+    t0, have = time.perf_counter(), 0
+    for acts, _ in source.chunks():
+        have += acts.shape[0]
+        if have >= tokens:
+            break
+    return have / (time.perf_counter() - t0)
+
+
+def train_rate(cfg: Config, batches) -> float:
+    sae = build_sae(cfg, 384)
+    trainer = Trainer(cfg, sae, TrainState(scale=1.0))
+    steps = cfg.trainer.total_tokens // cfg.trainer.batch_tokens
+    it = iter(batches)
+    trainer.train_step(next(it))  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(next(it))
+    return steps * cfg.trainer.batch_tokens / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--producers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    cfg = config(args.tokens, args.producers, "/tmp/bench_pipeline")
+    producers = start_producers(cfg)
+    source = build_stream_source(cfg, producers)
+    prod, alone, e2e = [], [], []
+    memory = [a for _, (a, _) in zip(range(64), LMActivationSource(cfg.model, cfg.data).chunks())]
+    mem_batches = list(BatchStream(_Fixed(memory), cfg.trainer.batch_tokens, 0))
+    for _ in range(args.repeats):
+        prod.append(pull(source, args.tokens))
+        alone.append(train_rate(cfg, iter(mem_batches * 100)))
+        stream = BatchStream(source, cfg.trainer.batch_tokens, 0)
+        e2e.append(train_rate(cfg, iter(stream)))
+    p, a, e = (statistics.median(v) for v in (prod, alone, e2e))
+    print(f"producers alone ({args.producers}): {p:,.0f} tokens/s")
+    print(f"trainer alone:            {a:,.0f} tokens/s")
+    print(f"end to end:               {e:,.0f} tokens/s  = {e / min(p, a):.2f} x min(producers, trainer)")
+    for prod_actor in producers:
+        ray.kill(prod_actor, no_restart=True)
+    ray.shutdown()
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    fan_cfg = config(args.tokens, 0, "/tmp/bench_fanout", fanout_n_latents=[1536, 3072, 6144])
+    big_cfg = config(args.tokens, 0, "/tmp/bench_fanout_big", fanout_n_latents=[6144])
+    fan, big = [], []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        train_fanout(fan_cfg)
+        fan.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        train_fanout(big_cfg)
+        big.append(time.perf_counter() - t0)
+    f, b = statistics.median(fan), statistics.median(big)
+    print(f"fan-out 3 sizes (1536, 3072, 6144): {f:.1f} s; 6144 alone: {b:.1f} s; ratio {f / b:.2f}")
+
+
+class _Fixed:
+    d_model = 384
+
+    def __init__(self, chunks):
+        self.list = chunks
+
+    def chunks(self, start=0):
+        for i, c in enumerate(self.list[start:], start + 1):
+            yield c, i
+
+
+if __name__ == "__main__":
+    main()
