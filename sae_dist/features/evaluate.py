@@ -1,0 +1,79 @@
+"""`sae-dist eval`: held-out reconstruction metrics (sae_dist.metrics) plus the spliced-model metrics
+(sae_dist.features.splice) and the feature-frequency histogram, written to <out>/metrics.json and
+<out>/feature_density.png."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from sae_dist.features.source import FeatureSetup
+from sae_dist.features.splice import SpliceMeter
+from sae_dist.metrics import evaluate
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_setup(setup: FeatureSetup, tokens: int, batch_contexts: int = 16, corpus: str = "",
+                   split: str = "heldout") -> tuple[dict[str, Any], torch.Tensor]:
+    """Metrics over about `tokens` non-special tokens of `split`, and firings per latent (n,)."""
+    meter = SpliceMeter(setup.model, setup.module, setup.sae, setup.causal)
+    special = setup.special_ids()
+    acts: list[torch.Tensor] = []
+    seen = 0
+    with tqdm(total=tokens, desc="eval", unit="tok", disable=None) as bar:
+        for ids in setup.context_batches(split, batch_contexts, corpus):
+            keep = ~torch.isin(ids, special)
+            acts.append(meter.add(ids, keep))
+            seen += int(keep.sum())
+            bar.update(int(keep.sum()))
+            if seen >= tokens:
+                break
+    if seen < tokens:
+        log.warning("the %s split has only %d tokens (asked for %d)", split, seen, tokens)
+    results: dict[str, Any] = evaluate(setup.sae, iter(acts), 1.0, seen)
+    results |= meter.result()
+    return results, meter.fired
+
+
+def save_density_plot(fired: torch.Tensor, tokens: int, path: str) -> bool:
+    """Histogram of log10 firing frequency per latent (dead latents counted in the title)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install 'sae-dist[plots]'): no %s", path)
+        return False
+    freq = fired.double() / max(tokens, 1)
+    alive = freq[freq > 0]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(alive.log10().numpy(), bins=50, color="#d97706")
+    ax.set_xlabel("log10 firing frequency (fraction of tokens)")
+    ax.set_ylabel("latents")
+    ax.set_title(f"{len(alive)} latents fired, {int((freq == 0).sum())} never fired, {tokens} tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def run_eval(setup: FeatureSetup, out_dir: str, tokens: int, batch_contexts: int = 16,
+             corpus: str = "") -> dict[str, Any]:
+    os.makedirs(out_dir, exist_ok=True)
+    results, fired = evaluate_setup(setup, tokens, batch_contexts, corpus)
+    n = int(results["tokens"])
+    if save_density_plot(fired, n, os.path.join(out_dir, "feature_density.png")):
+        results["density_plot"] = os.path.join(out_dir, "feature_density.png")
+    results["model_name"], results["hook_name"] = setup.cfg["model_name"], setup.cfg["hook_name"]
+    with open(os.path.join(out_dir, "metrics.json"), "w") as fh:
+        json.dump({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results.items()}, fh,
+                  indent=1)
+    return results
