@@ -34,7 +34,8 @@ if __name__ == "__main__":
     args = ap.parse_args()
     cfg = synthetic_config(
         args.out,
-        checkpoint={"every_steps": 10, "resume_from": "latest" if args.resume else ""},
+        # synchronous saves: the kill at step 25 must find step 20 complete whatever the machine load
+        checkpoint={"every_steps": 10, "resume_from": "latest" if args.resume else "", "async_upload": False},
         trainer={"log_every": 1},
     )
     results = train(cfg, KillAt(args.kill_at) if args.kill_at else None)
