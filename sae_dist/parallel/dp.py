@@ -31,22 +31,23 @@ class DataParallel:
     def reduce(self, params: list[Tensor], fired: Tensor | None) -> Tensor | None:
         if self.group is None:
             return fired
+        grads = []
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        small = [p for p in params if p.dim() < 2]
-        for p in params:
-            if p.dim() >= 2:
-                dist.all_reduce(p.grad, group=self.group)
-                p.grad.div_(self.size)
-        dtype = small[0].grad.dtype if small else torch.float32
-        parts = [p.grad.reshape(-1) for p in small] + ([fired.to(dtype)] if fired is not None else [])
-        flat = torch.cat(parts)
+            grads.append(p.grad)
+        for g in grads:
+            if g.dim() >= 2:
+                dist.all_reduce(g, group=self.group)
+                g.div_(self.size)
+        small = [g for g in grads if g.dim() < 2]
+        dtype = small[0].dtype if small else torch.float32
+        flat = torch.cat([g.reshape(-1) for g in small] + ([fired.to(dtype)] if fired is not None else []))
         dist.all_reduce(flat, group=self.group)
         pos = 0
-        for p in small:
-            p.grad.copy_(flat[pos : pos + p.numel()].view_as(p.grad)).div_(self.size)
-            pos += p.numel()
+        for g in small:
+            g.copy_(flat[pos : pos + g.numel()].view_as(g)).div_(self.size)
+            pos += g.numel()
         return flat[pos:] > 0 if fired is not None else None
 
     def any(self, fired: Tensor | None) -> Tensor | None:
