@@ -59,6 +59,8 @@ def train_main(cfg):  # type: ignore[no-untyped-def]
         from sae_dist.run import train
 
         results = train(cfg)
+    if results.get("rank", 0):  # under torchrun only rank 0 reports
+        return results["fvu"]
     summary = {k: results[k] for k in ("fvu", "l0", "dead_fraction", "dense_fraction", "tokens", "steps")}
     print(f"held-out: FVU {results['fvu']:.4f}  L0 {results['l0']:.1f}  dead {results['dead_fraction']:.2%}")
     print(json.dumps(summary | {"export_dir": results["export_dir"]}))
