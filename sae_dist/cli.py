@@ -51,20 +51,25 @@ def train_main(cfg):  # type: ignore[no-untyped-def]
         for res in train_fanout(cfg):
             print(f"n_latents {res['n_latents']}: FVU {res['fvu']:.4f}  L0 {res['l0']:.1f}  dead {res['dead_fraction']:.2%}")
         return None
-    if cfg.cluster.producers or cfg.cluster.kind == "ray":
-        from sae_dist.pipeline.group import run_trainer_group
+    from sae_dist.sweep import run_member
 
-        results = run_trainer_group(cfg)
-    else:
-        from sae_dist.run import train
-
-        results = train(cfg)
+    results = run_member(cfg, _train_one)
     if results.get("rank", 0):  # under torchrun only rank 0 reports
         return results["fvu"]
     summary = {k: results[k] for k in ("fvu", "l0", "dead_fraction", "dense_fraction", "tokens", "steps")}
     print(f"held-out: FVU {results['fvu']:.4f}  L0 {results['l0']:.1f}  dead {results['dead_fraction']:.2%}")
     print(json.dumps(summary | {"export_dir": results["export_dir"]}))
     return results["fvu"]
+
+
+def _train_one(cfg):  # type: ignore[no-untyped-def]
+    if cfg.cluster.producers or cfg.cluster.kind == "ray":
+        from sae_dist.pipeline.group import run_trainer_group
+
+        return run_trainer_group(cfg)
+    from sae_dist.run import train
+
+    return train(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -22,14 +23,15 @@ class NullTracker(Tracker):
 
 
 class MlflowTracker(Tracker):
-    def __init__(self, uri: str, experiment: str, run_name: str, parent_run_id: str | None = None) -> None:
+    def __init__(self, uri: str, experiment: str, run_name: str, parent_run_id: str | None = None,
+                 tags: dict[str, str] | None = None) -> None:
         import mlflow
 
         self.mlflow = mlflow
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(experiment)
-        tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
-        self.run = mlflow.start_run(run_name=run_name, tags=tags, nested=parent_run_id is not None)
+        tags = (tags or {}) | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
+        self.run = mlflow.start_run(run_name=run_name, tags=tags or None, nested=parent_run_id is not None)
         self.run_id = self.run.info.run_id
         log.info("MLflow run %s at %s", self.run_id, uri)
 
@@ -52,6 +54,10 @@ class MlflowTracker(Tracker):
         self.mlflow.end_run(status=status)
 
 
+MEMBER_FILE = "sweep_member.json"
+"""In a sweep member's output folder (written by sae_dist.sweep): parent run id, run name and tags."""
+
+
 def default_uri(output_dir: str) -> str:
     return "sqlite:///" + os.path.abspath(os.path.join(output_dir, "mlflow.db"))
 
@@ -59,4 +65,9 @@ def default_uri(output_dir: str) -> str:
 def build_tracker(enabled: bool, uri: str, experiment: str, run_name: str, output_dir: str, rank: int = 0) -> Tracker:
     if not enabled or rank != 0:
         return NullTracker()
-    return MlflowTracker(uri or default_uri(output_dir), experiment, run_name)
+    member: dict[str, Any] = {}
+    if os.path.exists(os.path.join(output_dir, MEMBER_FILE)):
+        with open(os.path.join(output_dir, MEMBER_FILE)) as fh:
+            member = json.load(fh)
+    return MlflowTracker(uri or default_uri(output_dir), experiment, member.get("run_name", run_name),
+                         member.get("parent_run_id"), member.get("tags"))
