@@ -216,7 +216,7 @@ def build_tiny_dashboard(tmp_path, tiny_gpt2, n_features: int = 24) -> str:
     run = tiny_run(tmp_path, tiny_gpt2[0], sae)
     out = str(tmp_path / "dashboard")
     build_dashboard(load_setup(run), out, torch.arange(n_features), tokens=1024, batch_contexts=8, top_k=5,
-                    n_samples=6)
+                    n_samples=6, neuronpedia=True)
     return out
 
 

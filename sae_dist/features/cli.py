@@ -62,6 +62,7 @@ def dashboard_main(argv: list[str]) -> None:
     b.add_argument("--top-k", type=int, default=16, help="top contexts per feature")
     b.add_argument("--samples", type=int, default=16, help="quantile samples per feature")
     b.add_argument("--batch-contexts", type=int, default=32)
+    b.add_argument("--neuronpedia", action="store_true", help="also write Neuronpedia JSON (~60 KB per feature)")
     s = sub.add_parser("serve", help="serve a built site on 127.0.0.1")
     s.add_argument("dir")
     s.add_argument("--port", type=int, default=8000)
@@ -88,7 +89,8 @@ def dashboard_main(argv: list[str]) -> None:
     else:
         features = torch.arange(min(a.features or n, n))
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(find_export(a.path))), "dashboard")
-    info = build_dashboard(setup, out, features, a.tokens, a.batch_contexts, a.split, a.corpus, a.top_k, a.samples)
+    info = build_dashboard(setup, out, features, a.tokens, a.batch_contexts, a.split, a.corpus, a.top_k, a.samples,
+                           neuronpedia=a.neuronpedia)
     print(f"{info['features']} feature dashboards from {info['tokens']} tokens in {info['seconds']:.1f} s: "  # noqa: T201
           f"{out}/index.html  (serve: sae-dist dashboard serve {out})")
 

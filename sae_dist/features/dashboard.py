@@ -50,8 +50,8 @@ def decoder_views(W_dec: Tensor, features: Tensor, W_U: Tensor | None, m: int = 
         if W_U is not None:
             logits = W_dec[f] @ W_U.t()  # (c, vocab)
             hi, lo = logits.topk(m, dim=1), logits.topk(m, dim=1, largest=False)
-            parts["p"].append(hi.indices), parts["pl"].append(hi.values)
-            parts["s"].append(lo.indices), parts["sl"].append(lo.values)
+            for key, part in (("p", hi.indices), ("pl", hi.values), ("s", lo.indices), ("sl", lo.values)):
+                parts[key].append(part)
             lo_v, hi_v = logits.min(1, keepdim=True).values, logits.max(1, keepdim=True).values
             width = (hi_v - lo_v).clamp_min(1e-12) / 40
             b = ((logits - lo_v) / width).long().clamp(0, 39)
@@ -90,7 +90,7 @@ def collect_features(setup: FeatureSetup, features: Tensor, tokens: int, batch_c
 
 def build_dashboard(setup: FeatureSetup, out_dir: str, features: Tensor, tokens: int, batch_contexts: int = 32,
                     split: str = "train", corpus: str = "", top_k: int = 16, n_samples: int = 16,
-                    seed: int = 0) -> dict[str, Any]:
+                    seed: int = 0, neuronpedia: bool = False) -> dict[str, Any]:
     from sae_dist.features.site import write_site
 
     t0 = time.perf_counter()
@@ -101,7 +101,7 @@ def build_dashboard(setup: FeatureSetup, out_dir: str, features: Tensor, tokens:
     meta = {"model_name": setup.cfg["model_name"], "hook_name": setup.cfg["hook_name"], "d_sae": setup.sae.n_local,
             "d_in": setup.sae.d_model, "tokens": stats.tokens, "split": split, "causal": setup.causal,
             "corpus": corpus or setup.settings["corpus"]}
-    write_site(out_dir, stats, views, setup.tokenizer, meta, setup.sae.W_dec.detach().float())
+    write_site(out_dir, stats, views, setup.tokenizer, meta, setup.sae.W_dec.detach().float(), neuronpedia)
     total = time.perf_counter() - t0
     log.info("dashboards for %d features in %.1f s (pass %.1f s) -> %s", len(features), total, t_pass, out_dir)
     return meta | {"features": len(features), "seconds": total, "pass_seconds": t_pass, "out_dir": out_dir}

@@ -4,7 +4,7 @@
     f/<id>.html           one page per feature: stats, histogram, top contexts, quantile samples,
                           promoted / suppressed tokens (causal LMs), nearest features
     features.json         the index's data;  meta.json  what was read and how
-    neuronpedia/batch-<j>.json   SAEDashboard's NeuronpediaRunner batch format, which Neuronpedia's
+    neuronpedia/batch-<j>.json   (with --neuronpedia) SAEDashboard's NeuronpediaRunner batch format, which Neuronpedia's
                           import script (convert-saedashboard-to-neuronpedia-export.py) reads
 
 Pages need no server and no network (works from file:// too); `sae-dist dashboard serve` serves them.
@@ -208,13 +208,17 @@ def _layer_of(hook_name: str) -> int:
 
 
 def write_site(out_dir: str, stats: FeatureStats, views: Any, tokenizer: Any, meta: dict[str, Any],
-               W_dec: torch.Tensor | None = None) -> None:
+               W_dec: torch.Tensor | None = None, neuronpedia: bool = False) -> None:
+    """`neuronpedia` also writes neuronpedia/batch-<j>.json (whole contexts: ~60 KB per feature)."""
     os.makedirs(os.path.join(out_dir, "f"), exist_ok=True)
-    os.makedirs(os.path.join(out_dir, "neuronpedia"), exist_ok=True)
+    if neuronpedia:
+        os.makedirs(os.path.join(out_dir, "neuronpedia"), exist_ok=True)
     text = token_texts(tokenizer)
     ids = stats.features.tolist()
     pages = set(ids)
-    summary, batch, n_batch = [], [], 0
+    summary: list[list[Any]] = []
+    batch: list[dict[str, Any]] = []
+    n_batch = 0
     np_head = {"model_id": meta["model_name"], "layer": _layer_of(meta["hook_name"]), "sae_id_suffix": None,
                "hook_name": meta["hook_name"], "n_tokens_in_prompt": stats.top.acts.shape[-1]}
 
@@ -236,7 +240,8 @@ def write_site(out_dir: str, stats: FeatureStats, views: Any, tokenizer: Any, me
             fh.write(feature_page(rec, ids[s - 1] if s else None, ids[s + 1] if s + 1 < len(ids) else None, pages))
         fires_on = Counter(c["tokens"][c["pos"]].strip() for c in rec["top"])
         summary.append([fid, rec["frequency"], rec["max"], " ".join(t for t, _ in fires_on.most_common(5))])
-        batch.append(neuronpedia_feature(rec))
+        if neuronpedia:
+            batch.append(neuronpedia_feature(rec))
         if len(batch) == NEURONPEDIA_BATCH:
             flush()
     flush()

@@ -36,18 +36,20 @@ def run_settings(export_dir: str) -> dict[str, Any]:
     if os.path.isfile(hydra_cfg):
         from omegaconf import OmegaConf
 
-        data = OmegaConf.load(hydra_cfg).get("data", {})
+        saved = OmegaConf.to_container(OmegaConf.load(hydra_cfg))
+        data = saved.get("data", {}) if isinstance(saved, dict) else {}
         settings.update({k: data[k] for k in settings if k in data})
     return settings
 
 
-def is_causal(model: nn.Module) -> bool:
+def is_causal(model: Any) -> bool:
+    """Has an LM head and is a decoder (HF PreTrainedModel)."""
     return model.get_output_embeddings() is not None and bool(getattr(model.config, "is_decoder", False) or any(
         a.endswith(("LMHeadModel", "ForCausalLM")) for a in (model.config.architectures or [])
     ))
 
 
-def load_lm(name: str, device: str = "cpu") -> tuple[nn.Module, Any]:
+def load_lm(name: str, device: str = "cpu") -> tuple[Any, Any]:
     """The model with its LM head when its checkpoint is a causal LM, else the bare encoder."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -55,7 +57,8 @@ def load_lm(name: str, device: str = "cpu") -> tuple[nn.Module, Any]:
     try:
         archs = AutoConfig.from_pretrained(path).architectures or []
         cls = AutoModelForCausalLM if any(a.endswith(("LMHeadModel", "ForCausalLM")) for a in archs) else AutoModel
-        model, tokenizer = cls.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        model: Any = cls.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as err:
         raise ConfigError(f"model_name ({name!r}) could not be loaded ({err}); give a local model folder") from err
     return model.to(device).eval(), tokenizer
@@ -78,7 +81,8 @@ class FeatureSetup:
     sae: SparseAutoencoder
     cfg: dict[str, Any]
     """The export's cfg.json."""
-    model: nn.Module
+    model: Any
+    """An HF PreTrainedModel (with its LM head for causal LMs)."""
     tokenizer: Any
     hook_name: str
     """The hook module's name in `model`; its output (B, T, d) is what the SAE reads."""

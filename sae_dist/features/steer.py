@@ -37,7 +37,7 @@ def steering_fn(sae: SparseAutoencoder, feature: int, value: float, mode: str): 
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 32,
+def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 32,
              module: nn.Module | None = None, fn: Any = None) -> Tensor:
     """Greedy continuation ids (1, T + new) of `prompt`, with the hook module's output steered by fn."""
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
