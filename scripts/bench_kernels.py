@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import statistics
 import subprocess
@@ -166,6 +167,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--speed-only", action="store_true", help="skip the memory runs")
     ap.add_argument("--worker", choices=["speed", "memory"], help=argparse.SUPPRESS)
     ap.add_argument("--path", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -182,7 +184,8 @@ def main() -> None:
         return
     gb = 2.0**30
     print(
-        f"device {args.device}, {args.dtype}, {torch.get_num_threads()} threads, medians of {args.steps} steps after {args.warmup}\n"
+        f"device {args.device}, {args.dtype}, {torch.get_num_threads()} threads, medians of {args.steps} steps after "
+        f"{args.warmup}, load average {os.getloadavg()[0]:.1f} at start\n"
     )
     print(
         "| d | n | k | B | kernels | dense step s | sparse step s (fwd/bwd/opt) | speed-up | loss rel. diff | tokens/s | of bf16 ceiling |"
@@ -197,6 +200,8 @@ def main() -> None:
             flops = f"{(2 * B * n * d + 8 * B * k * d) / r['sparse'] / r['ceiling_flops']:.1%} ({r['gpu']})"
         print(f"| {d} | {n} | {k} | {B} | {r['backend']} | {r['dense']:.3f} | {r['sparse']:.3f} ({r['sparse_fwd']:.3f}/"
               f"{r['sparse_bwd']:.3f}/{r['sparse_opt']:.3f}) | {r['dense'] / r['sparse']:.2f}x | {r['loss_rel_diff']:.1e} | {tps} | {flops} |")  # fmt: skip
+    if args.speed_only:
+        return
     print("\n| d | n | k | B | path | peak GiB above start | params+grads+Adam GiB | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     mem = [(s, p) for s in args.cases for p in ("dense", "sparse")] + [
