@@ -17,7 +17,7 @@ import torch
 from sae_dist import kernels
 from sae_dist.checkpoint import Checkpointer
 from sae_dist.config import Config, flatten
-from sae_dist.data import BatchStream, build_source
+from sae_dist.data import BatchStream, build_source, heldout_batches
 from sae_dist.export import export_saelens
 from sae_dist.metrics import evaluate
 from sae_dist.parallel import Mesh, ReplicaSource, apply_feature_parallel, init_from_env
@@ -93,8 +93,7 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     status = "FAILED"
     try:
         trainer.fit(iter(stream), stream.state_dict)
-        heldout = BatchStream(build_source(cfg, "heldout"), 4096, 0)
-        results = evaluate(sae, iter(heldout), state.scale, cfg.trainer.eval_tokens)
+        results = evaluate(sae, heldout_batches(cfg), state.scale, cfg.trainer.eval_tokens)
         tracker.log_metrics({f"eval/{k}": v for k, v in results.items()}, state.step)
         export_dir = os.path.join(cfg.output_dir, "sae")
         whole = full_sae(sae, mesh)

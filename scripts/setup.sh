@@ -5,7 +5,7 @@
 #   dependency asking for "torch" would pull a multi-GB CUDA build.
 # - With torch already installed (a GPU machine), keeps it and installs the rest around it.
 # - Installs the project editable with the extras the tests use, and (as root, where apt exists) Debian's
-#   python3.11-doc: ~12 MB more of CPython's documentation for the default corpus (optional).
+#   python3.11-doc (~12 MB more of CPython's documentation for the default corpus) and chromium.
 # EXTRAS overrides the extras (default: dev,ray,s3,deepspeed); PYTHON the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +18,15 @@ if $PY -c "import torch" 2>/dev/null; then
 else
   $PY -m pip install -c constraints/cpu.txt -e ".[${EXTRAS}]"
 fi
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! ls /usr/share/doc/python3*/html/_sources >/dev/null 2>&1; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-doc) \
-    || echo "setup: python3.11-doc not installed; the default corpus uses the stdlib's own docs only"
+# As root with apt: Debian's python3.11-doc (more prose for the default corpus) and chromium (the
+# dashboard's browser test drives /usr/bin/chromium through Playwright, which never downloads a browser).
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  want=()
+  ls /usr/share/doc/python3*/html/_sources >/dev/null 2>&1 || want+=(python3.11-doc)
+  [ -x /usr/bin/chromium ] || want+=(chromium)
+  if [ ${#want[@]} -gt 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${want[@]}") \
+      || echo "setup: could not install ${want[*]} (the corpus falls back to the stdlib's docs)"
+  fi
 fi
 echo "setup: done. Run the default job with: sae-dist"

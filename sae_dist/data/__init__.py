@@ -5,6 +5,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+from torch import Tensor
+
 from sae_dist.config import Config
 from sae_dist.data.stream import BatchStream, Source
 
@@ -29,4 +33,9 @@ def build_source(cfg: Config, split: str = "train") -> Source:
     return LMActivationSource(cfg.model, cfg.data, split)
 
 
-__all__ = ["BatchStream", "Source", "build_source"]
+def heldout_batches(cfg: Config) -> Iterator[Tensor]:
+    """Every held-out chunk, whole and in order (evaluation reads each token once, drops none)."""
+    return (acts for acts, _ in build_source(cfg, "heldout").chunks())
+
+
+__all__ = ["BatchStream", "Source", "build_source", "heldout_batches"]

@@ -16,7 +16,7 @@ import os
 from typing import Any
 
 from sae_dist.config import Config, ConfigError
-from sae_dist.data import BatchStream, build_source
+from sae_dist.data import BatchStream, build_source, heldout_batches
 from sae_dist.export import export_saelens
 from sae_dist.metrics import evaluate
 from sae_dist.run import build_sae
@@ -64,8 +64,7 @@ def train_fanout(cfg: Config) -> list[dict[str, Any]]:
             t.train_step(x)
     results = []
     for m, t in zip(members, trainers):
-        heldout = BatchStream(build_source(m, "heldout"), 4096, 0)
-        res = evaluate(t.sae, iter(heldout), scale, m.trainer.eval_tokens)
+        res = evaluate(t.sae, heldout_batches(m), scale, m.trainer.eval_tokens)
         t.tracker.log_metrics({f"eval/{k}": v for k, v in res.items()}, t.state.step)
         export_dir = os.path.join(m.output_dir, "sae")
         export_saelens(t.sae, scale, export_dir, {"hook_name": m.model.hook_point, "model_name": m.model.name})
