@@ -2,7 +2,9 @@
 
     sae-dist                                   # default job: TopK SAE on MiniLM layer 3, CPU, minutes
     sae-dist sae=batchtopk sae.n_latents=16384 trainer.total_tokens=4000000
-    sae-dist -m sae.n_latents=6144,12288       # a sweep (Hydra multirun)
+    sae-dist -m sae.n_latents=6144,12288 hydra.sweep.dir=multirun/sizes   # a sweep; the same again resumes it
+    sae-dist -m sae.n_latents=6144,12288 hydra/launcher=ray_sae cluster.address=auto   # members as Ray tasks
+    ray job submit --address http://<head>:8265 -- sae-dist cluster=ray cluster.address=auto   # infra/README.md
     sae-dist cache data.cache_dir=/tmp/acts trainer.total_tokens=1000000   # fill an activation cache
     sae-dist data=cache data.cache_dir=/tmp/acts                         # train from it
     sae-dist checkpoint.resume_from=latest hydra.run.dir=outputs/myrun   # resume a killed run

@@ -57,7 +57,7 @@ def member_dirname(*, _root_: DictConfig) -> str:
     if _swept_keys is None:
         return str(_root_.hydra.job.override_dirname)
     values = swept_values(list(_root_.hydra.overrides.task))
-    return ",".join(f"{k}={values[k]}".replace("/", "_") for k in _swept_keys if k in values)
+    return ",".join(f"{k}={values[k]}".replace("/", "_") for k in _swept_keys if k in values) or "job"
 
 
 OmegaConf.register_new_resolver("sae_dist_member", member_dirname, replace=True)
