@@ -41,11 +41,14 @@ class ModelConfig:
     """Contexts per LM forward pass."""
     device: str = "cpu"
     """Device of the LM forward pass."""
+    backend: str = "hf"
+    """LM runtime: hf (transformers, CPU or GPU) or vllm (GPU clusters only; unverified, see README)."""
 
     def __post_init__(self) -> None:
         _require(self.context_size >= 4, f"model.context_size ({self.context_size}) must be >= 4; use 128")
         _require(self.batch_contexts >= 1, f"model.batch_contexts ({self.batch_contexts}) must be >= 1")
         _require(self.d_model >= 0, f"model.d_model ({self.d_model}) must be >= 0 (0 = read from the model)")
+        _require(self.backend in ("hf", "vllm"), f"model.backend ({self.backend!r}) must be hf or vllm")
 
 
 @dataclass

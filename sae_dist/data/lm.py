@@ -122,8 +122,17 @@ class LMActivationSource:
     def __init__(self, model_cfg: ModelConfig, data_cfg: DataConfig, split: str = "train") -> None:
         self.cfg = model_cfg
         self.cycle = split == "train"  # held-out text is read once, never repeated
-        model, self.tokenizer = load_model(model_cfg.name, model_cfg.device)
-        self.hooked = HookedModel(model, model_cfg.hook_point)
+        if model_cfg.backend == "vllm":
+            from transformers import AutoTokenizer
+
+            from sae_dist.pipeline.vllm_backend import VLLMHookedModel
+
+            self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_cfg.name))
+            self.hooked = VLLMHookedModel(model_cfg.name, model_cfg.hook_point, model_cfg.context_size,
+                                          model_cfg.batch_contexts)
+        else:
+            model, self.tokenizer = load_model(model_cfg.name, model_cfg.device)
+            self.hooked = HookedModel(model, model_cfg.hook_point)
         docs = load_split(data_cfg.corpus, split, data_cfg.heldout_fraction, data_cfg.text_field)
         self.packer = ContextPacker(self.tokenizer, docs, model_cfg.context_size)
         self.d_model = self._probe_width()
