@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--producers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     cfg = config(args.tokens, args.producers, "/tmp/bench_pipeline")
     producers = start_producers(cfg)
     source = build_stream_source(cfg, producers)

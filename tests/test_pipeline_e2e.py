@@ -55,7 +55,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -97,3 +97,38 @@ def test_fanout_members_equal_training_each_alone(tmp_path):
     assert [m["n_latents"] for m in members] == [64, 128]
     assert members[1]["history"] == alone["history"]
     assert members[1]["fvu"] == pytest.approx(alone["fvu"], rel=1e-6)
+
+
+def test_dead_trainer_actor_restarts_the_group_from_the_last_checkpoint(ray_cluster, tmp_path):
+    import threading
+
+    from conftest import synthetic_config
+
+    from sae_dist.checkpoint import Checkpointer
+    from sae_dist.pipeline.group import trainer_name
+
+    cfg = synthetic_config(
+        tmp_path, parallel={"fp": 2}, trainer={"total_tokens": 256 * 3000, "log_every": 100},
+        checkpoint={"every_steps": 50, "async_upload": False},
+        cluster={"trainer_cpus": 0.5, "timeout_s": 120.0},
+    )
+    ck = Checkpointer(cfg)
+    killed = threading.Event()
+
+    def kill_after_first_checkpoint():
+        for _ in range(1200):  # bounded: at most ~120 s
+            if ck.complete_steps():
+                ray.kill(ray.get_actor(trainer_name(0, 1)))
+                killed.set()
+                return
+            threading.Event().wait(0.1)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint)
+    killer.start()
+    out = run_trainer_group(cfg)
+    killer.join()
+    assert killed.is_set()
+    assert out["group_restarts"] == 1
+    assert out["steps"] == 3000
+    # the second attempt resumed: it trained fewer than all 3000 steps itself
+    assert 0 < len(out["history"]) < 3000

@@ -51,6 +51,11 @@ class TrainerWorker:
         return train(cfg)
 
 
+def trainer_name(attempt: int, rank: int) -> str:
+    """The Ray actor name of a trainer rank (attempt = how many times the group was restarted)."""
+    return f"sae-dist-trainer-a{attempt}-r{rank}"
+
+
 def run_trainer_group(cfg: Config) -> dict[str, Any]:
     """Producers (owned by this driver, so they outlive a trainer restart), then the trainer group;
     returns rank 0's results."""
@@ -63,10 +68,10 @@ def run_trainer_group(cfg: Config) -> dict[str, Any]:
     try:
         while True:
             try:
-                results = _run_group_once(cfg, world)
+                results = _run_group_once(cfg, world, attempt)
                 if cfg.cluster.cache_url:
                     _finish_cache(cfg)
-                return results
+                return results | {"group_restarts": attempt}
             except ray.exceptions.RayActorError as err:
                 if attempt >= cfg.cluster.trainer_restarts:
                     raise RuntimeError(
@@ -82,11 +87,11 @@ def run_trainer_group(cfg: Config) -> dict[str, Any]:
             ray.kill(p, no_restart=True)
 
 
-def _run_group_once(cfg: Config, world: int) -> dict[str, Any]:
+def _run_group_once(cfg: Config, world: int, attempt: int) -> dict[str, Any]:
     import ray
 
     actor = ray.remote(num_cpus=cfg.cluster.trainer_cpus, max_restarts=0)(TrainerWorker)
-    workers = [actor.remote(rank, world) for rank in range(world)]
+    workers = [actor.options(name=trainer_name(attempt, rank)).remote(rank, world) for rank in range(world)]
     try:
         master = ray.get(workers[0].address.remote(), timeout=cfg.cluster.timeout_s)
         threads = max(1, int(cfg.cluster.trainer_cpus))

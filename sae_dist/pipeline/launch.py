@@ -23,7 +23,7 @@ def init_ray(cfg: Config) -> None:
     if cfg.cluster.kind == "ray":
         ray.init(address=cfg.cluster.address, log_to_driver=False)
     else:
-        ray.init(num_cpus=cfg.cluster.num_cpus or None, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=cfg.cluster.num_cpus or None, include_dashboard=False, log_to_driver=False)
 
 
 def start_producers(cfg: Config, split: str = "train") -> list[Any]:
