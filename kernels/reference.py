@@ -125,6 +125,18 @@ def encoder_backward(
     return grad_x, scatter_rows(grad_vals, idx, x, n), grad_b
 
 
+def merge_aux_grads(
+    x: Tensor, idx: Tensor, aux_idx: Tensor, grad_vals: Tensor | None, grad_aux: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The top-k and AuxK selections as one (ids, gradients) list for the encoder's backward."""
+    if grad_vals is None:
+        grad_vals = torch.zeros(idx.shape, dtype=x.dtype, device=x.device)
+    if aux_idx.shape[1] and grad_aux is not None:
+        idx = torch.cat([idx, aux_idx], dim=1)
+        grad_vals = torch.cat([grad_vals, grad_aux], dim=1)
+    return idx, grad_vals
+
+
 class TopKEncode(torch.autograd.Function):
     """(values, ids, aux values, aux ids) of the streaming top-k; backward is sparse."""
 
@@ -138,11 +150,7 @@ class TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_vals, _gi, grad_aux, _gai):  # type: ignore[override]
         x, W_enc, idx, aux_idx = ctx.saved_tensors
-        if grad_vals is None:
-            grad_vals = torch.zeros(idx.shape, dtype=x.dtype, device=x.device)
-        if aux_idx.shape[1] and grad_aux is not None:
-            idx = torch.cat([idx, aux_idx], dim=1)
-            grad_vals = torch.cat([grad_vals, grad_aux], dim=1)
+        idx, grad_vals = merge_aux_grads(x, idx, aux_idx, grad_vals, grad_aux)
         grad_x, grad_W, grad_b = encoder_backward(x, W_enc, idx, grad_vals, need_w=ctx.needs_input_grad[1])
         return grad_x, grad_W, grad_b, None, None, None, None
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .reference import merge_aux_grads
 from .triton_decoder import gather_dot, gather_sum, scatter_rows
 from .triton_encoder import topk_encode_fwd
 
@@ -38,11 +39,7 @@ class TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_vals, _gi, grad_aux, _gai):  # type: ignore[override]
         x, W_enc, idx, aux_idx = ctx.saved_tensors
-        if grad_vals is None:
-            grad_vals = torch.zeros(idx.shape, dtype=x.dtype, device=x.device)
-        if aux_idx.shape[1] and grad_aux is not None:
-            idx = torch.cat([idx, aux_idx], dim=1)
-            grad_vals = torch.cat([grad_vals, grad_aux], dim=1)
+        idx, grad_vals = merge_aux_grads(x, idx, aux_idx, grad_vals, grad_aux)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = gather_sum(grad_vals, idx, W_enc).to(x.dtype) if need_x else None
         grad_W = grad_b = None

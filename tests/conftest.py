@@ -48,3 +48,14 @@ def _group_class(name):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pydoc_jsonl(path, n_docs: int) -> str:
+    """A small real-prose corpus: the first n_docs pydoc topics as JSONL."""
+    import json
+    from pydoc_data.topics import topics
+
+    with open(path, "w") as fh:
+        for key in sorted(topics)[:n_docs]:
+            fh.write(json.dumps({"text": topics[key]}) + "\n")
+    return str(path)

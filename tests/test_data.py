@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from conftest import pydoc_jsonl
 
 from sae_dist.config import DataConfig, ModelConfig
 from sae_dist.data.cache import CachedSource, write_cache
@@ -13,15 +14,7 @@ from sae_dist.data.synthetic import SyntheticSource
 
 
 def _tiny_corpus(tmp_path):
-    from pydoc_data.topics import topics
-
-    path = tmp_path / "docs.jsonl"
-    import json
-
-    with path.open("w") as fh:
-        for key in sorted(topics)[:12]:
-            fh.write(json.dumps({"text": topics[key]}) + "\n")
-    return str(path)
+    return pydoc_jsonl(tmp_path / "docs.jsonl", 12)
 
 
 def test_heldout_split_is_disjoint_and_stable():

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from conftest import pydoc_jsonl
 
 ray = pytest.importorskip("ray")
 
@@ -19,13 +18,7 @@ MODEL = ModelConfig(context_size=24, batch_contexts=3)
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from pydoc_data.topics import topics
-
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    with path.open("w") as fh:
-        for key in sorted(topics)[:20]:
-            fh.write(json.dumps({"text": topics[key]}) + "\n")
-    return DataConfig(corpus=str(path), heldout_fraction=0.01)
+    return DataConfig(corpus=pydoc_jsonl(tmp_path_factory.mktemp("corpus") / "docs.jsonl", 20), heldout_fraction=0.01)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+from conftest import pydoc_jsonl
 
 ray = pytest.importorskip("ray")
 
@@ -44,13 +45,7 @@ def _config(out, corpus, **over) -> Config:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from pydoc_data.topics import topics
-
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    with path.open("w") as fh:
-        for key in sorted(topics)[:60]:
-            fh.write(json.dumps({"text": topics[key]}) + "\n")
-    return str(path)
+    return pydoc_jsonl(tmp_path_factory.mktemp("corpus") / "docs.jsonl", 60)
 
 
 @pytest.fixture(scope="module")

@@ -157,7 +157,8 @@ def test_ray_sweep_killed_midway_resumes_without_redoing_finished_members(ray_he
         per_member.setdefault(run.data.tags["sae_dist.sweep_member"], []).append(run.info.status)
     for name in skipped:
         assert per_member[name] == ["FINISHED"]
-    for name in resumed:
-        assert sorted(per_member[name]) == ["FINISHED", "KILLED"]
+    for name in resumed:  # the killed attempt ended FAILED (Ray interrupted the task) or KILLED (marked on rerun)
+        first_attempt, finished = sorted(per_member[name])
+        assert first_attempt in ("FAILED", "KILLED") and finished == "FINISHED"
     report = (sweep_dir / "report" / "sweep_report.csv").read_text().splitlines()
     assert len(report) == 4
