@@ -158,7 +158,8 @@ def test_ray_sweep_killed_midway_resumes_without_redoing_finished_members(ray_he
     for name in skipped:
         assert per_member[name] == ["FINISHED"]
     for name in resumed:  # the killed attempt ended FAILED (Ray interrupted the task) or KILLED (marked on rerun)
-        first_attempt, finished = sorted(per_member[name])
-        assert first_attempt in ("FAILED", "KILLED") and finished == "FINISHED"
+        statuses = list(per_member[name])
+        statuses.remove("FINISHED")
+        assert statuses in (["FAILED"], ["KILLED"])
     report = (sweep_dir / "report" / "sweep_report.csv").read_text().splitlines()
     assert len(report) == 4
