@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import Tensor
 
 from . import reference
@@ -22,6 +23,14 @@ def set_backend(name: str) -> None:
     if name not in ("auto", "torch", "triton"):
         raise ValueError(f"kernel backend ({name!r}) must be auto, torch or triton")
     _backend = name
+
+
+def set_select_precision(name: str) -> None:
+    """fp32 (exact) or bf16: the torch path picks top-k candidates with a bf16 matmul, 2x over-selected,
+    and ranks them by their exact fp32 values (the trainer.encoder_select config field)."""
+    if name not in ("fp32", "bf16"):
+        raise ValueError(f"encoder selection precision ({name!r}) must be fp32 or bf16")
+    reference.SELECT_DTYPE = torch.bfloat16 if name == "bf16" else None
 
 
 def backend_for(t: Tensor) -> str:
@@ -58,4 +67,4 @@ def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
     return reference.sparse_decode(vals, idx, W_dec)
 
 
-__all__ = ["topk_encode", "sparse_decode", "set_backend", "backend_for", "reference"]
+__all__ = ["topk_encode", "sparse_decode", "set_backend", "set_select_precision", "backend_for", "reference"]

@@ -69,24 +69,50 @@ def topk_encode_forward(
     k = min(k, n)
     want_aux = aux_mask is not None and k_aux > 0
     k_aux = min(k_aux, n) if want_aux else 0
-    top = _RunningTopK(B, k, x)
-    aux = _RunningTopK(B, k_aux, x)
+    sel = SELECT_DTYPE if SELECT_DTYPE is not None and x.dtype == torch.float32 else None
+    # Mixed-precision selection: candidates from a bf16 matmul (several times faster on CPUs with
+    # AVX512-BF16/AMX), 2x over-selected, then their exact fp32 values decide the top-k.
+    k_sel, k_aux_sel = (min(2 * k, n), min(2 * k_aux, n)) if sel is not None else (k, k_aux)
+    xs = x.to(sel) if sel is not None else x
+    top = _RunningTopK(B, k_sel, x)
+    aux = _RunningTopK(B, k_aux_sel, x)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        pre = torch.addmm(b_enc[start:stop], x, W_enc[start:stop].t())  # (B, c)
-        cv, ci = pre.topk(min(k, stop - start), dim=1, sorted=False)
+        W_c, b_c = W_enc[start:stop], b_enc[start:stop]
+        if sel is not None:
+            W_c, b_c = W_c.to(sel), b_c.to(sel)
+        pre = torch.addmm(b_c, xs, W_c.t())  # (B, c)
+        cv, ci = pre.topk(min(k_sel, stop - start), dim=1, sorted=False)
         top.add(cv, ci + start)
         if want_aux:
             assert aux_mask is not None
             dead = aux_mask[start:stop].nonzero().squeeze(1)  # usually few: select them, not mask the rest
             if dead.numel():
                 dv = pre.index_select(1, dead)  # (B, n_dead)
-                av, ai = dv.topk(min(k_aux, dead.numel()), dim=1, sorted=False)
+                av, ai = dv.topk(min(k_aux_sel, dead.numel()), dim=1, sorted=False)
                 aux.add(av, dead[ai] + start)
         del pre
-    vals, idx = top.result(sort=True)
-    aux_vals, aux_idx = aux.result(sort=False) if want_aux else aux.empty
+    if sel is None:
+        vals, idx = top.result(sort=True)
+        aux_vals, aux_idx = aux.result(sort=False) if want_aux else aux.empty
+        return vals, idx, aux_vals, aux_idx
+    vals, idx = _refine(x, W_enc, b_enc, *top.result(sort=False), k, sort=True)
+    aux_vals, aux_idx = _refine(x, W_enc, b_enc, *aux.result(sort=False), k_aux, sort=False) if want_aux else aux.empty
     return vals, idx, aux_vals, aux_idx
+
+
+SELECT_DTYPE: torch.dtype | None = None
+"""Set by `sae_dist.kernels.set_select_precision`: None selects in the input's precision."""
+
+
+def _refine(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, cand: Tensor, idx: Tensor, k: int, sort: bool
+) -> tuple[Tensor, Tensor]:
+    """Exact pre-activations of the candidates (B, m) -> the top k of them."""
+    exact = gather_dot(x, idx, W_enc) + b_enc[idx]
+    exact = exact.masked_fill(torch.isinf(cand), float("-inf"))  # rows short of candidates stay padded
+    top, pos = exact.topk(min(k, exact.shape[1]), dim=1, sorted=sort)
+    return top, idx.gather(1, pos)
 
 
 def scatter_rows(w: Tensor, idx: Tensor, x: Tensor, n: int) -> Tensor:

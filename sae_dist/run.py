@@ -46,6 +46,7 @@ def build_sae(cfg: Config, d_model: int, mesh: Mesh | None = None) -> SparseAuto
 def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     """Trains (or resumes) the configured SAE; returns the held-out metrics and the export folder."""
     kernels.set_backend(cfg.trainer.kernels)
+    kernels.set_select_precision(cfg.trainer.encoder_select)
     check_supported(cfg)
     mesh = init_from_env(cfg.parallel, cfg.sae.n_latents)
     torch.manual_seed(cfg.trainer.seed)

@@ -151,7 +151,8 @@ def memory_worker(d: int, n: int, k: int, B: int, path: str, args: argparse.Name
 
 def run_case(spec: str, args: argparse.Namespace, worker: str, path: str = "") -> dict:
     cmd = [sys.executable, __file__, "--worker", worker, "--cases", spec, "--device", args.device, "--path", path,
-           "--dtype", str(args.dtype).removeprefix("torch."), "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+           "--dtype", str(args.dtype).removeprefix("torch."), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--select", args.select]  # fmt: skip
     run = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -170,7 +171,10 @@ def main() -> None:
     ap.add_argument("--speed-only", action="store_true", help="skip the memory runs")
     ap.add_argument("--worker", choices=["speed", "memory"], help=argparse.SUPPRESS)
     ap.add_argument("--path", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--select", default="fp32", choices=["fp32", "bf16"],
+                    help="sparse path's top-k selection precision (trainer.encoder_select); values stay exact fp32")
     args = ap.parse_args()
+    kernels.set_select_precision(args.select)
     args.dtype = getattr(torch, args.dtype)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if args.worker:
@@ -184,7 +188,7 @@ def main() -> None:
         return
     gb = 2.0**30
     print(
-        f"device {args.device}, {args.dtype}, {torch.get_num_threads()} threads, medians of {args.steps} steps after "
+        f"device {args.device}, {args.dtype}, selection {args.select}, {torch.get_num_threads()} threads, medians of {args.steps} steps after "
         f"{args.warmup}, load average {os.getloadavg()[0]:.1f} at start\n"
     )
     print(

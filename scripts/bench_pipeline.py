@@ -46,7 +46,7 @@ def config(tokens: int, producers: int, out: str, **sae) -> Config:
         sae=SaeConfig(**sae),
         trainer=TrainerConfig(total_tokens=tokens, log_every=10_000),
         tracking=TrackingConfig(enabled=False),
-        cluster=ClusterConfig(producers=producers, producer_cpus=1.0, max_in_flight=2 * producers),
+        cluster=ClusterConfig(producers=producers, producer_cpus=1.0, max_in_flight=max(1, 2 * producers)),
         output_dir=out,
     )
 
