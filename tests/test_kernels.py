@@ -335,8 +335,9 @@ def test_compiled_kernels_match_reference_at_training_shape():
 
 def test_bf16_selection_keeps_exact_fp32_values_and_nearly_always_the_same_topk():
     """trainer.encoder_select=bf16: candidates from a bf16 matmul, ranked by exact fp32 values."""
-    from sae_dist import kernels as K
     from sae_dist.kernels import reference as R
+
+    from sae_dist import kernels as K
 
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     B, d, n, k = 257, 96, 1000, 16
