@@ -269,7 +269,8 @@ class SparseAutoencoder(nn.Module):
                     low = positive.min() if positive.numel() else vals.new_tensor(float("inf"))
                     low = self.comm.min_scalar(low)
                     t = self.threshold
-                    self.threshold.copy_(torch.where(t < 0, low, 0.99 * t + 0.01 * low))
+                    if torch.isfinite(low):  # a batch where nothing fired says nothing about the threshold
+                        self.threshold.copy_(torch.where(t < 0, low, 0.99 * t + 0.01 * low))
         x_hat = self.decode_sparse(vals, idx)
         loss = self._fvu(x, x_hat)
         terms = {"fvu": loss.detach(), "l0": self.comm.sum_scalar((vals > 0).sum(dim=1).float().mean())}

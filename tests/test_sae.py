@@ -97,3 +97,15 @@ def test_every_arch_learns_synthetic_data(tmp_path, arch, sae_over, bound):
     out = train(cfg)
     assert out["fvu"] < bound, out
     assert out["l0"] > 0
+
+
+def test_batchtopk_threshold_ignores_a_batch_where_nothing_fired():
+    sae = _tiny("batchtopk")
+    x = torch.randn(5, 6, dtype=torch.float64)
+    sae(x)
+    learned = float(sae.threshold)
+    assert learned >= 0
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e3)  # every pre-activation negative: no latent fires
+    sae(x)
+    assert float(sae.threshold) == learned
