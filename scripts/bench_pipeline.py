@@ -39,12 +39,12 @@ from sae_dist.run import build_sae  # noqa: E402
 from sae_dist.trainer import Trainer, TrainState  # noqa: E402
 
 
-def config(tokens: int, producers: int, out: str, **sae) -> Config:
+def config(tokens: int, producers: int, out: str, select: str = "fp32", **sae) -> Config:
     return Config(
         model=ModelConfig(batch_contexts=16),
         data=DataConfig(shuffle_buffer_tokens=8192),
         sae=SaeConfig(**sae),
-        trainer=TrainerConfig(total_tokens=tokens, log_every=10_000),
+        trainer=TrainerConfig(total_tokens=tokens, log_every=10_000, encoder_select=select),
         tracking=TrackingConfig(enabled=False),
         cluster=ClusterConfig(producers=producers, producer_cpus=1.0, max_in_flight=max(1, 2 * producers)),
         output_dir=out,
@@ -77,9 +77,17 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--producers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--select", default="fp32", choices=["fp32", "bf16"], help="trainer.encoder_select")
+    ap.add_argument("--fanout-only", action="store_true")
     args = ap.parse_args()
+    if not args.fanout_only:
+        bench_stream(args)
+    bench_fanout(args)
+
+
+def bench_stream(args: argparse.Namespace) -> None:
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    cfg = config(args.tokens, args.producers, "/tmp/bench_pipeline")
+    cfg = config(args.tokens, args.producers, "/tmp/bench_pipeline", args.select)
     producers = start_producers(cfg)
     source = build_stream_source(cfg, producers)
     prod, alone, e2e = [], [], []
@@ -98,9 +106,11 @@ def main() -> None:
         ray.kill(prod_actor, no_restart=True)
     ray.shutdown()
 
+
+def bench_fanout(args: argparse.Namespace) -> None:
     torch.set_num_threads(os.cpu_count() or 1)
-    fan_cfg = config(args.tokens, 0, "/tmp/bench_fanout", fanout_n_latents=[1536, 3072, 6144])
-    big_cfg = config(args.tokens, 0, "/tmp/bench_fanout_big", fanout_n_latents=[6144])
+    fan_cfg = config(args.tokens, 0, "/tmp/bench_fanout", args.select, fanout_n_latents=[1536, 3072, 6144])
+    big_cfg = config(args.tokens, 0, "/tmp/bench_fanout_big", args.select, fanout_n_latents=[6144])
     fan, big = [], []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
@@ -110,7 +120,8 @@ def main() -> None:
         train_fanout(big_cfg)
         big.append(time.perf_counter() - t0)
     f, b = statistics.median(fan), statistics.median(big)
-    print(f"fan-out 3 sizes (1536, 3072, 6144): {f:.1f} s; 6144 alone: {b:.1f} s; ratio {f / b:.2f}")
+    print(f"fan-out 3 sizes (1536, 3072, 6144), selection {args.select}: {f:.1f} s; 6144 alone: {b:.1f} s; "
+          f"ratio {f / b:.2f}")
 
 
 class _Fixed:

@@ -13,8 +13,12 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
+from torch import Tensor
+
+from sae_dist import kernels
 from sae_dist.config import Config, ConfigError
 from sae_dist.data import BatchStream, build_source, heldout_batches
 from sae_dist.export import export_saelens
@@ -44,6 +48,8 @@ def member_configs(cfg: Config) -> list[Config]:
 def train_fanout(cfg: Config) -> list[dict[str, Any]]:
     """Trains every size in sae.fanout_n_latents from one stream; returns each member's held-out metrics."""
     members = member_configs(cfg)
+    kernels.set_backend(cfg.trainer.kernels)
+    kernels.set_select_precision(cfg.trainer.encoder_select)
     source = build_source(cfg, "train")
     scale = estimate_scale(iter(BatchStream(source, min(cfg.trainer.batch_tokens, cfg.trainer.scale_tokens), 0)),
                            source.d_model, cfg.trainer.scale_tokens)
@@ -63,8 +69,9 @@ def train_fanout(cfg: Config) -> list[dict[str, Any]]:
         for t in trainers:
             t.train_step(x)
     results = []
+    heldout = _first_tokens(heldout_batches(cfg), cfg.trainer.eval_tokens)  # read (and run the LM) once
     for m, t in zip(members, trainers):
-        res = evaluate(t.sae, heldout_batches(m), scale, m.trainer.eval_tokens)
+        res = evaluate(t.sae, iter(heldout), scale, m.trainer.eval_tokens)
         t.tracker.log_metrics({f"eval/{k}": v for k, v in res.items()}, t.state.step)
         export_dir = os.path.join(m.output_dir, "sae")
         export_saelens(t.sae, scale, export_dir, {"hook_name": m.model.hook_point, "model_name": m.model.name})
@@ -74,3 +81,13 @@ def train_fanout(cfg: Config) -> list[dict[str, Any]]:
         t.tracker.finish()
         results.append(res | {"n_latents": m.sae.n_latents, "export_dir": export_dir, "history": t.history})
     return results
+
+
+def _first_tokens(chunks: Iterator[Tensor], tokens: int) -> list[Tensor]:
+    out, have = [], 0
+    for acts in chunks:
+        out.append(acts[: tokens - have])
+        have += out[-1].shape[0]
+        if have >= tokens:
+            break
+    return out
