@@ -28,6 +28,7 @@ from sae_dist.parallel.launch import (
     checkpoint_hooks,
     full_sae,
 )
+from sae_dist.plots import plot_training
 from sae_dist.sae import SparseAutoencoder
 from sae_dist.tracking import NullTracker, Tracker, build_tracker
 from sae_dist.trainer import Trainer, TrainState, auto_lr, estimate_scale
@@ -104,6 +105,10 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
                                                             "context_size": cfg.model.context_size})
             with open(os.path.join(cfg.output_dir, "results.json"), "w") as fh:
                 json.dump(results | {"steps": state.step, "train_tokens": state.tokens}, fh, indent=1)
+            plots_dir = os.path.join(cfg.output_dir, "plots")
+            os.makedirs(plots_dir, exist_ok=True)
+            if plot_training(trainer.logged, os.path.join(plots_dir, "training.png")):
+                tracker.log_artifacts(plots_dir, "plots")
         mesh.barrier()
         tracker.log_artifacts(export_dir, "sae")
         status = "FINISHED"

@@ -146,6 +146,8 @@ class Trainer:
         self.tokens_since_fired = torch.zeros(sae.n_local, dtype=torch.long)
         self.extra_metrics: Any = None
         """Optional callable returning more metrics to log with the trainer's (e.g. the pipeline's)."""
+        self.logged: list[dict[str, Any]] = []
+        """Every metrics row sent to the tracker (for the training-curve plot)."""
         self.history: list[float] = []
         """Loss at every step of this process, for tests and resume checks."""
 
@@ -243,6 +245,7 @@ class Trainer:
                 if self.extra_metrics is not None:
                     metrics.update(self.extra_metrics())
                 self.tracker.log_metrics(metrics, self.state.step)
+                self.logged.append({"step": self.state.step, **metrics})
                 bar.set_postfix(fvu=f"{metrics.get('train/fvu', 0):.3f}", l0=f"{metrics.get('train/l0', 0):.1f}")
                 sums, t0, tok0, n = {}, time.perf_counter(), self.state.tokens, 0
             if stream_state is not None:

@@ -35,6 +35,7 @@ def test_default_job_small_budget_tracks_in_mlflow(tmp_path):
     assert "train.tokens_per_s" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "sae")}
     assert artifacts == {"sae/cfg.json", "sae/sae_weights.safetensors"}
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/training.png"]
 
 
 def test_tracking_can_be_switched_off(tmp_path):
