@@ -26,7 +26,7 @@ def plot_training(logged: list[dict[str, Any]], path: str) -> bool:
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3))
     steps = [row["step"] for row in logged]
     for ax, (key, title) in zip(axes, PANELS):
-        ax.plot(steps, [row.get(key, float("nan")) for row in logged])
+        ax.plot(steps, [row.get(key, float("nan")) for row in logged], marker=".")
         ax.set_title(title)
         ax.set_xlabel("step")
     fig.tight_layout()
