@@ -42,7 +42,7 @@ from sae_dist.trainer import Trainer, TrainState  # noqa: E402
 def config(tokens: int, producers: int, out: str, select: str = "fp32", **sae) -> Config:
     return Config(
         model=ModelConfig(batch_contexts=16),
-        data=DataConfig(shuffle_buffer_tokens=8192),
+        data=DataConfig(shuffle_buffer_tokens=16384),
         sae=SaeConfig(**sae),
         trainer=TrainerConfig(total_tokens=tokens, log_every=10_000, encoder_select=select),
         tracking=TrackingConfig(enabled=False),
@@ -96,7 +96,9 @@ def bench_stream(args: argparse.Namespace) -> None:
     for _ in range(args.repeats):
         prod.append(pull(source, args.tokens))
         alone.append(train_rate(cfg, iter(mem_batches * 100)))
-        stream = BatchStream(source, cfg.trainer.batch_tokens, 0)
+        # the training path: a shuffle buffer of whole chunks (without one, each chunk would give one batch
+        # and drop its remainder)
+        stream = BatchStream(source, cfg.trainer.batch_tokens, cfg.data.shuffle_buffer_tokens)
         e2e.append(train_rate(cfg, iter(stream)))
     p, a, e = (statistics.median(v) for v in (prod, alone, e2e))
     print(f"producers alone ({args.producers}): {p:,.0f} tokens/s")
