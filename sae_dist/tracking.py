@@ -14,7 +14,6 @@ class Tracker:
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None: ...
-    def set_tags(self, tags: dict[str, str]) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -46,9 +45,6 @@ class MlflowTracker(Tracker):
 
     def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
         self.mlflow.log_artifacts(local_dir, artifact_path)
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        self.mlflow.set_tags(tags)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)

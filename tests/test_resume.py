@@ -118,3 +118,18 @@ def test_export_reproduces_reconstructions_on_raw_activations(tmp_path):
     got = sae.decode_sparse(*sae.encode_sparse(x))
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.equal(sae.encode_sparse(x)[1], ref.encode_sparse(x * s)[1])
+
+
+def test_nan_activations_stop_naming_the_step_and_the_last_checkpoint(tmp_path):
+    import pytest
+
+    from sae_dist.run import build_sae
+    from sae_dist.trainer import NonFiniteError, Trainer, TrainState
+
+    cfg = synthetic_config(tmp_path)
+    trainer = Trainer(cfg, build_sae(cfg, 32), TrainState())
+    x = torch.randn(64, 32)
+    trainer.train_step(x)
+    x[3, 5] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"at step 1 \(activations finite: False\); last good checkpoint: none"):
+        trainer.train_step(x)
