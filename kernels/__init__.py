@@ -26,11 +26,27 @@ def set_backend(name: str) -> None:
 
 
 def set_select_precision(name: str) -> None:
-    """fp32 (exact) or bf16: the torch path picks top-k candidates with a bf16 matmul, 2x over-selected,
-    and ranks them by their exact fp32 values (the trainer.encoder_select config field)."""
-    if name not in ("fp32", "bf16"):
-        raise ValueError(f"encoder selection precision ({name!r}) must be fp32 or bf16")
+    """How the torch path finds the fp32 top-k (the trainer.encoder_select config field): fp32, bf16
+    (bf16 candidates, exact fp32 ranking, proven complete: see `reference._certified_topk`) or auto
+    (bf16 where the CPU has native bf16 dot products)."""
+    if name not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"trainer.encoder_select ({name!r}) must be auto, fp32 or bf16")
+    if name == "auto":
+        name = "bf16" if cpu_has_native_bf16() else "fp32"
     reference.SELECT_DTYPE = torch.bfloat16 if name == "bf16" else None
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX on this CPU (Linux /proc/cpuinfo; False where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 def backend_for(t: Tensor) -> str:

@@ -65,44 +65,110 @@ def topk_encode_forward(
     """Per row of x @ W_enc.T + b_enc: the k largest (values sorted descending, latent ids), and, over
     the latents where aux_mask is True, the k_aux largest (-inf at latent 0 where a row has fewer).
     Streams over `chunk` latents at a time: the largest temporary is (B, chunk)."""
-    B, n = x.shape[0], W_enc.shape[0]
-    k = min(k, n)
+    k = min(k, W_enc.shape[0])
     want_aux = aux_mask is not None and k_aux > 0
-    k_aux = min(k_aux, n) if want_aux else 0
-    sel = SELECT_DTYPE if SELECT_DTYPE is not None and x.dtype == torch.float32 else None
-    # Mixed-precision selection: candidates from a bf16 matmul (several times faster on CPUs with
-    # AVX512-BF16/AMX), 2x over-selected, then their exact fp32 values decide the top-k.
-    k_sel, k_aux_sel = (min(2 * k, n), min(2 * k_aux, n)) if sel is not None else (k, k_aux)
+    k_aux = min(k_aux, W_enc.shape[0]) if want_aux else 0
+    if SELECT_DTYPE is None or x.dtype != torch.float32:
+        return _stream_topk(x, W_enc, b_enc, k, chunk, aux_mask if want_aux else None, k_aux, None)
+    return _certified_topk(x, W_enc, b_enc, k, chunk, aux_mask if want_aux else None, k_aux)
+
+
+def _stream_topk(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    chunk: int,
+    aux_mask: Tensor | None,
+    k_aux: int,
+    sel: torch.dtype | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The streaming top-k in the input's precision (sel None: values sorted descending) or, with sel,
+    of the pre-activations computed in that dtype (unsorted candidates)."""
+    B, n = x.shape[0], W_enc.shape[0]
     xs = x.to(sel) if sel is not None else x
-    top = _RunningTopK(B, k_sel, x)
-    aux = _RunningTopK(B, k_aux_sel, x)
+    top = _RunningTopK(B, k, x)
+    aux = _RunningTopK(B, k_aux, x)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         W_c, b_c = W_enc[start:stop], b_enc[start:stop]
         if sel is not None:
             W_c, b_c = W_c.to(sel), b_c.to(sel)
         pre = torch.addmm(b_c, xs, W_c.t())  # (B, c)
-        cv, ci = pre.topk(min(k_sel, stop - start), dim=1, sorted=False)
+        cv, ci = pre.topk(min(k, stop - start), dim=1, sorted=False)
         top.add(cv, ci + start)
-        if want_aux:
-            assert aux_mask is not None
+        if aux_mask is not None:
             dead = aux_mask[start:stop].nonzero().squeeze(1)  # usually few: select them, not mask the rest
             if dead.numel():
                 dv = pre.index_select(1, dead)  # (B, n_dead)
-                av, ai = dv.topk(min(k_aux_sel, dead.numel()), dim=1, sorted=False)
+                av, ai = dv.topk(min(k_aux, dead.numel()), dim=1, sorted=False)
                 aux.add(av, dead[ai] + start)
         del pre
-    if sel is None:
-        vals, idx = top.result(sort=True)
-        aux_vals, aux_idx = aux.result(sort=False) if want_aux else aux.empty
-        return vals, idx, aux_vals, aux_idx
-    vals, idx = _refine(x, W_enc, b_enc, *top.result(sort=False), k, sort=True)
-    aux_vals, aux_idx = _refine(x, W_enc, b_enc, *aux.result(sort=False), k_aux, sort=False) if want_aux else aux.empty
+    vals, idx = top.result(sort=sel is None)
+    aux_vals, aux_idx = aux.result(sort=False) if aux_mask is not None else aux.empty
     return vals, idx, aux_vals, aux_idx
 
 
 SELECT_DTYPE: torch.dtype | None = None
 """Set by `sae_dist.kernels.set_select_precision`: None selects in the input's precision."""
+
+OVERSELECT = 3
+"""bf16 selection keeps this many times k candidates per row (see `_certified_topk`)."""
+
+SELECT_STATS = {"rows": 0, "fallback_rows": 0}
+"""Rows through the bf16 selection, and those of them recomputed in fp32 because the bound failed."""
+
+
+def _certified_topk(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, chunk: int, aux_mask: Tensor | None, k_aux: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The fp32 top-k, found with a bf16 matmul (several times faster on CPUs with AVX512-BF16/AMX).
+
+    The bf16 pass keeps OVERSELECT * k candidates per row; their exact fp32 pre-activations pick the
+    top k. A latent left out has a bf16 value <= m, the row's smallest candidate, so its exact value is
+    at most `_bf16_upper_bound(m)`. Where that bound is below the k-th exact value, no latent left out
+    can belong to the top k and the selection is exactly the fp32 one; rows where it is not (near-ties
+    across the candidate boundary) are recomputed by the fp32 stream."""
+    n = W_enc.shape[0]
+    k_sel = min(OVERSELECT * k, n)
+    n_aux = int(aux_mask.sum()) if aux_mask is not None else 0
+    k_aux_sel = min(OVERSELECT * k_aux, max(n_aux, k_aux))
+    cv, ci, av, ai = _stream_topk(x, W_enc, b_enc, k_sel, chunk, aux_mask, k_aux_sel, torch.bfloat16)
+    vals, idx = _refine(x, W_enc, b_enc, cv, ci, k, sort=True)
+    ok = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    if k_sel < n:  # otherwise every latent is a candidate
+        ok &= _bf16_upper_bound(x, W_enc, b_enc, cv.float().amin(dim=1)) < vals[:, -1]
+    if aux_mask is None:
+        aux_vals, aux_idx = vals.new_empty(x.shape[0], 0), idx.new_empty(x.shape[0], 0)
+    else:
+        aux_vals, aux_idx = _refine(x, W_enc, b_enc, av, ai, k_aux, sort=False)
+        if k_aux_sel < n_aux:
+            ok &= _bf16_upper_bound(x, W_enc, b_enc, av.float().amin(dim=1)) < aux_vals.amin(dim=1)
+    bad = (~ok).nonzero().squeeze(1)
+    SELECT_STATS["rows"] += x.shape[0]
+    SELECT_STATS["fallback_rows"] += bad.numel()
+    if bad.numel():
+        fv, fi, fav, fai = _stream_topk(x[bad], W_enc, b_enc, k, chunk, aux_mask, k_aux, None)
+        vals[bad], idx[bad] = fv, fi
+        if aux_mask is not None:
+            aux_vals[bad], aux_idx[bad] = fav, fai
+    return vals, idx, aux_vals, aux_idx
+
+
+def _bf16_upper_bound(x: Tensor, W_enc: Tensor, b_enc: Tensor, m: Tensor) -> Tensor:
+    """Per row, an upper bound on the exact x.w + b of any latent whose bf16 value p~ was <= m.
+
+    With u = 2^-8 (bf16 rounding) the bf16 value is p~ = fl(fl(x~.w~) + b~): x and w rounded (2u + u^2
+    relative on each product, so on sum |x_i w_i| <= |x| |w| by Cauchy-Schwarz), summed in fp32 (d 2^-24
+    each way), the product rounded to bf16 (u |x~.w~| <= u (1 + 2u)(|p~| + |b|)), the bias rounded (u |b|)
+    and the sum rounded (u |p~| / (1 - u)). Taken generously:
+        |p - p~| <= (2u + 2u^2 + 2d 2^-24) |x| max|w| + 2.05u max|b| + 2.05u |p~|,
+    and p~ + 2.05u |p~| grows with p~, so m stands in for every left-out p~."""
+    u = 2.0**-8
+    c = 2 * u + 2 * u * u + 2 * x.shape[1] * 2.0**-24
+    w_max = W_enc.detach().norm(dim=1).max()
+    slack = c * x.norm(dim=1) * w_max + 2.05 * u * b_enc.detach().abs().max()
+    return m + 2.05 * u * m.abs() + slack
 
 
 def _refine(

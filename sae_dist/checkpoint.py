@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from sae_dist.config import Config, ConfigError, flatten
-from sae_dist.snapshot import load_optimizer_tensors, optimizer_tensors, pack_safetensors
+from sae_dist.snapshot import pack_safetensors
 from sae_dist.storage import Storage, join, redact
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ class Checkpointer:
     def _snapshot(self, trainer: Any) -> _Snapshot:
         sae, st = trainer.sae, trainer.state
         live = {"model": sae.state_dict() | {"tokens_since_fired": trainer.tokens_since_fired},
-                "optim": optimizer_tensors(sae, trainer.optimizer)}
+                "optim": trainer.engine.state_tensors()}  # ZeRO: a collective over dp (full per-shard state)
         files = {}
         if self.dp_rank == 0:  # the host copy: the only part of a save the training thread waits for
             files = {shard_file(kind, self.fp_rank, self.fp_size): pack_safetensors(t) for kind, t in live.items()}
@@ -398,7 +398,8 @@ class Checkpointer:
         model = self._read_rows(store, path, manifest, "model", lo, hi)
         trainer.tokens_since_fired.copy_(model.pop("tokens_since_fired"))
         sae.load_state_dict(model)
-        load_optimizer_tensors(sae, trainer.optimizer, self._read_rows(store, path, manifest, "optim", lo, hi))
+        trainer.engine.params_changed()  # ZeRO: its fp32 master copies take the loaded weights
+        trainer.engine.load_state_tensors(self._read_rows(store, path, manifest, "optim", lo, hi))
         st = trainer.state
         st.step, st.tokens, st.scale, st.seed = state["step"], state["tokens"], state["scale"], state["seed"]
         by_dp = state["data_by_dp"]

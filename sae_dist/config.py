@@ -151,9 +151,11 @@ class TrainerConfig:
     """Seeds parameter init, the shuffle buffer and synthetic data."""
     kernels: str = "auto"
     """auto (Triton on GPU, torch reference elsewhere), torch, or triton. SAE_DIST_KERNELS overrides."""
-    encoder_select: str = "fp32"
-    """Top-k selection precision on the torch path: fp32 (exact), or bf16 (candidates from a bf16
-    matmul, 2x over-selected, ranked by exact fp32 values: faster on CPUs with AVX512-BF16/AMX)."""
+    encoder_select: str = "auto"
+    """How the torch path finds the fp32 top-k: fp32 (one fp32 matmul), or bf16 (candidates from a
+    bf16 matmul, 3x over-selected, ranked by exact fp32 values, with a rounding-error bound that proves
+    no latent left out belongs to the top k; rows it cannot prove are recomputed in fp32). Both give
+    the same top-k; bf16 is faster on CPUs with AVX512-BF16/AMX. auto: bf16 on such CPUs, else fp32."""
     encoder_chunk: int = 8192
     """Latents per block of the streaming top-k encoder (bounds memory at B x encoder_chunk)."""
 
@@ -170,8 +172,8 @@ class TrainerConfig:
         )
         _require(self.encoder_chunk >= 1, "trainer.encoder_chunk must be positive")
         _require(
-            self.encoder_select in ("fp32", "bf16"),
-            f"trainer.encoder_select ({self.encoder_select!r}) must be fp32 or bf16",
+            self.encoder_select in ("auto", "fp32", "bf16"),
+            f"trainer.encoder_select ({self.encoder_select!r}) must be auto, fp32 or bf16",
         )
 
 

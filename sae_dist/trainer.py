@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from sae_dist.config import Config
 from sae_dist.sae import SaeOutput, SparseAutoencoder
+from sae_dist.snapshot import load_optimizer_tensors, optimizer_tensors
 from sae_dist.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,13 @@ class TorchEngine:
 
     def params_changed(self) -> None:
         """The weights were written outside the optimizer (nothing to do: Adam updates them in place)."""
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Adam's state of this rank's parameters as `<param>.<key>` -> tensor (live references)."""
+        return optimizer_tensors(self.sae, self.optimizer)
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        load_optimizer_tensors(self.sae, self.optimizer, tensors)
 
 
 class Trainer:

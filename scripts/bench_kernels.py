@@ -120,6 +120,8 @@ def speed_worker(d: int, n: int, k: int, B: int, args: argparse.Namespace) -> di
         out[p] = statistics.median(sum(t) for t in times[p])
     out["loss_rel_diff"] = max(abs(a - b) / abs(a) for a, b in zip(losses["dense"], losses["sparse"]))
     out["backend"] = kernels.backend_for(models["sparse"][0][0])
+    stats = kernels.reference.SELECT_STATS
+    out["fallback"] = stats["fallback_rows"] / stats["rows"] if stats["rows"] else 0.0
     if args.device == "cuda":
         out["ceiling_flops"] = bf16_ceiling(args.device)
         out["gpu"] = torch.cuda.get_device_name()
@@ -171,8 +173,8 @@ def main() -> None:
     ap.add_argument("--speed-only", action="store_true", help="skip the memory runs")
     ap.add_argument("--worker", choices=["speed", "memory"], help=argparse.SUPPRESS)
     ap.add_argument("--path", default="", help=argparse.SUPPRESS)
-    ap.add_argument("--select", default="fp32", choices=["fp32", "bf16"],
-                    help="sparse path's top-k selection precision (trainer.encoder_select); values stay exact fp32")
+    ap.add_argument("--select", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="how the sparse path finds the exact fp32 top-k (trainer.encoder_select)")
     args = ap.parse_args()
     kernels.set_select_precision(args.select)
     args.dtype = getattr(torch, args.dtype)
@@ -188,13 +190,14 @@ def main() -> None:
         return
     gb = 2.0**30
     print(
-        f"device {args.device}, {args.dtype}, selection {args.select}, {torch.get_num_threads()} threads, medians of {args.steps} steps after "
+        f"device {args.device}, {args.dtype}, selection {args.select} "
+        f"({'fp32' if kernels.reference.SELECT_DTYPE is None else 'bf16 candidates, exact fp32 top-k'}), {torch.get_num_threads()} threads, medians of {args.steps} steps after "
         f"{args.warmup}, load average {os.getloadavg()[0]:.1f} at start\n"
     )
     print(
-        "| d | n | k | B | kernels | dense step s | sparse step s (fwd/bwd/opt) | speed-up | loss rel. diff | tokens/s | of bf16 ceiling |"
+        "| d | n | k | B | kernels | dense step s | sparse step s (fwd/bwd/opt) | speed-up | loss rel. diff | rows recomputed in fp32 | tokens/s | of bf16 ceiling |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for spec in args.cases:
         d, n, k, B = map(int, spec.split(":"))
         r = run_case(spec, args, "speed")
@@ -203,7 +206,7 @@ def main() -> None:
             tps = f"{B / r['sparse']:,.0f}"
             flops = f"{(2 * B * n * d + 8 * B * k * d) / r['sparse'] / r['ceiling_flops']:.1%} ({r['gpu']})"
         print(f"| {d} | {n} | {k} | {B} | {r['backend']} | {r['dense']:.3f} | {r['sparse']:.3f} ({r['sparse_fwd']:.3f}/"
-              f"{r['sparse_bwd']:.3f}/{r['sparse_opt']:.3f}) | {r['dense'] / r['sparse']:.2f}x | {r['loss_rel_diff']:.1e} | {tps} | {flops} |")  # fmt: skip
+              f"{r['sparse_bwd']:.3f}/{r['sparse_opt']:.3f}) | {r['dense'] / r['sparse']:.2f}x | {r['loss_rel_diff']:.1e} | {r['fallback']:.1%} | {tps} | {flops} |")  # fmt: skip
     if args.speed_only:
         return
     print("\n| d | n | k | B | path | peak GiB above start | params+grads+Adam GiB | ratio |")

@@ -7,6 +7,12 @@
 3. end to end: the trainer fed by the producers (tokens/s of the training loop);
 4. fan-out: 3 SAE sizes from one in-process LM stream vs the largest alone (LM-bound).
 Prints medians over --repeats and the ratio e2e / min(producers, trainer).
+
+--split-cores P: the producer actors' processes are pinned to the first P cores and the trainer (this
+process, one torch thread per core) to the rest, for 1-3 alike: each side has its own cores as on a
+cluster, where producers and trainers run on their own GPUs, and the ratio measures what the pipeline
+itself costs. Without it both sides share all cores, and "end to end" also pays for their contention.
+Ray's own processes (raylet, object store) are not pinned.
 """
 
 from __future__ import annotations
@@ -79,6 +85,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--select", default="fp32", choices=["fp32", "bf16"], help="trainer.encoder_select")
     ap.add_argument("--fanout-only", action="store_true")
+    ap.add_argument("--split-cores", type=int, default=0, metavar="P",
+                    help="pin producers to the first P cores and the trainer to the others")
     args = ap.parse_args()
     if not args.fanout_only:
         bench_stream(args)
@@ -89,6 +97,16 @@ def bench_stream(args: argparse.Namespace) -> None:
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     cfg = config(args.tokens, args.producers, "/tmp/bench_pipeline", args.select)
     producers = start_producers(cfg)
+    if args.split_cores:
+        cores = sorted(os.sched_getaffinity(0))
+        if not 0 < args.split_cores < len(cores):
+            raise SystemExit(f"--split-cores ({args.split_cores}) must leave cores for both sides of {len(cores)}")
+        prod_cores, train_cores = set(cores[: args.split_cores]), set(cores[args.split_cores :])
+        for pid in ray.get([p.__ray_call__.remote(lambda self: os.getpid()) for p in producers]):
+            pin(pid, prod_cores)
+        pin(os.getpid(), train_cores)
+        torch.set_num_threads(len(train_cores))
+        print(f"producers on cores {sorted(prod_cores)}, trainer on cores {sorted(train_cores)}")
     source = build_stream_source(cfg, producers)
     prod, alone, e2e = [], [], []
     memory = [a for _, (a, _) in zip(range(64), LMActivationSource(cfg.model, cfg.data).chunks())]
@@ -124,6 +142,15 @@ def bench_fanout(args: argparse.Namespace) -> None:
     f, b = statistics.median(fan), statistics.median(big)
     print(f"fan-out 3 sizes (1536, 3072, 6144), selection {args.select}: {f:.1f} s; 6144 alone: {b:.1f} s; "
           f"ratio {f / b:.2f}")
+
+
+def pin(pid: int, cores: set[int]) -> None:
+    """Every thread of process pid (threads started later inherit it) onto `cores`."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except ProcessLookupError:  # a thread that just ended
+            pass
 
 
 class _Fixed:

@@ -50,6 +50,19 @@ def _seed():
     torch.manual_seed(0)
 
 
+def _restore_kernel_settings():
+    """A training run sets the process-wide top-k selection (trainer.encoder_select); undo it after."""
+    from sae_dist.kernels import reference
+
+    before = reference.SELECT_DTYPE
+    yield
+    reference.SELECT_DTYPE = before
+
+
+_kernel_settings = pytest.fixture(autouse=True)(_restore_kernel_settings)
+_kernel_settings_module = pytest.fixture(autouse=True, scope="module")(_restore_kernel_settings)
+
+
 def pydoc_jsonl(path, n_docs: int) -> str:
     """A small real-prose corpus: the first n_docs pydoc topics as JSONL."""
     import json

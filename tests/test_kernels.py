@@ -192,8 +192,14 @@ def test_reference_sparse_decode_and_grads_match_float64_dense(shape):
     _decode_and_check(reference, B, d, n, k, salt=11)
 
 
-def test_reference_results_do_not_depend_on_chunk_and_never_allocate_batch_by_latents():
+@pytest.mark.parametrize("select", ["fp32", "bf16"])
+def test_reference_results_do_not_depend_on_chunk_and_never_allocate_batch_by_latents(select):
+    from sae_dist import kernels as K
+
     B, d, n, k, k_aux, chunk = 64, 8, 512, 4, 6, 64
+    K.set_select_precision(select)
+    # the running top-k buffers up to 8 x (kept per row) columns: over-selected in bf16, never n
+    buffered = 8 * (reference.OVERSELECT if select == "bf16" else 1) * max(k, k_aux)
     results = []
     for c in (chunk, 100, n):
         x, W, b, dead = _problem(B, d, n, 40, salt=5)
@@ -208,7 +214,7 @@ def test_reference_results_do_not_depend_on_chunk_and_never_allocate_batch_by_la
             x_hat = reference.sparse_decode(vals.relu(), idx, Wd)
             (x_hat.square().sum() + aux.masked_fill(~torch.isfinite(aux), 0).sum()).backward()
         if c == chunk:
-            assert probe.largest <= max(B * chunk, n * d), (
+            assert probe.largest <= max(B * chunk, n * d, B * buffered), (
                 f"a tensor of {probe.largest} elements; B x n = {B * n}"
             )
         results.append((vals, idx, aux_idx, xs.grad, Ws.grad, bs.grad, Wd.grad))
@@ -333,29 +339,60 @@ def test_compiled_kernels_match_reference_at_training_shape():
     _close(Ws.grad, Wr.grad, torch.float32, "compiled decoder weight grad")
 
 
-def test_bf16_selection_keeps_exact_fp32_values_and_nearly_always_the_same_topk():
-    """trainer.encoder_select=bf16: candidates from a bf16 matmul, ranked by exact fp32 values."""
+def _select_both(x, W, b, k, chunk, dead, k_aux):  # type: ignore[no-untyped-def]
     from sae_dist.kernels import reference as R
 
     from sae_dist import kernels as K
 
+    K.set_select_precision("fp32")
+    exact = R.topk_encode_forward(x, W, b, k, chunk, dead, k_aux)
+    before = dict(R.SELECT_STATS)
+    K.set_select_precision("bf16")
+    try:
+        fast = R.topk_encode_forward(x, W, b, k, chunk, dead, k_aux)
+    finally:
+        K.set_select_precision("fp32")
+    fallback = R.SELECT_STATS["fallback_rows"] - before["fallback_rows"]
+    return exact, fast, fallback
+
+
+@pytest.mark.parametrize("near_ties", [False, True])
+def test_bf16_selection_gives_exactly_the_fp32_topk(near_ties):
+    """trainer.encoder_select=bf16: bf16 candidates, exact fp32 ranking, and the rounding bound that
+    proves completeness; rows it cannot prove (forced here by near-duplicate latents) fall back to fp32."""
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     B, d, n, k = 257, 96, 1000, 16
     x = torch.randn(B, d, generator=g)
     W = torch.randn(n, d, generator=g) / d**0.5
     b = torch.randn(n, generator=g) * 0.1
+    if near_ties:  # 100 near-copies of each of 10 latents: bf16 cannot order them
+        W = W[:10].repeat(100, 1) * (1 + 1e-4 * torch.randn(n, 1, generator=g))
+        b = b[:10].repeat(100)
     dead = torch.rand(n, generator=g) < 0.2
-    exact = R.topk_encode_forward(x, W, b, k, 300, dead, 24)
-    K.set_select_precision("bf16")
-    try:
-        fast = R.topk_encode_forward(x, W, b, k, 300, dead, 24)
-    finally:
-        K.set_select_precision("fp32")
-    vals, idx = fast[0], fast[1]
-    pre = (x.double() @ W.double().T + b.double())  # (B, n) fine at this size
-    assert torch.allclose(vals.double(), pre.gather(1, idx), atol=1e-5)  # values are exact fp32
-    same = (idx.sort(1).values == exact[1].sort(1).values).all(1).float().mean()
-    assert same >= 0.99  # bf16 only reorders near-ties at the k-th boundary, and 2x over-selection catches them
-    aux_vals, aux_idx = fast[2], fast[3]
-    assert bool(dead[aux_idx].all())
-    assert torch.allclose(aux_vals.double(), pre.gather(1, aux_idx), atol=1e-5)
+    exact, fast, fallback = _select_both(x, W, b, k, 300, dead, 24)
+    if near_ties:
+        assert fallback > 0  # the bound noticed
+    pre = x.double() @ W.double().T + b.double()  # (B, n) fine at this size
+    for j in (0, 2):
+        assert torch.equal(fast[j + 1].sort(1).values, exact[j + 1].sort(1).values), "selections differ"
+        assert torch.allclose(fast[j].double(), pre.gather(1, fast[j + 1]), rtol=0, atol=1e-5)
+    assert bool(dead[fast[3]].all())
+    assert torch.allclose(fast[0], exact[0], rtol=1e-6, atol=1e-6)  # sorted the same way
+
+
+def test_bf16_rounding_bound_holds_for_every_latent():
+    """The bound `_bf16_upper_bound` rests on: exact <= bound(bf16 value) for all (row, latent), at
+    several scales and with large biases."""
+    from sae_dist.kernels import reference as R
+
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    for scale, bias in ((1.0, 0.0), (1e3, 5.0), (1e-3, 1e-2)):
+        x = torch.randn(300, 384, generator=g) * scale
+        W = torch.randn(2000, 384, generator=g) * torch.rand(2000, 1, generator=g)
+        b = torch.randn(2000, generator=g) * bias * scale
+        approx = torch.addmm(b.bfloat16(), x.bfloat16(), W.bfloat16().t()).float()
+        exact = x.double() @ W.double().T + b.double()
+        upper = torch.stack([R._bf16_upper_bound(x, W, b, col) for col in approx.T], dim=1).double()
+        assert bool((exact <= upper).all()), float((exact - upper).max())
+        lower = -torch.stack([R._bf16_upper_bound(x, W, b, -col) for col in approx.T], dim=1).double()
+        assert bool((exact >= lower).all())  # and symmetric: the error itself is bounded

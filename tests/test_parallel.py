@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import synthetic_config
 
+from sae_dist import kernels  # type: ignore[attr-defined]
 from sae_dist.config import ConfigError, ParallelConfig
 from sae_dist.data.stream import BatchStream
 from sae_dist.data.synthetic import SyntheticSource
@@ -68,6 +69,7 @@ def _batches(rows: int, steps: int = STEPS) -> list[torch.Tensor]:
 
 def _train(cfg, mesh, batches, count_at=None):
     """Runs `batches` through a Trainer on this rank; records losses, the selected latents and bytes."""
+    kernels.set_select_precision(cfg.trainer.encoder_select)  # as run.train does
     full = SparseAutoencoder(cfg.sae, D, encoder_chunk=cfg.trainer.encoder_chunk,
                              generator=torch.Generator().manual_seed(1))
     sae = apply_feature_parallel(full, mesh)

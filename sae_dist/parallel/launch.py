@@ -27,11 +27,6 @@ def check_supported(cfg: Config) -> None:
             "parallel.backend=nccl, but the trainer keeps the SAE on the CPU (it is not placed on CUDA yet); "
             "use parallel.backend=auto or gloo"
         )
-    if p.engine == "deepspeed" and cfg.checkpoint.resume_from:
-        raise ConfigError(
-            "checkpoint.resume_from with parallel.engine=deepspeed is not supported yet: checkpoints do not "
-            "hold ZeRO's partitioned optimizer state; resume with parallel.engine=torch"
-        )
 
 
 def build_engine(cfg: Config, sae: SparseAutoencoder, mesh: Mesh, lr: float) -> Any:

@@ -102,7 +102,6 @@ class DeepSpeedEngine:
         )
         self.data = DataParallel(mesh)
         self.data_replicas = mesh.dp
-        log.warning("parallel.engine=deepspeed: checkpoints hold weights but not ZeRO's optimizer state")
 
     def _project(self, grad: Tensor) -> Tensor:
         """sae.project_decoder_grad as a gradient hook: linear in the gradient, so projecting each
@@ -114,6 +113,42 @@ class DeepSpeedEngine:
         """Weights written outside the optimizer (b_dec's initialisation, renormalised decoder rows) are
         copied into ZeRO's fp32 master partitions, which the next step would otherwise restore."""
         self.optimizer.refresh_fp32_params()
+
+    ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Adam's state of this fp shard's parameters, assembled from the dp partitions, in the torch
+        engine's layout (`<param>.step|exp_avg|exp_avg_sq`): checkpoints move between engines, dp and fp
+        sizes. A collective over dp: every replica calls it; dp rank 0 writes the file."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        base = self.optimizer.optimizer  # torch Adam over ZeRO's flat fp32 partitions
+        if not any(base.state.get(hp) for hp in self.optimizer.single_partition_of_fp32_groups):
+            return {}  # no step yet: Adam's state does not exist
+        step = next(st["step"] for st in base.state.values() if "step" in st)
+        out: dict[str, Tensor] = {}
+        for name, p in self.sae.named_parameters():
+            for key in self.ADAM_KEYS:
+                out[f"{name}.{key}"] = safe_get_full_optimizer_state(p, key).to(p.dtype)
+            out[f"{name}.step"] = torch.as_tensor(step, dtype=torch.float32).clone()
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """The inverse of `state_tensors`: each rank keeps its dp partition of the full state."""
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        if not tensors:
+            return
+        zero, base = self.optimizer, self.optimizer.optimizer
+        step = next(v for k, v in tensors.items() if k.endswith(".step"))
+        for hp in zero.single_partition_of_fp32_groups:  # create the state the first step would create
+            base.state[hp] = {"step": step.clone().to(torch.float32),
+                              **{key: torch.zeros_like(hp) for key in self.ADAM_KEYS}}
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()  # link each parameter to its slice of that state
+        for name, p in self.sae.named_parameters():
+            for key in self.ADAM_KEYS:
+                safe_set_full_optimizer_state(p, tensors[f"{name}.{key}"].to(torch.float32), key)
 
     def step(self, loss: Tensor, fired: Tensor | None, grad_clip: float) -> tuple[Tensor, Tensor | None]:
         self.engine.backward(loss)
