@@ -68,7 +68,8 @@ def topk_encode_forward(
     k = min(k, W_enc.shape[0])
     want_aux = aux_mask is not None and k_aux > 0
     k_aux = min(k_aux, W_enc.shape[0]) if want_aux else 0
-    if SELECT_DTYPE is None or x.dtype != torch.float32:
+    # the rounding bound assumes fp32 accumulation, which CPU bf16 GEMMs do (cuBLAS may reduce in bf16)
+    if SELECT_DTYPE is None or x.dtype != torch.float32 or x.device.type != "cpu":
         return _stream_topk(x, W_enc, b_enc, k, chunk, aux_mask if want_aux else None, k_aux, None)
     return _certified_topk(x, W_enc, b_enc, k, chunk, aux_mask if want_aux else None, k_aux)
 

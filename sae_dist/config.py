@@ -7,6 +7,7 @@ is loaded. Every error names the field, the value and the fix (`ConfigError`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,6 +159,10 @@ class TrainerConfig:
     the same top-k; bf16 is faster on CPUs with AVX512-BF16/AMX. auto: bf16 on such CPUs, else fp32."""
     encoder_chunk: int = 8192
     """Latents per block of the streaming top-k encoder (bounds memory at B x encoder_chunk)."""
+    device: str = "auto"
+    """Where the SAE trains: auto (cuda:LOCAL_RANK when torch sees a GPU, else cpu), cpu, cuda (under
+    torchrun cuda:LOCAL_RANK, one GPU per process) or cuda:N. Checkpoints and exports hold CPU tensors
+    whatever the device."""
 
     def __post_init__(self) -> None:
         _require(self.total_tokens >= 1, f"trainer.total_tokens ({self.total_tokens}) must be positive")
@@ -174,6 +179,10 @@ class TrainerConfig:
         _require(
             self.encoder_select in ("auto", "fp32", "bf16"),
             f"trainer.encoder_select ({self.encoder_select!r}) must be auto, fp32 or bf16",
+        )
+        _require(
+            re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+            f"trainer.device ({self.device!r}) must be auto, cpu, cuda or cuda:N",
         )
 
 
@@ -199,6 +208,9 @@ class ParallelConfig:
             self.engine in ("torch", "deepspeed"), f"parallel.engine ({self.engine!r}) must be torch or deepspeed"
         )
         _require(self.zero_stage in (1, 2), f"parallel.zero_stage ({self.zero_stage}) must be 1 or 2")
+        _require(
+            self.backend in ("auto", "gloo", "nccl"), f"parallel.backend ({self.backend!r}) must be auto, gloo or nccl"
+        )
 
 
 @dataclass
@@ -282,8 +294,10 @@ class ClusterConfig:
     """LM shard actors streaming activations through Ray (0 = run the LM inside the trainer process)."""
     producer_cpus: float = 1.0
     """Ray CPUs reserved per producer (and torch threads it uses, rounded up)."""
-    max_in_flight: int = 4
-    """Activation chunks requested but not yet consumed, per trainer replica (the backpressure bound)."""
+    max_in_flight: int = 0
+    """Activation chunks requested but not yet consumed, per trainer replica (the backpressure bound).
+    0 = auto: the chunks of one shuffle block (data.shuffle_buffer_tokens) plus one per producer, so
+    producers assemble the next block while the trainer works through the current one."""
     timeout_s: float = 300.0
     """Longest wait for one chunk before the run stops with an error naming this setting."""
     cache_url: str = ""
@@ -297,7 +311,7 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         _require(self.kind in ("local", "ray"), f"cluster.kind ({self.kind!r}) must be local or ray")
         _require(self.producers >= 0, f"cluster.producers ({self.producers}) must be >= 0")
-        _require(self.max_in_flight >= 1, f"cluster.max_in_flight ({self.max_in_flight}) must be >= 1")
+        _require(self.max_in_flight >= 0, f"cluster.max_in_flight ({self.max_in_flight}) must be >= 0 (0 = auto)")
         _require(self.timeout_s > 0, f"cluster.timeout_s ({self.timeout_s}) must be positive")
         _require(
             self.kind != "ray" or bool(self.address),
@@ -329,6 +343,11 @@ def validate(cfg: Config) -> None:
     _require(
         t.batch_tokens >= 1 and (s.arch != "batchtopk" or t.batch_tokens * s.k >= 1),
         f"trainer.batch_tokens ({t.batch_tokens}) too small",
+    )
+    _require(
+        not (p.backend == "nccl" and t.device == "cpu"),
+        "parallel.backend (nccl) moves CUDA tensors only, but trainer.device is cpu; use parallel.backend=auto "
+        "(gloo on CPU) or trainer.device=auto on GPU machines",
     )
     if cfg.data.source == "synthetic":
         _require(

@@ -37,7 +37,8 @@ def export_saelens(
             tensors["threshold"] = sae.log_threshold.exp().detach().clone()
         if arch == "batchtopk":
             tensors["threshold"] = torch.full((sae.n_local,), float(sae.threshold.clamp_min(0)))
-    save_file({k: v.float().contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "sae_weights.safetensors"))
+    host = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}  # from any training device
+    save_file(host, os.path.join(out_dir, "sae_weights.safetensors"))
     cfg = {
         "architecture": _ARCH_NAMES[arch],
         "d_in": sae.d_model,

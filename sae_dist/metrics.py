@@ -16,15 +16,16 @@ from sae_dist.sae import SparseAutoencoder
 
 @torch.no_grad()
 def evaluate(sae: SparseAutoencoder, batches: Iterator[Tensor], scale: float, tokens: int) -> dict[str, float]:
-    """Metrics over `tokens` held-out tokens of unscaled activations."""
+    """Metrics over `tokens` held-out tokens of unscaled activations (moved to the SAE's device)."""
+    device = sae.b_dec.device
     was_training = sae.training
     sae.eval()
     err = sum_x = sum_x2 = l0 = 0.0
     count = 0
     mean_acc: Tensor | None = None
-    fired = torch.zeros(sae.n_local, dtype=torch.long)
+    fired = torch.zeros(sae.n_local, dtype=torch.long, device=device)
     for x in batches:
-        x = x[: tokens - count] * scale
+        x = x[: tokens - count].to(device, non_blocking=True) * scale
         if x.shape[0] == 0:
             break
         vals, idx = sae.encode_sparse(x)

@@ -21,6 +21,7 @@ from sae_dist.data import BatchStream, build_source, heldout_batches
 from sae_dist.export import export_saelens
 from sae_dist.metrics import evaluate
 from sae_dist.parallel import Mesh, ReplicaSource, apply_feature_parallel, init_from_env
+from sae_dist.parallel.dims import resolve_device
 from sae_dist.parallel.launch import (
     broadcast_from_main,
     build_engine,
@@ -36,26 +37,39 @@ from sae_dist.trainer import Trainer, TrainState, auto_lr, estimate_scale
 log = logging.getLogger(__name__)
 
 
-def build_sae(cfg: Config, d_model: int, mesh: Mesh | None = None) -> SparseAutoencoder:
-    """This rank's shard (the whole SAE without a mesh); every sharding starts from the same weights."""
+def build_sae(
+    cfg: Config, d_model: int, mesh: Mesh | None = None, device: torch.device | str = "cpu"
+) -> SparseAutoencoder:
+    """This rank's shard (the whole SAE without a mesh) on `device`; every sharding starts from the same
+    weights on every device (they are drawn on the host)."""
     n_local, offset = (mesh.dims.n_local, mesh.latent_offset) if mesh else (cfg.sae.n_latents, 0)
     sae = SparseAutoencoder(cfg.sae, d_model, n_local=n_local, encoder_chunk=cfg.trainer.encoder_chunk,
-                            seed=cfg.trainer.seed, latent_offset=offset)
+                            seed=cfg.trainer.seed, latent_offset=offset).to(device)
     return apply_feature_parallel(sae, mesh) if mesh else sae
+
+
+def train_device(cfg: Config) -> torch.device:
+    """trainer.device resolved for this process and checked with the rest of the config (a ConfigError
+    before any work), then made the current CUDA device where it is one."""
+    device = resolve_device(cfg.trainer.device)
+    check_supported(cfg, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL, Triton and torch.cuda calls default to the current device
+    return device
 
 
 def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     """Trains (or resumes) the configured SAE; returns the held-out metrics and the export folder."""
     kernels.set_backend(cfg.trainer.kernels)
     kernels.set_select_precision(cfg.trainer.encoder_select)
-    check_supported(cfg)
-    mesh = init_from_env(cfg.parallel, cfg.sae.n_latents)
+    device = train_device(cfg)
+    mesh = init_from_env(cfg.parallel, cfg.sae.n_latents, device)
     torch.manual_seed(cfg.trainer.seed)
     cfg.output_dir = broadcast_from_main(cfg.output_dir, mesh)  # Hydra's timestamped dir may differ per rank
     os.makedirs(cfg.output_dir, exist_ok=True)
     source = build_source(cfg, "train")
     d_model = source.d_model
-    sae = build_sae(cfg, d_model, mesh)
+    sae = build_sae(cfg, d_model, mesh, device)
     state = TrainState(seed=cfg.trainer.seed)
     gather, barrier = checkpoint_hooks(mesh) if mesh.distributed else (None, None)
     checkpointer = Checkpointer(cfg, mesh.rank, mesh.dims.world_size, fp_rank=mesh.fp_rank, fp_size=mesh.fp,
@@ -89,8 +103,8 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     if state.data:
         stream.load_state_dict(state.data)
     log.info(
-        "training %s SAE: d=%d n=%d k=%d, %d tokens in %d steps, scale %.4f",
-        cfg.sae.arch, d_model, cfg.sae.n_latents, cfg.sae.k, cfg.trainer.total_tokens, trainer.total_steps, state.scale,
+        "training %s SAE on %s: d=%d n=%d k=%d, %d tokens in %d steps, scale %.4f", cfg.sae.arch, device,
+        d_model, cfg.sae.n_latents, cfg.sae.k, cfg.trainer.total_tokens, trainer.total_steps, state.scale,
     )
     status = "FAILED"
     try:

@@ -55,7 +55,12 @@ def optimizer_tensors(sae: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
 
 
 def load_optimizer_tensors(sae: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    """The inverse of `optimizer_tensors`: each state tensor lands on its parameter's device, except a
+    `step` counter that torch keeps on the host (Adam unless capturable or fused), as torch would place it."""
+    on_device = {id(p): bool(g.get("capturable") or g.get("fused")) for g in optimizer.param_groups for p in g["params"]}
     for name, p in sae.named_parameters():
         state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
         if state:
-            optimizer.state[p] = {k: v.to(p.device) for k, v in state.items()}
+            optimizer.state[p] = {
+                k: v if k == "step" and not on_device.get(id(p)) else v.to(p.device) for k, v in state.items()
+            }

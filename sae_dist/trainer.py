@@ -83,8 +83,9 @@ def sharded_params(sae: SparseAutoencoder) -> tuple[list[Tensor], list[Tensor]]:
 def clip_grad_norm(sae: SparseAutoencoder, max_norm: float) -> Tensor:
     """Global gradient norm over all shards (b_dec counted once), then clip in place."""
     sharded, replicated = sharded_params(sae)
-    sq = sum((p.grad.pow(2).sum() for p in sharded if p.grad is not None), torch.zeros(()))
-    sq = sae.comm.sum_scalar(sq) + sum((p.grad.pow(2).sum() for p in replicated if p.grad is not None), torch.zeros(()))
+    zero = torch.zeros((), device=sae.b_dec.device)
+    sq = sum((p.grad.pow(2).sum() for p in sharded if p.grad is not None), zero)
+    sq = sae.comm.sum_scalar(sq) + sum((p.grad.pow(2).sum() for p in replicated if p.grad is not None), zero)
     norm = sq.sqrt()
     if max_norm > 0:
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
@@ -151,7 +152,9 @@ class Trainer:
         self.data_replicas: int = self.engine.data_replicas
         """Each step trains on batch_tokens from every data replica."""
         self.total_steps = max(1, cfg.trainer.total_tokens // (cfg.trainer.batch_tokens * self.data_replicas))
-        self.tokens_since_fired = torch.zeros(sae.n_local, dtype=torch.long)
+        self.device = sae.b_dec.device
+        """Where the SAE lives; batches are moved here and the firing counters live here."""
+        self.tokens_since_fired = torch.zeros(sae.n_local, dtype=torch.long, device=self.device)
         self.extra_metrics: Any = None
         """Optional callable returning more metrics to log with the trainer's (e.g. the pipeline's)."""
         self.logged: list[dict[str, Any]] = []
@@ -163,7 +166,8 @@ class Trainer:
         return self.tokens_since_fired >= self.cfg.sae.dead_tokens
 
     def train_step(self, x: Tensor) -> SaeOutput:
-        """One optimizer step on a batch of scaled activations (B, d)."""
+        """One optimizer step on a batch of scaled activations (B, d), on any device."""
+        x = x.to(self.device, non_blocking=True)
         self.sae.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(
@@ -201,18 +205,19 @@ class Trainer:
         """Anthropic (2023): dead latents get an input with high reconstruction error as their
         decoder direction, and a scaled copy as their encoder row; their Adam state is reset."""
         dead = self.dead_mask().nonzero().squeeze(1)
-        if not float(self.sae.comm.sum_scalar(torch.tensor(float(dead.numel())))):
+        if not float(self.sae.comm.sum_scalar(torch.tensor(float(dead.numel()), device=x.device))):
             return 0  # every shard agrees, so the forward below runs on all of them or none
         sae = self.sae
         err = (x - sae(x).x_hat).pow(2).sum(1)
         if dead.numel() == 0:
             return 0
         g = torch.Generator().manual_seed(self.cfg.trainer.seed * 7919 + self.state.step)
-        pick = torch.multinomial(err / err.sum(), dead.numel(), replacement=True, generator=g)
-        v = x[pick] - sae.b_dec
+        # drawn on the host with a host generator, so resampling picks the same rows on every device
+        pick = torch.multinomial((err / err.sum()).cpu(), dead.numel(), replacement=True, generator=g)
+        v = x[pick.to(x.device)] - sae.b_dec
         v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
         alive = ~self.dead_mask()
-        enc_norm = sae.W_enc[alive].norm(dim=1).mean() if alive.any() else torch.tensor(1.0)
+        enc_norm = sae.W_enc[alive].norm(dim=1).mean() if alive.any() else x.new_tensor(1.0)
         sae.W_dec[dead] = v * 0.1
         sae.W_enc[dead] = v * enc_norm * 0.2
         sae.b_enc[dead] = 0.0

@@ -6,10 +6,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import synthetic_config
 
 from sae_dist.config import ConfigError, DataConfig, ModelConfig, SaeConfig, TrainerConfig, validate
 from sae_dist.data.lm import LMActivationSource
+from sae_dist.run import train
 
 
 def test_k_not_below_n_latents_names_both_fields():
@@ -68,6 +70,31 @@ def test_missing_cache_dir(tmp_path):
 def test_trainer_kernels_choice():
     with pytest.raises(ConfigError, match=r"trainer\.kernels \('cuda'\) must be auto, torch or triton"):
         TrainerConfig(kernels="cuda")
+
+
+def test_trainer_device_choice():
+    with pytest.raises(ConfigError, match=r"trainer\.device \('gpu'\) must be auto, cpu, cuda or cuda:N"):
+        TrainerConfig(device="gpu")
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_cuda_device_without_cuda_stops_before_any_work_naming_the_fix(tmp_path, monkeypatch, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = synthetic_config(tmp_path / "run", trainer={"device": device})
+    want = rf"trainer\.device \('{device}'\) needs CUDA, but torch\.cuda\.is_available\(\) is False.*use trainer\.device=auto or cpu"
+    with pytest.raises(ConfigError, match=want):
+        train(cfg)
+    assert not (tmp_path / "run").exists()  # no output folder, no checkpoint, no data read
+
+
+def test_nccl_with_a_cpu_device_is_refused(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"parallel\.backend \(nccl\).*trainer\.device is cpu.*parallel\.backend=auto"):
+        validate(synthetic_config(tmp_path, parallel={"backend": "nccl"}, trainer={"device": "cpu"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # auto resolves to cpu
+    cfg = synthetic_config(tmp_path / "run", parallel={"backend": "nccl"})
+    with pytest.raises(ConfigError, match=r"parallel\.backend \(nccl\).*trains on cpu \(trainer\.device\); use parallel\.backend=auto or gloo"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_reports_config_error_before_loading_anything(tmp_path):

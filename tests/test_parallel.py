@@ -341,7 +341,8 @@ def test_torchrun_fp2_reaches_single_rank_fvu(tmp_path):
 
     overrides = {"model": {"d_model": 64}, "data": {"synthetic_n_features": 256, "synthetic_k": 4},
                  "sae": {"n_latents": 512, "k": 8, "dead_tokens": 20000},
-                 "trainer": {"total_tokens": 512 * 60, "batch_tokens": 512, "encoder_chunk": 128, "log_every": 20}}
+                 "trainer": {"total_tokens": 512 * 60, "batch_tokens": 512, "encoder_chunk": 128, "log_every": 20,
+                             "device": "cpu"}}
     single = train(synthetic_config(tmp_path / "single", **overrides))
     out = tmp_path / "fp2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
@@ -350,6 +351,7 @@ def test_torchrun_fp2_reaches_single_rank_fvu(tmp_path):
            "trainer.total_tokens=30720", "trainer.batch_tokens=512", "trainer.encoder_chunk=128",
            "trainer.eval_tokens=2048", "trainer.scale_tokens=1024", "trainer.warmup_steps=5",
            "data.shuffle_buffer_tokens=2048", "checkpoint.every_steps=0", "tracking=none", "parallel.fp=2",
+           "trainer.device=cpu",  # a gloo test on CPU, also where GPUs are present
            f"hydra.run.dir={out}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))

@@ -110,5 +110,5 @@ def test_timeout_error_names_the_setting(ray_cluster, corpus):
 def test_cluster_config_checks():
     from sae_dist.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"cluster.max_in_flight \(0\) must be >= 1"):
-        ClusterConfig(max_in_flight=0)
+    with pytest.raises(ConfigError, match=r"cluster.max_in_flight \(-1\) must be >= 0 \(0 = auto\)"):
+        ClusterConfig(max_in_flight=-1)

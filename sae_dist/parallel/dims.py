@@ -116,10 +116,45 @@ class Mesh:
         }
 
 
-def resolve_backend(name: str, device: str = "cpu") -> str:
-    """auto: nccl when the SAE trains on CUDA, gloo otherwise."""
+def resolve_device(setting: str) -> torch.device:
+    """trainer.device for this process: auto is cuda:LOCAL_RANK where torch sees a GPU and cpu elsewhere;
+    cuda is cuda:LOCAL_RANK (torchrun starts one process per GPU; LOCAL_RANK is 0 without torchrun)."""
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.device ({setting!r}) needs CUDA, but torch.cuda.is_available() is False here (torch "
+            f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); use trainer.device=auto or cpu, "
+            "or run on a GPU machine with a CUDA build of torch"
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if ":" in setting and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            f"trainer.device ({setting!r}) puts every process of this node on one GPU; "
+            "use trainer.device=cuda (cuda:LOCAL_RANK, one GPU per process)"
+        )
+    index = int(setting.split(":")[1]) if ":" in setting else local_rank
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(
+            f"trainer.device ({setting!r}) resolves to cuda:{index} (LOCAL_RANK={local_rank}), but this process "
+            f"sees {count} GPU(s); start at most {count} processes per node (torchrun --nproc-per-node {count}) "
+            "or pick an existing cuda:N"
+        )
+    return torch.device("cuda", index)
+
+
+def resolve_backend(name: str, device: str | torch.device = "cpu") -> str:
+    """parallel.backend for an SAE on `device`: auto is nccl on CUDA and gloo otherwise; nccl on a CPU
+    device is refused (NCCL moves CUDA tensors only)."""
+    on_cuda = torch.device(device).type == "cuda"
     if name == "auto":
-        return "nccl" if device.startswith("cuda") else "gloo"
+        return "nccl" if on_cuda else "gloo"
+    if name == "nccl" and not on_cuda:
+        raise ConfigError(
+            f"parallel.backend (nccl) moves CUDA tensors only, but the SAE trains on {device} (trainer.device); "
+            "use parallel.backend=auto or gloo, or trainer.device=cuda on a GPU machine"
+        )
     return name
 
 
@@ -139,7 +174,7 @@ def build_mesh(p: ParallelConfig, n_latents: int) -> Mesh:
 
 def init_distributed(
     rank: int, world_size: int, master_addr: str, master_port: int, p: ParallelConfig, n_latents: int,
-    device: str = "cpu", timeout_s: float = 600.0,
+    device: str | torch.device = "cpu", timeout_s: float = 600.0,
 ) -> Mesh:
     """Joins the process group explicitly (Ray actors: the driver hands out ranks and one address).
     `device` is where the SAE trains (it picks the backend when parallel.backend=auto)."""
@@ -152,7 +187,9 @@ def init_distributed(
     return build_mesh(p, n_latents)
 
 
-def init_from_env(p: ParallelConfig, n_latents: int, device: str = "cpu", timeout_s: float = 600.0) -> Mesh:
+def init_from_env(
+    p: ParallelConfig, n_latents: int, device: str | torch.device = "cpu", timeout_s: float = 600.0
+) -> Mesh:
     """torchrun's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, or a single process when they are absent.
     `device` is where the SAE trains (it picks the backend when parallel.backend=auto)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -161,8 +198,9 @@ def init_from_env(p: ParallelConfig, n_latents: int, device: str = "cpu", timeou
     ParallelDims(p.dp, p.fp, world, n_latents)
     if not dist.is_initialized():
         backend = resolve_backend(p.backend, device)
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if backend == "nccl":  # NCCL binds each rank to the current device
+            index = torch.device(device).index
+            torch.cuda.set_device(index if index is not None else int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
     mesh = build_mesh(p, n_latents)
     log.info("rank %d of %d: dp_rank %d/%d, fp_rank %d/%d", mesh.rank, world, mesh.dp_rank, mesh.dp,

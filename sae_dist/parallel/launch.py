@@ -9,24 +9,21 @@ import torch
 import torch.distributed as dist
 
 from sae_dist.config import Config, ConfigError
-from sae_dist.parallel.dims import Mesh
+from sae_dist.parallel.dims import Mesh, resolve_backend
 from sae_dist.parallel.dp import DataParallel
 from sae_dist.parallel.fp import gather_full_state
 from sae_dist.sae import SparseAutoencoder
 
 
-def check_supported(cfg: Config) -> None:
+def check_supported(cfg: Config, device: torch.device) -> None:
+    """Refuses, before any work, what this process cannot run (`device` is trainer.device resolved)."""
     p = cfg.parallel
     if p.dp > 1 and cfg.sae.arch == "relu" and cfg.sae.resample_every:
         raise ConfigError(
             f"sae.resample_every ({cfg.sae.resample_every}) with parallel.dp ({p.dp}) > 1 is not supported: "
             "replicas would resample from different batches; set sae.resample_every=0 or parallel.dp=1"
         )
-    if p.backend == "nccl":
-        raise ConfigError(
-            "parallel.backend=nccl, but the trainer keeps the SAE on the CPU (it is not placed on CUDA yet); "
-            "use parallel.backend=auto or gloo"
-        )
+    resolve_backend(p.backend, device)
 
 
 def build_engine(cfg: Config, sae: SparseAutoencoder, mesh: Mesh, lr: float) -> Any:

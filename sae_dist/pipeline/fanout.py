@@ -23,7 +23,7 @@ from sae_dist.config import Config, ConfigError
 from sae_dist.data import BatchStream, build_source, heldout_batches
 from sae_dist.export import export_saelens
 from sae_dist.metrics import evaluate
-from sae_dist.run import build_sae
+from sae_dist.run import build_sae, train_device
 from sae_dist.tracking import build_tracker
 from sae_dist.trainer import Trainer, TrainState, estimate_scale
 
@@ -48,6 +48,7 @@ def member_configs(cfg: Config) -> list[Config]:
 def train_fanout(cfg: Config) -> list[dict[str, Any]]:
     """Trains every size in sae.fanout_n_latents from one stream; returns each member's held-out metrics."""
     members = member_configs(cfg)
+    device = train_device(cfg)
     kernels.set_backend(cfg.trainer.kernels)
     kernels.set_select_precision(cfg.trainer.encoder_select)
     source = build_source(cfg, "train")
@@ -59,13 +60,14 @@ def train_fanout(cfg: Config) -> list[dict[str, Any]]:
         tracker = build_tracker(m.tracking.enabled, m.tracking.uri, m.tracking.experiment, m.checkpoint.run_name,
                                 m.output_dir)
         tracker.log_params({"sae.n_latents": m.sae.n_latents, "activation_scale": scale, "fanout": True})
-        trainers.append(Trainer(m, build_sae(m, source.d_model), TrainState(scale=scale, seed=m.trainer.seed), tracker))
+        sae = build_sae(m, source.d_model, device=device)
+        trainers.append(Trainer(m, sae, TrainState(scale=scale, seed=m.trainer.seed), tracker))
     stream = BatchStream(source, cfg.trainer.batch_tokens, cfg.data.shuffle_buffer_tokens, cfg.trainer.seed)
     total = trainers[0].total_steps
     for step, batch in enumerate(stream):
         if step >= total:
             break
-        x = batch * scale
+        x = batch.to(device, non_blocking=True) * scale  # one copy to the device for every member
         for t in trainers:
             t.train_step(x)
     results = []

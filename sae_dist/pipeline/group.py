@@ -13,7 +13,7 @@ import os
 import socket
 from typing import Any
 
-from sae_dist.config import Config
+from sae_dist.config import Config, ConfigError
 from sae_dist.pipeline.launch import init_ray, start_producers
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,27 @@ class TrainerWorker:
         return train(cfg)
 
 
+def trainer_gpus(device: str, cluster_gpus: float, world: int) -> int:
+    """GPUs each trainer actor asks Ray for. Ray hides every GPU from an actor that asks for none, so
+    trainer.device=auto trains on GPUs where the cluster has one per trainer rank and on CPUs elsewhere;
+    cuda needs them (each actor then sees its own GPU as cuda:0)."""
+    if device == "cpu":
+        return 0
+    if device not in ("auto", "cuda", "cuda:0"):
+        raise ConfigError(
+            f"trainer.device ({device!r}) on the Ray trainer group: each actor sees only its own GPU, as cuda:0; "
+            "use trainer.device=cuda or auto"
+        )
+    if cluster_gpus >= world:
+        return 1
+    if device == "auto":
+        return 0
+    raise ConfigError(
+        f"trainer.device ({device!r}) needs one GPU per trainer rank (parallel.dp x parallel.fp = {world}), but "
+        f"the Ray cluster has {cluster_gpus:g}; use trainer.device=auto or cpu, or add GPU nodes"
+    )
+
+
 def trainer_name(attempt: int, rank: int) -> str:
     """The Ray actor name of a trainer rank (attempt = how many times the group was restarted)."""
     return f"sae-dist-trainer-a{attempt}-r{rank}"
@@ -62,13 +83,14 @@ def run_trainer_group(cfg: Config) -> dict[str, Any]:
     import ray
 
     init_ray(cfg)
-    producers = start_producers(cfg) if cfg.cluster.producers else []
     world = cfg.parallel.dp * cfg.parallel.fp
+    gpus = trainer_gpus(cfg.trainer.device, ray.cluster_resources().get("GPU", 0), world)
+    producers = start_producers(cfg) if cfg.cluster.producers else []
     attempt = 0
     try:
         while True:
             try:
-                results = _run_group_once(cfg, world, attempt)
+                results = _run_group_once(cfg, world, attempt, gpus)
                 if cfg.cluster.cache_url:
                     _finish_cache(cfg)
                 return results | {"group_restarts": attempt}
@@ -87,10 +109,10 @@ def run_trainer_group(cfg: Config) -> dict[str, Any]:
             ray.kill(p, no_restart=True)
 
 
-def _run_group_once(cfg: Config, world: int, attempt: int) -> dict[str, Any]:
+def _run_group_once(cfg: Config, world: int, attempt: int, gpus: int = 0) -> dict[str, Any]:
     import ray
 
-    actor = ray.remote(num_cpus=cfg.cluster.trainer_cpus, max_restarts=0)(TrainerWorker)
+    actor = ray.remote(num_cpus=cfg.cluster.trainer_cpus, num_gpus=gpus, max_restarts=0)(TrainerWorker)
     workers = [actor.options(name=trainer_name(attempt, rank)).remote(rank, world) for rank in range(world)]
     try:
         master = ray.get(workers[0].address.remote(), timeout=cfg.cluster.timeout_s)
