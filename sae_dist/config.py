@@ -192,8 +192,9 @@ class ParallelConfig:
     """Data-parallel replicas."""
     fp: int = 1
     """Feature-parallel shards (latents split across ranks)."""
-    engine: str = "torch"
-    """Optimizer engine: torch, or deepspeed (ZeRO over the dp axis)."""
+    engine: str = "auto"
+    """Optimizer engine: deepspeed (ZeRO shards Adam over the dp axis), torch (plain Adam, replicated
+    over dp), or auto: deepspeed when parallel.dp > 1, torch otherwise (one replica has nothing to shard)."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage (1 or 2) when engine=deepspeed."""
     offload_optimizer: bool = False
@@ -205,7 +206,8 @@ class ParallelConfig:
         _require(self.dp >= 1, f"parallel.dp ({self.dp}) must be >= 1")
         _require(self.fp >= 1, f"parallel.fp ({self.fp}) must be >= 1")
         _require(
-            self.engine in ("torch", "deepspeed"), f"parallel.engine ({self.engine!r}) must be torch or deepspeed"
+            self.engine in ("auto", "torch", "deepspeed"),
+            f"parallel.engine ({self.engine!r}) must be auto, torch or deepspeed",
         )
         _require(self.zero_stage in (1, 2), f"parallel.zero_stage ({self.zero_stage}) must be 1 or 2")
         _require(

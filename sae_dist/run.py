@@ -27,6 +27,7 @@ from sae_dist.parallel.launch import (
     build_engine,
     check_supported,
     checkpoint_hooks,
+    engine_name,
     full_sae,
 )
 from sae_dist.plots import plot_training
@@ -127,6 +128,6 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
         tracker.log_artifacts(export_dir, "sae")
         status = "FINISHED"
         return results | {"export_dir": export_dir, "history": trainer.history, "steps": state.step,
-                           "rank": mesh.rank}
+                           "rank": mesh.rank, "engine": engine_name(cfg)}
     finally:
         tracker.finish(status)

@@ -360,3 +360,11 @@ def test_torchrun_fp2_reaches_single_rank_fvu(tmp_path):
     assert results["steps"] == single["steps"] == 60
     assert abs(results["fvu"] - single["fvu"]) < 0.01 + 0.02 * single["fvu"], (results["fvu"], single["fvu"])
     assert (out / "sae" / "sae_weights.safetensors").exists()
+
+
+def test_engine_auto_is_deepspeed_with_data_replicas_only(tmp_path):
+    from sae_dist.parallel.launch import engine_name
+
+    assert engine_name(synthetic_config(tmp_path, parallel={"dp": 2})) == "deepspeed"
+    assert engine_name(synthetic_config(tmp_path, parallel={"dp": 1})) == "torch"
+    assert engine_name(synthetic_config(tmp_path, parallel={"dp": 2, "engine": "torch"})) == "torch"

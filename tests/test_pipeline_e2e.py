@@ -127,3 +127,16 @@ def test_dead_trainer_actor_restarts_the_group_from_the_last_checkpoint(ray_clus
     assert out["steps"] == 3000
     # the second attempt resumed: it trained fewer than all 3000 steps itself
     assert 0 < len(out["history"]) < 3000
+
+
+def test_dp2_trainer_group_trains_with_zero_by_default(ray_cluster, tmp_path):
+    """parallel.engine=auto is DeepSpeed ZeRO with data replicas; Ray actors join without torchrun's
+    variables."""
+    pytest.importorskip("deepspeed")
+    from conftest import synthetic_config
+
+    cfg = synthetic_config(tmp_path, parallel={"dp": 2}, trainer={"total_tokens": 256 * 2 * 20, "log_every": 5},
+                           cluster={"trainer_cpus": 0.5, "timeout_s": 120.0})
+    out = run_trainer_group(cfg)
+    assert out["engine"] == "deepspeed" and out["steps"] == 20
+    assert out["fvu"] < 1.0

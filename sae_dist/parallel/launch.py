@@ -3,6 +3,7 @@ broadcast to everyone, and the whole SAE for export."""
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import torch
@@ -24,10 +25,28 @@ def check_supported(cfg: Config, device: torch.device) -> None:
             "replicas would resample from different batches; set sae.resample_every=0 or parallel.dp=1"
         )
     resolve_backend(p.backend, device)
+    if engine_name(cfg) == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(
+                f"parallel.engine ({p.engine}) is deepspeed for parallel.dp ({p.dp}), but DeepSpeed is not "
+                "installed; DS_BUILD_OPS=0 pip install 'sae-dist[deepspeed]', or set parallel.engine=torch"
+            )
+        if cfg.sae.arch == "relu" and cfg.sae.resample_every:
+            raise ConfigError(
+                f"sae.resample_every ({cfg.sae.resample_every}) resets per-latent Adam state, which ZeRO "
+                f"partitions (parallel.engine={p.engine}); set parallel.engine=torch or sae.resample_every=0"
+            )
+
+
+def engine_name(cfg: Config) -> str:
+    """parallel.engine resolved: auto is deepspeed with data replicas (dp > 1), torch without."""
+    if cfg.parallel.engine == "auto":
+        return "deepspeed" if cfg.parallel.dp > 1 else "torch"
+    return cfg.parallel.engine
 
 
 def build_engine(cfg: Config, sae: SparseAutoencoder, mesh: Mesh, lr: float) -> Any:
-    if cfg.parallel.engine == "deepspeed":
+    if engine_name(cfg) == "deepspeed":
         from sae_dist.parallel.zero import DeepSpeedEngine
 
         return DeepSpeedEngine(sae, lr, cfg, mesh)

@@ -13,6 +13,7 @@ and the decoder renormalisation after each step is copied back into ZeRO's fp32 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -95,6 +96,10 @@ class DeepSpeedEngine:
             p.model_parallel = name in SHARDED and mesh.fp > 1  # type: ignore[attr-defined]
         if sae.unit_norm_decoder:
             sae.W_dec.register_hook(self._project)
+        # DeepSpeed reads torchrun's variables; Ray trainer actors join the group without them
+        os.environ.setdefault("RANK", str(mesh.rank))
+        os.environ.setdefault("WORLD_SIZE", str(mesh.dims.world_size))
+        os.environ.setdefault("LOCAL_RANK", "0")  # a Ray actor sees only its own device
         deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False)
         optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
