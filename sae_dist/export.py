@@ -11,6 +11,7 @@ import json
 import os
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -20,29 +21,31 @@ from sae_dist.sae import SparseAutoencoder
 _ARCH_NAMES = {"topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "relu": "standard"}
 
 
-def export_saelens(
-    sae: SparseAutoencoder, scale: float, out_dir: str, meta: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Writes the whole (unsharded) SAE. BatchTopK exports as JumpReLU with its learned threshold."""
-    os.makedirs(out_dir, exist_ok=True)
+def export_tensors(sae: SparseAutoencoder, scale: float) -> dict[str, torch.Tensor]:
+    """This SAE's (or feature shard's) tensors in the SAELens layout, scale folded in, on the host:
+    W_enc (d_in, n), b_enc (n,), W_dec (n, d_in), b_dec (d_in,) and, for jumprelu/batchtopk, threshold (n,)."""
     arch = sae.cfg.arch
     with torch.no_grad():
         tensors = {
-            "W_enc": (sae.W_enc * scale).t().contiguous(),
-            "b_enc": sae.b_enc.detach().clone(),
-            "W_dec": (sae.W_dec / scale).contiguous(),
-            "b_dec": (sae.b_dec / scale).contiguous(),
+            "W_enc": (sae.W_enc * scale).t(),
+            "b_enc": sae.b_enc.detach(),
+            "W_dec": sae.W_dec / scale,
+            "b_dec": sae.b_dec / scale,
         }
         if arch == "jumprelu":
-            tensors["threshold"] = sae.log_threshold.exp().detach().clone()
+            tensors["threshold"] = sae.log_threshold.exp()
         if arch == "batchtopk":
             tensors["threshold"] = torch.full((sae.n_local,), float(sae.threshold.clamp_min(0)))
-    host = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}  # from any training device
-    save_file(host, os.path.join(out_dir, "sae_weights.safetensors"))
-    cfg = {
+    return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}  # from any training device
+
+
+def export_config(sae: SparseAutoencoder, scale: float, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """cfg.json of the whole SAE (sae.n_latents latents, whichever shard this is)."""
+    arch = sae.cfg.arch
+    return {
         "architecture": _ARCH_NAMES[arch],
         "d_in": sae.d_model,
-        "d_sae": sae.n_local,
+        "d_sae": sae.n_latents,
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": True,
@@ -52,16 +55,61 @@ def export_saelens(
         **({"k": sae.cfg.k} if arch == "topk" else {}),
         **(meta or {}),
     }
+
+
+def export_saelens(
+    sae: SparseAutoencoder, scale: float, out_dir: str, meta: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Writes the whole (unsharded) SAE. BatchTopK exports as JumpReLU with its learned threshold."""
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(export_tensors(sae, scale), os.path.join(out_dir, WEIGHTS))
+    cfg = export_config(sae, scale, meta)
     with open(os.path.join(out_dir, "cfg.json"), "w") as fh:
         json.dump(cfg, fh, indent=1)
     return cfg
+
+
+WEIGHTS = "sae_weights.safetensors"
+
+
+def full_shapes(sae: SparseAutoencoder) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """(dtype, shape) of each exported tensor of the whole SAE."""
+    n, d = sae.n_latents, sae.d_model
+    shapes = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+    if sae.cfg.arch in ("jumprelu", "batchtopk"):
+        shapes["threshold"] = (n,)
+    return {k: (torch.float32, v) for k, v in shapes.items()}
+
+
+def write_shard(path: str, start: int, offsets: dict[str, tuple[int, int]], sae: SparseAutoencoder, scale: float,
+                lo: int, write_replicated: bool) -> None:
+    """Writes feature shard [lo, lo + n_local) of the SAE into its place in an allocated export file
+    (`start` bytes of header, then the data at `offsets`): memory-mapped, so only this shard is held."""
+    shapes = full_shapes(sae)
+    part = export_tensors(sae, scale)
+    hi = lo + sae.n_local
+    mm = np.memmap(path, dtype=np.uint8, mode="r+")
+    try:
+        for name, t in part.items():
+            begin, _ = offsets[name]
+            full = np.ndarray(shapes[name][1], dtype=np.float32, buffer=mm, offset=start + begin)
+            if name == "W_enc":
+                full[:, lo:hi] = t.numpy()
+            elif name == "b_dec":
+                if write_replicated:
+                    full[:] = t.numpy()
+            else:
+                full[lo:hi] = t.numpy()
+        mm.flush()
+    finally:
+        del mm
 
 
 def load_saelens(path: str) -> tuple[SparseAutoencoder, dict[str, Any]]:
     """An exported SAE as a SparseAutoencoder on raw activations (scale 1). Never unpickles."""
     with open(os.path.join(path, "cfg.json")) as fh:
         cfg = json.load(fh)
-    w = load_file(os.path.join(path, "sae_weights.safetensors"))
+    w = load_file(os.path.join(path, WEIGHTS))
     arch = cfg.get("sae_dist_arch", {"standard": "relu"}.get(cfg["architecture"], cfg["architecture"]))
     sae_cfg = SaeConfig(arch=arch, n_latents=cfg["d_sae"], k=cfg.get("k", min(32, cfg["d_sae"] - 1)))
     sae = SparseAutoencoder(sae_cfg, cfg["d_in"])

@@ -28,6 +28,7 @@ from sae_dist.parallel.launch import (
     check_supported,
     checkpoint_hooks,
     engine_name,
+    export_sharded,
     full_sae,
 )
 from sae_dist.plots import plot_training
@@ -113,11 +114,14 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
         results = evaluate(sae, heldout_batches(cfg), state.scale, cfg.trainer.eval_tokens)
         tracker.log_metrics({f"eval/{k}": v for k, v in results.items()}, state.step)
         export_dir = os.path.join(cfg.output_dir, "sae")
-        whole = full_sae(sae, mesh)
+        meta = {"hook_name": cfg.model.hook_point, "model_name": cfg.model.name,
+                "context_size": cfg.model.context_size}
+        # each fp shard writes its own latents where the ranks share a filesystem; else gather (small SAEs)
+        if not (mesh.fp > 1 and export_sharded(sae, mesh, state.scale, export_dir, meta)):
+            whole = full_sae(sae, mesh)
+            if mesh.is_main:
+                export_saelens(whole, state.scale, export_dir, meta)
         if mesh.is_main:
-            export_saelens(whole, state.scale, export_dir, {"hook_name": cfg.model.hook_point,
-                                                            "model_name": cfg.model.name,
-                                                            "context_size": cfg.model.context_size})
             with open(os.path.join(cfg.output_dir, "results.json"), "w") as fh:
                 json.dump(results | {"steps": state.step, "train_tokens": state.tokens}, fh, indent=1)
             plots_dir = os.path.join(cfg.output_dir, "plots")

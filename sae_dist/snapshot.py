@@ -9,6 +9,7 @@ no long GIL hold that would stall the training thread. Any safetensors reader lo
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import torch
@@ -20,28 +21,37 @@ _DTYPES = {
 }
 
 
-def pack_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytearray:
-    """`tensors` (on any device) as the bytes of a .safetensors file."""
+def safetensors_layout(
+    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The start of a .safetensors file for tensors of these (dtype, shape): (length + JSON header,
+    name -> (begin, end) byte offsets of its data after that start)."""
     # widest elements first, so every tensor starts at a multiple of its element size
-    names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    names = sorted(specs, key=lambda k: (-specs[k][0].itemsize, k))
     header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
+    offsets, offset = {}, 0
     for name in names:
-        t = tensors[name]
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        dtype, shape = specs[name]
+        size = dtype.itemsize * math.prod(shape)
+        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offsets[name] = (offset, offset + size)
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-(8 + len(head)) % 8)
-    out = bytearray(8 + len(head) + offset)
-    out[: 8 + len(head)] = struct.pack("<Q", len(head)) + head
-    if offset:
-        data = torch.frombuffer(out, dtype=torch.uint8, offset=8 + len(head))  # shares out's memory
-        for name in names:
-            t = tensors[name].detach()
-            begin, end = header[name]["data_offsets"]  # type: ignore[index]
+    return struct.pack("<Q", len(head)) + head, offsets
+
+
+def pack_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytearray:
+    """`tensors` (on any device) as the bytes of a .safetensors file."""
+    start, offsets = safetensors_layout({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, metadata)
+    total = max((end for _, end in offsets.values()), default=0)
+    out = bytearray(len(start) + total)
+    out[: len(start)] = start
+    if total:
+        data = torch.frombuffer(out, dtype=torch.uint8, offset=len(start))  # shares out's memory
+        for name, (begin, end) in offsets.items():
             if end > begin:
-                data[begin:end].copy_(t.reshape(-1).view(torch.uint8))
+                data[begin:end].copy_(tensors[name].detach().reshape(-1).view(torch.uint8))
     return out
 
 

@@ -27,6 +27,7 @@ from sae_dist import kernels  # type: ignore[attr-defined]
 from sae_dist.config import ConfigError, ParallelConfig
 from sae_dist.data.stream import BatchStream
 from sae_dist.data.synthetic import SyntheticSource
+from sae_dist.export import export_saelens
 from sae_dist.parallel import (
     ParallelDims,
     ReplicaSource,
@@ -36,7 +37,7 @@ from sae_dist.parallel import (
     single_process,
 )
 from sae_dist.parallel.dims import build_mesh
-from sae_dist.parallel.launch import build_engine
+from sae_dist.parallel.launch import build_engine, export_sharded, full_sae
 from sae_dist.sae import SparseAutoencoder
 from sae_dist.trainer import Trainer, TrainState, auto_lr
 
@@ -158,7 +159,25 @@ def _job_world2(rank, tmp):
     for n in (128, 512):
         cfg = _cfg(tmp, "topk", n=n, fp=2, batch=16, dead_tokens=1)
         out[f"count-{n}"] = _train(cfg, _mesh(cfg), _batches(16, 4), count_at=(2, 3))["counts"]
+    out["export_sharded"] = _export_both_ways(tmp, rank)
     return out
+
+
+def _export_both_ways(tmp, rank):
+    """The fp=2 SAE exported shard by shard into one file, and gathered whole by rank 0."""
+    cfg = _cfg(tmp, "jumprelu", fp=2)
+    mesh = _mesh(cfg)
+    sae = apply_feature_parallel(
+        SparseAutoencoder(cfg.sae, D, encoder_chunk=32, generator=torch.Generator().manual_seed(1)), mesh)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(sae.n_local, generator=torch.Generator().manual_seed(rank)))
+        sae.log_threshold.add_(0.1 * (rank + 1))
+    meta = {"hook_name": "h"}
+    ok = export_sharded(sae, mesh, 1.7, os.path.join(tmp, "sharded"), meta)
+    whole = full_sae(sae, mesh)
+    if rank == 0:
+        export_saelens(whole, 1.7, os.path.join(tmp, "gathered"), meta)
+    return ok
 
 
 def _replica_batches(rank, fp):
@@ -202,7 +221,10 @@ def _worker(rank, world, port, tmp, job):
 def _spawn(tmp_path_factory, name, job, world):
     tmp = str(tmp_path_factory.mktemp(name))
     mp.spawn(_worker, args=(world, _free_port(), tmp, job), nprocs=world)
-    return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    out = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    for r in out:
+        r["tmp"] = tmp
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -368,3 +390,19 @@ def test_engine_auto_is_deepspeed_with_data_replicas_only(tmp_path):
     assert engine_name(synthetic_config(tmp_path, parallel={"dp": 2})) == "deepspeed"
     assert engine_name(synthetic_config(tmp_path, parallel={"dp": 1})) == "torch"
     assert engine_name(synthetic_config(tmp_path, parallel={"dp": 2, "engine": "torch"})) == "torch"
+
+
+def test_fp2_export_written_shard_by_shard_equals_the_gathered_one(world2):
+    """No rank holds the whole SAE, and the file is the same as the one a gathered SAE gives."""
+    from safetensors.torch import load_file
+
+    assert all(r["export_sharded"] for r in world2)
+    tmp = world2[0]["tmp"]
+    sharded = load_file(os.path.join(tmp, "sharded", "sae_weights.safetensors"))
+    gathered = load_file(os.path.join(tmp, "gathered", "sae_weights.safetensors"))
+    assert set(sharded) == set(gathered) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
+    for name, want in gathered.items():
+        assert torch.equal(sharded[name], want), name
+    with open(os.path.join(tmp, "sharded", "cfg.json")) as a, open(os.path.join(tmp, "gathered", "cfg.json")) as b:
+        assert json.load(a) == json.load(b)
+    assert not [f for f in os.listdir(os.path.join(tmp, "sharded")) if "partial" in f]

@@ -86,3 +86,42 @@ def full_sae(sae: SparseAutoencoder, mesh: Mesh) -> SparseAutoencoder:
     )
     whole.load_state_dict(state)
     return whole
+
+
+def export_sharded(sae: SparseAutoencoder, mesh: Mesh, scale: float, out_dir: str, meta: dict[str, Any]) -> bool:
+    """The SAELens export of a feature-parallel SAE without any rank holding the whole of it: rank 0
+    writes the header and allocates the file, each fp shard of replica 0 writes its latents into place
+    (memory-mapped), and the file gets its name once all are done. Needs `out_dir` on a filesystem every
+    rank sees (one node, or a shared one); returns False, having written nothing, where it is not."""
+    import json
+    import os
+
+    from sae_dist.export import WEIGHTS, export_config, full_shapes, write_shard
+    from sae_dist.snapshot import safetensors_layout
+
+    path = os.path.join(out_dir, WEIGHTS)
+    partial = f"{path}.partial-{os.getpid() if mesh.is_main else 0}"
+    partial = broadcast_from_main(partial, mesh)
+    start, offsets = safetensors_layout(full_shapes(sae))
+    size = len(start) + max(end for _, end in offsets.values())
+    if mesh.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(partial, "wb") as fh:
+            fh.write(start)
+            fh.truncate(size)  # sparse until the shards land
+    mesh.barrier()
+    seen: list[Any] = [None] * mesh.dims.world_size
+    dist.all_gather_object(seen, os.path.exists(partial) and os.path.getsize(partial) == size)
+    if not all(seen):
+        if mesh.is_main:
+            os.remove(partial)
+        return False
+    if mesh.dp_rank == 0:
+        write_shard(partial, len(start), offsets, sae, scale, mesh.latent_offset, write_replicated=mesh.fp_rank == 0)
+    mesh.barrier()
+    if mesh.is_main:
+        os.replace(partial, path)
+        with open(os.path.join(out_dir, "cfg.json"), "w") as fh:
+            json.dump(export_config(sae, scale, meta), fh, indent=1)
+    mesh.barrier()
+    return True
