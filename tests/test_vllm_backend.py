@@ -69,3 +69,12 @@ def test_unknown_hook_point_is_a_config_error():
 
     with pytest.raises(ConfigError, match=r"model\.hook_point \('layers\.9'\)"):
         install_hook(TinyDecoder(), "layers.9")
+
+
+def test_engine_runs_in_process_on_one_gpu_and_tensor_parallel_needs_an_explicit_opt_in():
+    from sae_dist.pipeline.vllm_backend import engine_env
+
+    assert engine_env(1, {}) == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # hooks called directly, no pickling
+    with pytest.raises(RuntimeError, match=r"tensor_parallel_size=2.*VLLM_ALLOW_INSECURE_SERIALIZATION=1"):
+        engine_env(2, {})
+    assert engine_env(2, {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}) == {}

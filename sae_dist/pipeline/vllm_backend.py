@@ -17,6 +17,7 @@ tokens in submission order. The pieces that do not need vLLM (`install_hook`, `c
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -65,16 +66,35 @@ def split_rows(rows: Tensor, n_contexts: int, context_size: int) -> Tensor:
     return rows.view(n_contexts, context_size, -1)
 
 
+def engine_env(tensor_parallel_size: int, environ: dict[str, str]) -> dict[str, str]:
+    """Environment for the vLLM engine, set before it starts. `apply_model` ships our hook functions to
+    the workers: with one GPU the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so they
+    are called directly and nothing is serialised. Tensor parallelism needs worker processes, and vLLM
+    V1 then sends callables to them only with VLLM_ALLOW_INSECURE_SERIALIZATION=1 (pickle between the
+    local processes of this engine, never data from storage or the network): that must be the user's
+    explicit choice, so it is refused rather than set."""
+    if tensor_parallel_size <= 1:
+        return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") != "1":
+        raise RuntimeError(
+            f"the vLLM backend with tensor_parallel_size={tensor_parallel_size} hooks layers inside vLLM's "
+            "worker processes, which needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 (pickled hook functions between "
+            "this engine's local processes); set it in the producers' environment, or use one GPU per producer"
+        )
+    return {}
+
+
 class VLLMHookedModel:
     """Drop-in for `HookedModel`: (input_ids, attention_mask) -> (C, T, d) at the hook point."""
 
     def __init__(self, name: str, hook_point: str, context_size: int, batch_contexts: int, **llm_kwargs: Any) -> None:
+        os.environ.update(engine_env(int(llm_kwargs.get("tensor_parallel_size", 1)), dict(os.environ)))
         from vllm import LLM  # GPU clusters only: the `vllm` extra
 
-        self.llm = LLM(
+        self.llm = LLM(  # max_model_len: a full context plus the one token generate() samples
             model=name, enforce_eager=True, enable_prefix_caching=False, enable_chunked_prefill=False,
-            max_model_len=context_size, max_num_seqs=batch_contexts,
-            max_num_batched_tokens=context_size * batch_contexts, **llm_kwargs,
+            max_model_len=context_size + 1, max_num_seqs=batch_contexts,
+            max_num_batched_tokens=max(context_size * batch_contexts, context_size + 1), **llm_kwargs,
         )
         self.llm.apply_model(functools.partial(install_hook, hook_point=hook_point))
 
