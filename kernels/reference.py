@@ -136,15 +136,16 @@ def _certified_topk(
     k_aux_sel = min(OVERSELECT * k_aux, max(n_aux, k_aux))
     cv, ci, av, ai = _stream_topk(x, W_enc, b_enc, k_sel, chunk, aux_mask, k_aux_sel, torch.bfloat16)
     vals, idx = _refine(x, W_enc, b_enc, cv, ci, k, sort=True)
+    slack = _bf16_slack(x, W_enc, b_enc)
     ok = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     if k_sel < n:  # otherwise every latent is a candidate
-        ok &= _bf16_upper_bound(x, W_enc, b_enc, cv.float().amin(dim=1)) < vals[:, -1]
+        ok &= _bf16_upper_bound(cv.float().amin(dim=1), slack) < vals[:, -1]
     if aux_mask is None:
         aux_vals, aux_idx = vals.new_empty(x.shape[0], 0), idx.new_empty(x.shape[0], 0)
     else:
         aux_vals, aux_idx = _refine(x, W_enc, b_enc, av, ai, k_aux, sort=False)
         if k_aux_sel < n_aux:
-            ok &= _bf16_upper_bound(x, W_enc, b_enc, av.float().amin(dim=1)) < aux_vals.amin(dim=1)
+            ok &= _bf16_upper_bound(av.float().amin(dim=1), slack) < aux_vals.amin(dim=1)
     bad = (~ok).nonzero().squeeze(1)
     SELECT_STATS["rows"] += x.shape[0]
     SELECT_STATS["fallback_rows"] += bad.numel()
@@ -156,20 +157,27 @@ def _certified_topk(
     return vals, idx, aux_vals, aux_idx
 
 
-def _bf16_upper_bound(x: Tensor, W_enc: Tensor, b_enc: Tensor, m: Tensor) -> Tensor:
-    """Per row, an upper bound on the exact x.w + b of any latent whose bf16 value p~ was <= m.
+def _bf16_slack(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+    """Per row, the part of the bf16 rounding error that does not depend on the value (see
+    `_bf16_upper_bound`); one pass over W_enc's norms per forward."""
+    u = 2.0**-8
+    c = 2 * u + 2 * u * u + 2 * x.shape[1] * 2.0**-24
+    w_max = W_enc.detach().norm(dim=1).max()
+    return c * x.norm(dim=1) * w_max + 2.05 * u * b_enc.detach().abs().max()
+
+
+def _bf16_upper_bound(m: Tensor, slack: Tensor) -> Tensor:
+    """Per row, an upper bound on the exact x.w + b of any latent whose bf16 value p~ was <= m, given
+    `slack = _bf16_slack(x, W_enc, b_enc)`.
 
     With u = 2^-8 (bf16 rounding) the bf16 value is p~ = fl(fl(x~.w~) + b~): x and w rounded (2u + u^2
     relative on each product, so on sum |x_i w_i| <= |x| |w| by Cauchy-Schwarz), summed in fp32 (d 2^-24
     each way), the product rounded to bf16 (u |x~.w~| <= u (1 + 2u)(|p~| + |b|)), the bias rounded (u |b|)
     and the sum rounded (u |p~| / (1 - u)). Taken generously:
         |p - p~| <= (2u + 2u^2 + 2d 2^-24) |x| max|w| + 2.05u max|b| + 2.05u |p~|,
-    and p~ + 2.05u |p~| grows with p~, so m stands in for every left-out p~."""
-    u = 2.0**-8
-    c = 2 * u + 2 * u * u + 2 * x.shape[1] * 2.0**-24
-    w_max = W_enc.detach().norm(dim=1).max()
-    slack = c * x.norm(dim=1) * w_max + 2.05 * u * b_enc.detach().abs().max()
-    return m + 2.05 * u * m.abs() + slack
+    the first two terms being the slack, and p~ + 2.05u |p~| grows with p~, so m stands in for every
+    left-out p~."""
+    return m + 2.05 * 2.0**-8 * m.abs() + slack
 
 
 def _refine(

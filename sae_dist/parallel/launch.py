@@ -4,16 +4,20 @@ broadcast to everyone, and the whole SAE for export."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from sae_dist.config import Config, ConfigError
+from sae_dist.export import WEIGHTS, export_config, full_shapes, write_shard
 from sae_dist.parallel.dims import Mesh, resolve_backend
 from sae_dist.parallel.dp import DataParallel
 from sae_dist.parallel.fp import gather_full_state
 from sae_dist.sae import SparseAutoencoder
+from sae_dist.snapshot import safetensors_layout
 
 
 def check_supported(cfg: Config, device: torch.device) -> None:
@@ -93,15 +97,8 @@ def export_sharded(sae: SparseAutoencoder, mesh: Mesh, scale: float, out_dir: st
     writes the header and allocates the file, each fp shard of replica 0 writes its latents into place
     (memory-mapped), and the file gets its name once all are done. Needs `out_dir` on a filesystem every
     rank sees (one node, or a shared one); returns False, having written nothing, where it is not."""
-    import json
-    import os
-
-    from sae_dist.export import WEIGHTS, export_config, full_shapes, write_shard
-    from sae_dist.snapshot import safetensors_layout
-
     path = os.path.join(out_dir, WEIGHTS)
-    partial = f"{path}.partial-{os.getpid() if mesh.is_main else 0}"
-    partial = broadcast_from_main(partial, mesh)
+    partial = broadcast_from_main(f"{path}.partial-{os.getpid()}", mesh)  # rank 0's name
     start, offsets = safetensors_layout(full_shapes(sae))
     size = len(start) + max(end for _, end in offsets.values())
     if mesh.is_main:
