@@ -93,8 +93,8 @@ def _stream_topk(
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         W_c, b_c = W_enc[start:stop], b_enc[start:stop]
-        if sel is not None:
-            W_c, b_c = W_c.to(sel), b_c.to(sel)
+        # bf16 selection, or weights stored in bf16 under fp32 inputs: this block in the compute dtype
+        W_c, b_c = W_c.to(sel or x.dtype), b_c.to(sel or x.dtype)
         pre = torch.addmm(b_c, xs, W_c.t())  # (B, c)
         cv, ci = pre.topk(min(k, stop - start), dim=1, sorted=False)
         top.add(cv, ci + start)
@@ -162,8 +162,10 @@ def _bf16_slack(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
     `_bf16_upper_bound`); one pass over W_enc's norms per forward."""
     u = 2.0**-8
     c = 2 * u + 2 * u * u + 2 * x.shape[1] * 2.0**-24
-    w_max = W_enc.detach().norm(dim=1).max()
-    return c * x.norm(dim=1) * w_max + 2.05 * u * b_enc.detach().abs().max()
+    W = W_enc.detach()
+    step = max(1, CHUNK_BYTES // (4 * W.shape[1]))  # norms in fp32 (a bf16 norm may round down)
+    w_max = torch.stack([W[s : s + step].float().norm(dim=1).max() for s in range(0, W.shape[0], step)]).max()
+    return c * x.norm(dim=1) * w_max + 2.05 * u * b_enc.detach().abs().max().float()
 
 
 def _bf16_upper_bound(m: Tensor, slack: Tensor) -> Tensor:
@@ -184,26 +186,66 @@ def _refine(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, cand: Tensor, idx: Tensor, k: int, sort: bool
 ) -> tuple[Tensor, Tensor]:
     """Exact pre-activations of the candidates (B, m) -> the top k of them."""
-    exact = gather_dot(x, idx, W_enc) + b_enc[idx]
+    exact = gather_dot(x, idx, W_enc) + b_enc[idx].to(x.dtype)
     exact = exact.masked_fill(torch.isinf(cand), float("-inf"))  # rows short of candidates stay padded
     top, pos = exact.topk(min(k, exact.shape[1]), dim=1, sorted=sort)
     return top, idx.gather(1, pos)
 
 
-def scatter_rows(w: Tensor, idx: Tensor, x: Tensor, n: int) -> Tensor:
+CHUNK_BYTES = 64 << 20
+"""Bound on the temporaries of the mixed-dtype paths (bf16 weights, fp32 inputs), which upcast the
+rows they touch a block at a time."""
+
+
+def scatter_rows(w: Tensor, idx: Tensor, x: Tensor, n: int, dtype: torch.dtype | None = None) -> Tensor:
     """out[l] = sum over (b, j) with idx[b, j] = l of w[b, j] * x[b] -> (n, d): the weight gradient of
-    k active rows per token, a sparse (n x B) @ (B x d) product costing B * k * d (deterministic)."""
+    k active rows per token, a sparse (n x B) @ (B x d) product costing B * k * d (deterministic).
+
+    Accumulates in x's dtype. With another `dtype` (bf16 weights under fp32 inputs) only the rows of
+    latents that occur are formed in x's dtype, then rounded into an (n, d) tensor of that dtype."""
     B, K = idx.shape
     tokens = torch.arange(B, device=x.device).repeat_interleave(K)
-    G = torch.sparse_coo_tensor(
-        torch.stack([idx.reshape(-1), tokens]), w.reshape(-1).to(x.dtype), (n, B), check_invariants=False
-    )
-    return torch.sparse.mm(G, x)
+    flat = idx.reshape(-1)
+    if dtype is None or dtype == x.dtype:
+        rows, m = flat, n
+    else:
+        used, rows = flat.unique(return_inverse=True)
+        m = used.numel()
+    G = torch.sparse_coo_tensor(torch.stack([rows, tokens]), w.reshape(-1).to(x.dtype), (m, B), check_invariants=False)
+    out = torch.sparse.mm(G, x)
+    if m == n and rows is flat:
+        return out
+    full = torch.zeros(n, x.shape[1], dtype=dtype, device=x.device)
+    full[used] = out.to(dtype)
+    return full
+
+
+def bag_sum(w: Tensor, idx: Tensor, table: Tensor) -> Tensor:
+    """sum_j w[b, j] * table[idx[b, j]] -> (B, d) in w's dtype (embedding_bag where the dtypes agree; a
+    table in another dtype, e.g. bf16 weights under fp32 values, is upcast a block of rows at a time)."""
+    if table.dtype == w.dtype:
+        return F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")
+    (B, K), d = idx.shape, table.shape[1]
+    out = w.new_empty(B, d)
+    step = max(1, CHUNK_BYTES // (4 * K * d))
+    for s in range(0, B, step):
+        rows = table[idx[s : s + step]].to(w.dtype)  # (b, K, d)
+        out[s : s + step] = torch.bmm(w[s : s + step].unsqueeze(1), rows).squeeze(1)
+    return out
 
 
 def gather_dot(g: Tensor, idx: Tensor, table: Tensor) -> Tensor:
     """out[b, j] = <g[b], table[idx[b, j]]> -> (B, k), without gathering a (B, k, d) tensor: this is
-    exactly the per-sample-weights gradient of embedding_bag, whose CPU kernel is a fused loop."""
+    exactly the per-sample-weights gradient of embedding_bag, whose CPU kernel is a fused loop. A table
+    in another dtype than g (bf16 weights) is upcast a block of rows at a time; the result is in g's."""
+    if table.dtype != g.dtype:
+        (B, K), d = idx.shape, table.shape[1]
+        out = g.new_empty(B, K)
+        step = max(1, CHUNK_BYTES // (4 * K * d))
+        for s in range(0, B, step):
+            rows = table[idx[s : s + step]].to(g.dtype)  # (b, K, d)
+            out[s : s + step] = torch.bmm(rows, g[s : s + step].unsqueeze(2)).squeeze(2)
+        return out
     with torch.enable_grad():
         w = torch.zeros(idx.shape, dtype=table.dtype, device=table.device, requires_grad=True)
         out = F.embedding_bag(idx, table.detach(), per_sample_weights=w, mode="sum")
@@ -218,12 +260,12 @@ def encoder_backward(
 
     Only the rows of active latents receive gradient: cost B * k * d, not B * n * d."""
     n = W_enc.shape[0]
-    grad_x = F.embedding_bag(idx, W_enc, per_sample_weights=grad_vals.to(W_enc.dtype), mode="sum")
+    grad_x = bag_sum(grad_vals.to(x.dtype), idx, W_enc)
     if not need_w:
         return grad_x, None, None
     g = grad_vals.reshape(-1).to(x.dtype)
     grad_b = torch.zeros(n, dtype=x.dtype, device=x.device).index_add_(0, idx.reshape(-1), g)
-    return grad_x, scatter_rows(grad_vals, idx, x, n), grad_b
+    return grad_x, scatter_rows(grad_vals, idx, x, n, W_enc.dtype), grad_b
 
 
 def merge_aux_grads(
@@ -246,6 +288,7 @@ class TopKEncode(torch.autograd.Function):
         vals, idx, aux_vals, aux_idx = topk_encode_forward(x, W_enc, b_enc, k, chunk, aux_mask, k_aux)
         ctx.save_for_backward(x, W_enc, idx, aux_idx)
         ctx.mark_non_differentiable(idx, aux_idx)
+        ctx.b_dtype = b_enc.dtype
         return vals, idx, aux_vals, aux_idx
 
     @staticmethod
@@ -253,6 +296,7 @@ class TopKEncode(torch.autograd.Function):
         x, W_enc, idx, aux_idx = ctx.saved_tensors
         idx, grad_vals = merge_aux_grads(x, idx, aux_idx, grad_vals, grad_aux)
         grad_x, grad_W, grad_b = encoder_backward(x, W_enc, idx, grad_vals, need_w=ctx.needs_input_grad[1])
+        grad_b = grad_b.to(ctx.b_dtype) if grad_b is not None else None
         return grad_x, grad_W, grad_b, None, None, None, None
 
 
@@ -268,7 +312,9 @@ def topk_encode(
     """Top-k pre-activations of x @ W_enc.T + b_enc without a (B, n) buffer.
 
     x (B, d), W_enc (n, d), b_enc (n,) -> values (B, k) sorted descending, ids (B, k), aux values
-    (B, k_aux) and aux ids over latents where aux_mask (n,) is True (empty when aux_mask is None)."""
+    (B, k_aux) and aux ids over latents where aux_mask (n,) is True (empty when aux_mask is None).
+    Values come in x's dtype; weights may be stored in bf16 under fp32 x (trainer.param_dtype=bf16):
+    they are upcast a block at a time, and their gradients come back in their own dtype."""
     return TopKEncode.apply(x, W_enc, b_enc, k, chunk, aux_mask, k_aux)
 
 
@@ -279,21 +325,17 @@ class SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, vals, idx, W_dec):  # type: ignore[override]
         ctx.save_for_backward(vals, idx, W_dec)
-        return F.embedding_bag(idx, W_dec, per_sample_weights=vals.to(W_dec.dtype), mode="sum")
+        return bag_sum(vals, idx, W_dec)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         vals, idx, W_dec = ctx.saved_tensors
         grad_vals = gather_dot(grad_out, idx, W_dec).to(vals.dtype) if ctx.needs_input_grad[0] else None
-        grad_W = (
-            scatter_rows(vals, idx, grad_out, W_dec.shape[0]).to(W_dec.dtype)
-            if ctx.needs_input_grad[2]
-            else None
-        )
+        grad_W = scatter_rows(vals, idx, grad_out, W_dec.shape[0], W_dec.dtype) if ctx.needs_input_grad[2] else None
         return grad_vals, None, grad_W
 
 
 def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
-    """sum_j vals[:, j] * W_dec[idx[:, j]] -> (B, d), with a sparse backward: dot products for vals, a
-    scatter-add into the k rows for W_dec."""
+    """sum_j vals[:, j] * W_dec[idx[:, j]] -> (B, d) in vals' dtype, with a sparse backward: dot products
+    for vals, a scatter-add into the k rows for W_dec (in W_dec's dtype, which may be bf16)."""
     return SparseDecode.apply(vals, idx, W_dec)

@@ -103,12 +103,12 @@ def _block_d(D: int) -> int:
 
 
 def gather_sum(w: Tensor, idx: Tensor, table: Tensor, out: Tensor | None = None, block_b: int = 16) -> Tensor:
-    """w (B, k), idx (B, k), table (n, d) -> (B, d) in table's dtype, fp32 accumulation."""
+    """w (B, k), idx (B, k), table (n, d) -> (B, d) in w's dtype, fp32 accumulation."""
     B, K = idx.shape
     D = table.shape[1]
     if table.stride(1) != 1:
         table = table.contiguous()
-    out = torch.empty(B, D, dtype=table.dtype, device=table.device) if out is None else out
+    out = torch.empty(B, D, dtype=w.dtype, device=table.device) if out is None else out
     bd = _block_d(D)
     grid = (triton.cdiv(B, block_b), triton.cdiv(D, bd))
     _gather_sum_kernel[grid](
@@ -151,7 +151,8 @@ def scatter_rows(
     bias_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Sparse weight gradient: out[l] = sum over (b, j) with idx[b, j] = l of w[b, j] * x[b]; (n, d) fp32,
-    and with_bias the (n,) sums of w per latent. Deterministic mode overwrites every row of `out`."""
+    and with_bias the (n,) sums of w per latent. Deterministic mode overwrites every row of `out`, which
+    may be of the weights' dtype (fp32 sums rounded once on store: no fp32 (n, d) buffer for bf16 weights)."""
     B, K = idx.shape
     D = x.shape[1]
     x = x.contiguous()

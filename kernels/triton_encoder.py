@@ -136,7 +136,8 @@ def topk_encode_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Top-k of x @ W_enc.T + b_enc per row, sorted descending, and the top k_aux over aux_mask latents.
 
-    x (B, d), W_enc (n, d), b_enc (n,), aux_mask (n,) bool -> values (B, k) in x's dtype, ids (B, k) int64,
+    x (B, d), W_enc (n, d), b_enc (n,), aux_mask (n,) bool -> values (B, k) in x's dtype (x is cast to
+    W_enc's dtype for the matmul), ids (B, k) int64,
     aux values (B, k_aux), aux ids (B, k_aux) (width 0 when aux_mask is None). A row with fewer than
     k_aux aux latents gets -inf values at latent 0."""
     B, D = x.shape
@@ -148,6 +149,7 @@ def topk_encode_fwd(
     k = min(k, N)
     has_aux = aux_mask is not None and k_aux > 0
     k_aux = min(k_aux, N) if has_aux else 0
+    x_dtype = x.dtype  # values come back in it; the matmul runs in the weights' dtype (bf16 tensor cores)
     x = x.to(W_enc.dtype).contiguous()
     W_enc = W_enc.contiguous()
     S = n_splits or _splits(B, N, block_b, block_n, x.device)
@@ -176,4 +178,4 @@ def topk_encode_fwd(
         aux_top, aux_top_idx = _finish(aux_vals, aux_idx, k_aux)
     else:
         aux_top, aux_top_idx = aux_vals[0], aux_idx[0]
-    return top.to(x.dtype), top_idx, aux_top.to(x.dtype), aux_top_idx
+    return top.to(x_dtype), top_idx, aux_top.to(x_dtype), aux_top_idx

@@ -6,7 +6,8 @@
 Forward and backward are all sparse Triton kernels (`triton_encoder.py`, `triton_decoder.py`); nothing
 of size B x n is allocated. Weight gradients are deterministic unless `set_deterministic(False)`
 (atomic adds: faster when few latents are very hot, run-to-run bit differences). fp32 and bf16 inputs,
-fp32 accumulation. Runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (tests).
+fp32 accumulation; bf16 weights under fp32 activations (trainer.param_dtype=bf16) give values and the
+decode in fp32 and weight gradients in bf16. Runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (tests).
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ def set_deterministic(on: bool) -> None:
     _deterministic = on
 
 
+def _grad_buffer(W: Tensor) -> Tensor | None:
+    """The deterministic segment sums write each row once, so they store straight into the weights'
+    dtype; atomic adds accumulate in an fp32 buffer (None: scatter_rows allocates it)."""
+    return torch.empty(W.shape, dtype=W.dtype, device=W.device) if _deterministic else None
+
+
 class TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, k, chunk, aux_mask, k_aux):  # type: ignore[override]
@@ -45,7 +52,8 @@ class TopKEncode(torch.autograd.Function):
         grad_W = grad_b = None
         if need_w or need_b:
             gw, gb = scatter_rows(
-                grad_vals, idx, x, W_enc.shape[0], with_bias=need_b, deterministic=_deterministic
+                grad_vals, idx, x, W_enc.shape[0], with_bias=need_b, deterministic=_deterministic,
+                out=_grad_buffer(W_enc),
             )
             grad_W = gw.to(W_enc.dtype) if need_w else None
             grad_b = gb.to(ctx.b_dtype) if need_b and gb is not None else None
@@ -65,7 +73,9 @@ class SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_vals = gather_dot(grad_out, idx, W_dec).to(vals.dtype)
         if ctx.needs_input_grad[2]:
-            grad_W, _ = scatter_rows(vals, idx, grad_out, W_dec.shape[0], deterministic=_deterministic)
+            grad_W, _ = scatter_rows(
+                vals, idx, grad_out, W_dec.shape[0], deterministic=_deterministic, out=_grad_buffer(W_dec)
+            )
             grad_W = grad_W.to(W_dec.dtype)
         return grad_vals, None, grad_W
 

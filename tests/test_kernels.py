@@ -276,6 +276,53 @@ def test_triton_bf16_encode_and_decode_within_bf16_bounds(poisoned_empty):
     _decode_and_check(triton_ops, 37, 24, 100, 5, salt=52, dtype=torch.bfloat16)
 
 
+MIXED = [
+    pytest.param("torch", "fp32", id="torch-fp32-select"),
+    pytest.param("torch", "bf16", id="torch-bf16-select"),
+    pytest.param("triton", "fp32", id="triton", marks=needs_triton),
+]
+
+
+@pytest.mark.parametrize("path,select", MIXED)
+def test_bf16_weights_under_fp32_activations(path, select, poisoned_empty):
+    """trainer.param_dtype=bf16: weights stored in bf16, activations, values and the decode in fp32,
+    weight gradients in bf16. The torch path upcasts the weights (fp32 bounds on the values), with either
+    top-k selection; the Triton path multiplies in bf16 (x rounded: bf16 bounds), accumulates in fp32."""
+    kernels.set_select_precision(select)
+    ops = reference if path == "torch" else triton_ops
+    value_bound = torch.float32 if path == "torch" else torch.bfloat16
+    B, d, n, k, k_aux, n_dead = SHAPES[0]
+    x, W, b, dead = _problem(B, d, n, n_dead, salt=71)
+    W, b = W.to(torch.bfloat16), b.to(torch.bfloat16)
+    pre64 = x.double() @ W.double().T + b.double()
+    xs, Ws, bs = x.clone().requires_grad_(), W.clone().requires_grad_(), b.clone().requires_grad_()
+    vals, idx, aux_vals, aux_idx = ops.topk_encode(xs, Ws, bs, k, aux_mask=dead, k_aux=k_aux)
+    assert vals.dtype == aux_vals.dtype == torch.float32
+    _check_topk(vals, idx, pre64, k, value_bound, "mixed top-k")
+    _check_topk(aux_vals, aux_idx, pre64, k_aux, value_bound, "mixed aux top-k", mask=dead)
+    g = _gen(72)
+    gv, ga = _randn(*vals.shape, g=g), _randn(*aux_vals.shape, g=g).masked_fill(~torch.isfinite(aux_vals), 0)
+    ((gv * vals).sum() + (ga * aux_vals.masked_fill(~torch.isfinite(aux_vals), 0)).sum()).backward()
+    want = _dense64_encode_grads(x, W, b, idx, aux_idx, gv, ga)
+    assert (xs.grad.dtype, Ws.grad.dtype, bs.grad.dtype) == (torch.float32, torch.bfloat16, torch.bfloat16)
+    _close(xs.grad, want[0], value_bound, "mixed encoder grad of x")
+    _close(Ws.grad, want[1], torch.bfloat16, "mixed encoder grad of W")
+    _close(bs.grad, want[2], torch.bfloat16, "mixed encoder grad of b")
+
+    vals = _randn(B, k, g=g)
+    grad_out = _randn(B, d, g=g)
+    vs, Wd = vals.clone().requires_grad_(), W.clone().requires_grad_()
+    out = ops.sparse_decode(vs, idx, Wd)
+    out.backward(grad_out)
+    v64, W64 = vals.double().requires_grad_(), W.double().requires_grad_()
+    out64 = (v64.unsqueeze(2) * W64[idx]).sum(1)
+    out64.backward(grad_out.double())
+    assert (out.dtype, vs.grad.dtype, Wd.grad.dtype) == (torch.float32, torch.float32, torch.bfloat16)
+    _close(out, out64, torch.float32, "mixed decode")
+    _close(vs.grad, v64.grad, torch.float32, "mixed decode grad of vals")
+    _close(Wd.grad, W64.grad, torch.bfloat16, "mixed decode grad of W_dec")
+
+
 @needs_triton
 def test_triton_weight_grads_are_bitwise_deterministic():
     first = _decode_and_check(triton_ops, 37, 24, 100, 5, salt=61)[1]
