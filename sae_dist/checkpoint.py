@@ -181,7 +181,7 @@ class Checkpointer:
 
     def _snapshot(self, trainer: Any) -> _Snapshot:
         sae, st = trainer.sae, trainer.state
-        live = {"model": sae.state_dict() | {"tokens_since_fired": trainer.tokens_since_fired},
+        live = {"model": trainer.engine.weight_tensors() | {"tokens_since_fired": trainer.tokens_since_fired},
                 "optim": trainer.engine.state_tensors()}  # ZeRO: a collective over dp (full per-shard state)
         files = {}
         if self.dp_rank == 0:  # the host copy: the only part of a save the training thread waits for
@@ -397,8 +397,7 @@ class Checkpointer:
                      redact(step_dir), layout["fp_size"], self.fp_size, self.rank, lo, hi)
         model = self._read_rows(store, path, manifest, "model", lo, hi)
         trainer.tokens_since_fired.copy_(model.pop("tokens_since_fired"))
-        sae.load_state_dict(model)
-        trainer.engine.params_changed()  # ZeRO: its fp32 master copies take the loaded weights
+        trainer.engine.load_weights(model)  # ZeRO: into its fp32 masters too
         trainer.engine.load_state_tensors(self._read_rows(store, path, manifest, "optim", lo, hi))
         st = trainer.state
         st.step, st.tokens, st.scale, st.seed = state["step"], state["tokens"], state["scale"], state["seed"]

@@ -159,6 +159,13 @@ class TrainerConfig:
     the same top-k; bf16 is faster on CPUs with AVX512-BF16/AMX. auto: bf16 on such CPUs, else fp32."""
     encoder_chunk: int = 8192
     """Latents per block of the streaming top-k encoder (bounds memory at B x encoder_chunk)."""
+    param_dtype: str = "fp32"
+    """Precision of the SAE's weights and gradients: fp32, or bf16 (mixed precision: bf16 weights and
+    gradients on the device, fp32 activations, values and decode, and fp32 master weights with Adam in
+    DeepSpeed's optimizer, sharded over dp or offloaded with parallel.offload_optimizer; the decoder
+    renormalisation runs on the fp32 masters). bf16 halves the device bytes of weights and gradients
+    (docs/memory.md); it needs the DeepSpeed engine and a TopK or BatchTopK SAE. Checkpoints and exports
+    hold the fp32 masters."""
     device: str = "auto"
     """Where the SAE trains: auto (cuda:LOCAL_RANK when torch sees a GPU, else cpu), cpu, cuda (under
     torchrun cuda:LOCAL_RANK, one GPU per process) or cuda:N. Checkpoints and exports hold CPU tensors
@@ -181,6 +188,10 @@ class TrainerConfig:
             f"trainer.encoder_select ({self.encoder_select!r}) must be auto, fp32 or bf16",
         )
         _require(
+            self.param_dtype in ("fp32", "bf16"),
+            f"trainer.param_dtype ({self.param_dtype!r}) must be fp32 or bf16",
+        )
+        _require(
             re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
             f"trainer.device ({self.device!r}) must be auto, cpu, cuda or cuda:N",
         )
@@ -194,7 +205,8 @@ class ParallelConfig:
     """Feature-parallel shards (latents split across ranks)."""
     engine: str = "auto"
     """Optimizer engine: deepspeed (ZeRO shards Adam over the dp axis), torch (plain Adam, replicated
-    over dp), or auto: deepspeed when parallel.dp > 1, torch otherwise (one replica has nothing to shard)."""
+    over dp), or auto: deepspeed when parallel.dp > 1 or trainer.param_dtype=bf16 (its fp32 masters),
+    torch otherwise (one fp32 replica has nothing to shard)."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage (1 or 2) when engine=deepspeed."""
     offload_optimizer: bool = False
@@ -351,6 +363,17 @@ def validate(cfg: Config) -> None:
         "parallel.backend (nccl) moves CUDA tensors only, but trainer.device is cpu; use parallel.backend=auto "
         "(gloo on CPU) or trainer.device=auto on GPU machines",
     )
+    if t.param_dtype == "bf16":
+        _require(
+            s.arch in ("topk", "batchtopk"),
+            f"trainer.param_dtype (bf16) serves the sparse TopK/BatchTopK path, but sae.arch is {s.arch} (a dense "
+            "encoder); use trainer.param_dtype=fp32 or sae=topk",
+        )
+        _require(
+            p.engine != "torch",
+            "trainer.param_dtype (bf16) keeps fp32 master weights and Adam in DeepSpeed's optimizer, but "
+            "parallel.engine is torch; set parallel.engine=deepspeed (or auto, which picks it for bf16)",
+        )
     if cfg.data.source == "synthetic":
         _require(
             cfg.model.d_model > 0,

@@ -65,7 +65,8 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     kernels.set_backend(cfg.trainer.kernels)
     kernels.set_select_precision(cfg.trainer.encoder_select)
     device = train_device(cfg)
-    mesh = init_from_env(cfg.parallel, cfg.sae.n_latents, device)
+    own_group = not torch.distributed.is_initialized()
+    mesh = init_from_env(cfg.parallel, cfg.sae.n_latents, device, group=engine_name(cfg) == "deepspeed")
     torch.manual_seed(cfg.trainer.seed)
     cfg.output_dir = broadcast_from_main(cfg.output_dir, mesh)  # Hydra's timestamped dir may differ per rank
     os.makedirs(cfg.output_dir, exist_ok=True)
@@ -111,6 +112,8 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     status = "FAILED"
     try:
         trainer.fit(iter(stream), stream.state_dict)
+        if cfg.trainer.param_dtype != "fp32":  # evaluate and export the fp32 masters
+            sae.float().load_state_dict(engine.weight_tensors())
         results = evaluate(sae, heldout_batches(cfg), state.scale, cfg.trainer.eval_tokens)
         tracker.log_metrics({f"eval/{k}": v for k, v in results.items()}, state.step)
         export_dir = os.path.join(cfg.output_dir, "sae")
@@ -135,3 +138,5 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
                            "rank": mesh.rank, "engine": engine_name(cfg)}
     finally:
         tracker.finish(status)
+        if own_group and mesh.distributed and mesh.dims.world_size == 1:
+            torch.distributed.destroy_process_group()  # the one-process group DeepSpeed needed

@@ -122,6 +122,13 @@ class TorchEngine:
     def params_changed(self) -> None:
         """The weights were written outside the optimizer (nothing to do: Adam updates them in place)."""
 
+    def weight_tensors(self) -> dict[str, Tensor]:
+        """The module's state (live references)."""
+        return self.sae.state_dict()
+
+    def load_weights(self, tensors: dict[str, Tensor]) -> None:
+        self.sae.load_state_dict(tensors)
+
     def state_tensors(self) -> dict[str, Tensor]:
         """Adam's state of this rank's parameters as `<param>.<key>` -> tensor (live references)."""
         return optimizer_tensors(self.sae, self.optimizer)

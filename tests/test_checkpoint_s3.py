@@ -206,6 +206,22 @@ def test_zero2_checkpoint_resumes_on_the_torch_engine(zero2, tmp_path):
     assert torch.allclose(torch.tensor(history), torch.tensor(zero2["history"][20:]), rtol=1e-5, atol=1e-7)
 
 
+def test_bf16_zero2_checkpoint_holds_fp32_masters_and_resumes_identically(s3, tmp_path):
+    """trainer.param_dtype=bf16: the checkpoint holds DeepSpeed's fp32 master weights (unit-norm decoder
+    rows, values bf16 cannot hold), and a resume continues bit-identically."""
+    pytest.importorskip("deepspeed")
+    ds = {"dp": 2, "engine": "deepspeed", "zero_stage": 2, "param_dtype": "bf16"}
+    _workers([{"out": str(tmp_path / "straight"), "url": _url("bf16-straight"), **ds},
+              {"out": str(tmp_path / "stopped"), "url": _url("bf16-stopped"), "stop_after": 20, **ds}], nproc=2)
+    model = load(s3.fs.cat_file(f"{BUCKET}/bf16-stopped/sae/step-00000020/model-fp0of1.safetensors"))
+    W = model["W_dec"]
+    assert W.dtype == torch.float32 and (W.norm(dim=1) - 1).abs().max() < 1e-5
+    assert not torch.equal(W, W.bfloat16().float())  # the masters, not the bf16 weights
+    _workers([{"out": str(tmp_path / "resumed"), "url": _url("bf16-resumed"), **ds,
+               "resume_from": _url("bf16-stopped") + "/sae"}], nproc=2)
+    assert _history(tmp_path / "resumed") == _history(tmp_path / "straight")[20:]
+
+
 @pytest.mark.parametrize("fp", [1, 4])
 def test_fp2_checkpoint_resumes_on_fp1_and_fp4(fp2, tmp_path, fp):
     job = {"out": str(tmp_path), "url": _url(f"fp2-to-fp{fp}"), "fp": fp, "resume_from": fp2["stopped"] + "/sae",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -188,12 +189,15 @@ def init_distributed(
 
 
 def init_from_env(
-    p: ParallelConfig, n_latents: int, device: str | torch.device = "cpu", timeout_s: float = 600.0
+    p: ParallelConfig, n_latents: int, device: str | torch.device = "cpu", timeout_s: float = 600.0,
+    group: bool = False,
 ) -> Mesh:
-    """torchrun's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, or a single process when they are absent.
-    `device` is where the SAE trains (it picks the backend when parallel.backend=auto)."""
+    """torchrun's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, or a single process when they are absent:
+    without torch.distributed, or, with `group` (DeepSpeed needs one), in a one-process group on a free
+    local port. `device` is where the SAE trains (it picks the backend when parallel.backend=auto)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 and not dist.is_initialized():
+    alone = world == 1 and "MASTER_ADDR" not in os.environ
+    if world == 1 and not dist.is_initialized() and not group:
         return single_process(p, n_latents)
     ParallelDims(p.dp, p.fp, world, n_latents)
     if not dist.is_initialized():
@@ -201,8 +205,18 @@ def init_from_env(
         if backend == "nccl":  # NCCL binds each rank to the current device
             index = torch.device(device).index
             torch.cuda.set_device(index if index is not None else int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
+        if alone:
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                    timeout=timedelta(seconds=timeout_s))
+        else:
+            dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
     mesh = build_mesh(p, n_latents)
     log.info("rank %d of %d: dp_rank %d/%d, fp_rank %d/%d", mesh.rank, world, mesh.dp_rank, mesh.dp,
              mesh.fp_rank, mesh.fp)
     return mesh
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

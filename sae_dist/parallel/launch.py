@@ -32,8 +32,9 @@ def check_supported(cfg: Config, device: torch.device) -> None:
     if engine_name(cfg) == "deepspeed":
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError(
-                f"parallel.engine ({p.engine}) is deepspeed for parallel.dp ({p.dp}), but DeepSpeed is not "
-                "installed; DS_BUILD_OPS=0 pip install 'sae-dist[deepspeed]', or set parallel.engine=torch"
+                f"parallel.engine ({p.engine}) is deepspeed for parallel.dp ({p.dp}) / trainer.param_dtype "
+                f"({cfg.trainer.param_dtype}), but DeepSpeed is not installed; DS_BUILD_OPS=0 pip install "
+                "'sae-dist[deepspeed]', or set parallel.engine=torch (fp32 weights only)"
             )
         if cfg.sae.arch == "relu" and cfg.sae.resample_every:
             raise ConfigError(
@@ -43,9 +44,10 @@ def check_supported(cfg: Config, device: torch.device) -> None:
 
 
 def engine_name(cfg: Config) -> str:
-    """parallel.engine resolved: auto is deepspeed with data replicas (dp > 1), torch without."""
+    """parallel.engine resolved: auto is deepspeed with data replicas (dp > 1) or bf16 weights (its fp32
+    master copies), torch otherwise."""
     if cfg.parallel.engine == "auto":
-        return "deepspeed" if cfg.parallel.dp > 1 else "torch"
+        return "deepspeed" if cfg.parallel.dp > 1 or cfg.trainer.param_dtype == "bf16" else "torch"
     return cfg.parallel.engine
 
 

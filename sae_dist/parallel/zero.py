@@ -6,8 +6,12 @@ sums the sharded parameters' norms over fp and counts the replicated b_dec once.
         parallel.zero_stage=2 parallel.offload_optimizer=true
 
 Runs on CPU (gloo) and GPUs (nccl). The decoder-gradient projection is a hook on W_dec's gradient (ZeRO
-reduces gradients into its own buffers during backward, so p.grad is gone by the time the step runs),
-and the decoder renormalisation after each step is copied back into ZeRO's fp32 master partitions.
+reduces gradients into its own buffers during backward, so p.grad is gone by the time the step runs).
+The decoder renormalisation runs on ZeRO's fp32 master partitions, right after Adam updates them and
+before ZeRO copies them into the model's weights and all-gathers those: each dp rank holds a flat slice
+of W_dec, cut anywhere inside a row, so the row norms are its partial sums of squares summed over dp (one
+all-reduce of n_local floats). With trainer.param_dtype=bf16 the model's weights and gradients are bf16
+and only the masters are fp32, so the renormalised rows are never rounded into the next update.
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ def ds_config(cfg: Config) -> dict[str, Any]:
     }
     if p.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    return {
+    mixed = {"bf16": {"enabled": True}} if cfg.trainer.param_dtype == "bf16" else {}
+    return mixed | {
         "train_micro_batch_size_per_gpu": 1,  # batches are fed by the trainer; DeepSpeed only counts them
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.trainer.grad_clip,
@@ -105,19 +110,72 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=sae, optimizer=optimizer, config=ds_config(cfg), mpu=MeshMpu(mesh), dist_init_required=False
         )
+        self.mixed = cfg.trainer.param_dtype != "fp32"
+        self.dp_group = mesh.group("dp")
+        if sae.unit_norm_decoder:  # Adam's step on the masters, then this, then ZeRO's copy to the model
+            self.optimizer.optimizer.register_step_post_hook(lambda *_: self._normalize_master_decoder())
         self.data = DataParallel(mesh)
         self.data_replicas = mesh.dp
 
     def _project(self, grad: Tensor) -> Tensor:
         """sae.project_decoder_grad as a gradient hook: linear in the gradient, so projecting each
-        contribution equals projecting their sum."""
+        contribution equals projecting their sum (row dot products summed in fp32 for bf16 gradients)."""
         W = self.sae.W_dec.detach()
-        return grad - (grad * W).sum(dim=1, keepdim=True) * W
+        return grad - (grad * W).sum(dim=1, keepdim=True, dtype=torch.float32).to(grad.dtype) * W
+
+    @torch.no_grad()
+    def _normalize_master_decoder(self) -> None:
+        """Unit-norm decoder rows on the fp32 masters: this rank's slice of W_dec's rows (whole rows in
+        the middle, parts of rows at its two ends), row norms from partial sums over dp."""
+        W = self.sae.W_dec
+        n, d = W.shape
+        pieces = []  # (first row, (rows, width) view of the master slice)
+        frag = getattr(W, "_hp_mapping", None)  # None: this dp rank's partition holds none of W_dec
+        if frag is not None:
+            hp, start, numel = frag.hp_fragment, frag.lp_fragment_address.start, frag.lp_fragment_address.numel
+            pos, end = start, start + numel
+            while pos < end:
+                row, col = divmod(pos, d)
+                if col or end - pos < d:  # a part of one row
+                    width = min(d - col, end - pos)
+                    pieces.append((row, hp[pos - start : pos - start + width].view(1, width)))
+                    pos += width
+                else:  # whole rows
+                    rows = (end - pos) // d
+                    pieces.append((row, hp[pos - start : pos - start + rows * d].view(rows, d)))
+                    pos += rows * d
+        sq = torch.zeros(n, dtype=torch.float32, device=W.device)
+        for row, view in pieces:
+            sq[row : row + view.shape[0]] += torch.linalg.vector_norm(view, dim=1).square().to(sq.device)
+        if self.dp_group is not None:
+            torch.distributed.all_reduce(sq, group=self.dp_group)
+        norm = sq.sqrt_().clamp_min_(1e-12)
+        for row, view in pieces:
+            view.div_(norm[row : row + view.shape[0], None].to(view.device))
 
     def params_changed(self) -> None:
-        """Weights written outside the optimizer (b_dec's initialisation, renormalised decoder rows) are
-        copied into ZeRO's fp32 master partitions, which the next step would otherwise restore."""
+        """Weights written outside the optimizer (b_dec's initialisation) are copied into ZeRO's fp32
+        master partitions, which the next step would otherwise restore."""
         self.optimizer.refresh_fp32_params()
+
+    def weight_tensors(self) -> dict[str, Tensor]:
+        """The module's state with every parameter as its fp32 master (for bf16 weights, assembled from
+        the dp partitions: a collective over dp, every replica calls it)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = self.sae.state_dict()
+        if self.mixed:
+            for name, p in self.sae.named_parameters():
+                state[name] = safe_get_full_fp32_param(p)
+        return state
+
+    def load_weights(self, tensors: dict[str, Tensor]) -> None:
+        """Model weights (rounded to their dtype) and fp32 masters (exact) from fp32 tensors."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        self.sae.load_state_dict(tensors)
+        for name, p in self.sae.named_parameters():
+            safe_set_full_fp32_param(p, tensors[name].to(device=p.device, dtype=torch.float32))
 
     ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -134,7 +192,7 @@ class DeepSpeedEngine:
         out: dict[str, Tensor] = {}
         for name, p in self.sae.named_parameters():
             for key in self.ADAM_KEYS:
-                out[f"{name}.{key}"] = safe_get_full_optimizer_state(p, key).to(p.dtype)
+                out[f"{name}.{key}"] = safe_get_full_optimizer_state(p, key).float()  # fp32 as kept
             out[f"{name}.step"] = torch.as_tensor(step, dtype=torch.float32).clone()
         return out
 
@@ -158,9 +216,6 @@ class DeepSpeedEngine:
     def step(self, loss: Tensor, fired: Tensor | None, grad_clip: float) -> tuple[Tensor, Tensor | None]:
         self.engine.backward(loss)
         fired = self.data.any(fired)
-        self.engine.step()
-        self.sae.normalize_decoder()
-        if self.sae.unit_norm_decoder:
-            self.params_changed()
+        self.engine.step()  # Adam, the decoder renormalisation on the masters, masters -> model weights
         norm = self.engine.get_global_grad_norm()
         return torch.as_tensor(float(norm) if norm is not None else float("nan")), fired
