@@ -163,7 +163,7 @@ def _bf16_slack(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
     u = 2.0**-8
     c = 2 * u + 2 * u * u + 2 * x.shape[1] * 2.0**-24
     W = W_enc.detach()
-    step = max(1, CHUNK_BYTES // (4 * W.shape[1]))  # norms in fp32 (a bf16 norm may round down)
+    step = 16384  # rows per block; norms in fp32 (a bf16 norm may round down)
     w_max = torch.stack([W[s : s + step].float().norm(dim=1).max() for s in range(0, W.shape[0], step)]).max()
     return c * x.norm(dim=1) * w_max + 2.05 * u * b_enc.detach().abs().max().float()
 
@@ -192,9 +192,13 @@ def _refine(
     return top, idx.gather(1, pos)
 
 
-CHUNK_BYTES = 64 << 20
-"""Bound on the temporaries of the mixed-dtype paths (bf16 weights, fp32 inputs), which upcast the
-rows they touch a block at a time."""
+def _compact(idx: Tensor, table: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The rows of `table` that idx names, in `dtype`, and idx renumbered into them: bf16 weights under
+    fp32 inputs upcast only the rows in use (at most min(n, B x k) of them), then take the fused fp32 path."""
+    if table.shape[0] <= idx.numel():  # a small table: upcast it whole, no renumbering
+        return idx, table.to(dtype)
+    used, inv = idx.unique(return_inverse=True)
+    return inv.view_as(idx), table[used].to(dtype)
 
 
 def scatter_rows(w: Tensor, idx: Tensor, x: Tensor, n: int, dtype: torch.dtype | None = None) -> Tensor:
@@ -222,30 +226,18 @@ def scatter_rows(w: Tensor, idx: Tensor, x: Tensor, n: int, dtype: torch.dtype |
 
 def bag_sum(w: Tensor, idx: Tensor, table: Tensor) -> Tensor:
     """sum_j w[b, j] * table[idx[b, j]] -> (B, d) in w's dtype (embedding_bag where the dtypes agree; a
-    table in another dtype, e.g. bf16 weights under fp32 values, is upcast a block of rows at a time)."""
-    if table.dtype == w.dtype:
-        return F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")
-    (B, K), d = idx.shape, table.shape[1]
-    out = w.new_empty(B, d)
-    step = max(1, CHUNK_BYTES // (4 * K * d))
-    for s in range(0, B, step):
-        rows = table[idx[s : s + step]].to(w.dtype)  # (b, K, d)
-        out[s : s + step] = torch.bmm(w[s : s + step].unsqueeze(1), rows).squeeze(1)
-    return out
+    table in another dtype, e.g. bf16 weights under fp32 values, has its rows in use upcast)."""
+    if table.dtype != w.dtype:
+        idx, table = _compact(idx, table, w.dtype)
+    return F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")
 
 
 def gather_dot(g: Tensor, idx: Tensor, table: Tensor) -> Tensor:
     """out[b, j] = <g[b], table[idx[b, j]]> -> (B, k), without gathering a (B, k, d) tensor: this is
     exactly the per-sample-weights gradient of embedding_bag, whose CPU kernel is a fused loop. A table
-    in another dtype than g (bf16 weights) is upcast a block of rows at a time; the result is in g's."""
+    in another dtype than g (bf16 weights) has its rows in use upcast; the result is in g's dtype."""
     if table.dtype != g.dtype:
-        (B, K), d = idx.shape, table.shape[1]
-        out = g.new_empty(B, K)
-        step = max(1, CHUNK_BYTES // (4 * K * d))
-        for s in range(0, B, step):
-            rows = table[idx[s : s + step]].to(g.dtype)  # (b, K, d)
-            out[s : s + step] = torch.bmm(rows, g[s : s + step].unsqueeze(2)).squeeze(2)
-        return out
+        idx, table = _compact(idx, table, g.dtype)
     with torch.enable_grad():
         w = torch.zeros(idx.shape, dtype=table.dtype, device=table.device, requires_grad=True)
         out = F.embedding_bag(idx, table.detach(), per_sample_weights=w, mode="sum")
@@ -314,7 +306,8 @@ def topk_encode(
     x (B, d), W_enc (n, d), b_enc (n,) -> values (B, k) sorted descending, ids (B, k), aux values
     (B, k_aux) and aux ids over latents where aux_mask (n,) is True (empty when aux_mask is None).
     Values come in x's dtype; weights may be stored in bf16 under fp32 x (trainer.param_dtype=bf16):
-    they are upcast a block at a time, and their gradients come back in their own dtype."""
+    the rows in use are upcast (a block of the stream, or the k selected per token), and their
+    gradients come back in their own dtype."""
     return TopKEncode.apply(x, W_enc, b_enc, k, chunk, aux_mask, k_aux)
 
 
