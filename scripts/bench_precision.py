@@ -23,10 +23,18 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from sae_dist.config import Config, DataConfig, ModelConfig, ParallelConfig, SaeConfig, TrackingConfig, TrainerConfig
-from sae_dist.data.synthetic import SyntheticSource
 from sae_dist.kernels import set_select_precision
+
+from sae_dist.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    ParallelConfig,
+    SaeConfig,
+    TrackingConfig,
+    TrainerConfig,
+)
+from sae_dist.data.synthetic import SyntheticSource
 from sae_dist.parallel.dims import build_mesh
 from sae_dist.parallel.launch import build_engine
 from sae_dist.run import build_sae
