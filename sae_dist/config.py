@@ -370,6 +370,11 @@ def validate(cfg: Config) -> None:
             "encoder); use trainer.param_dtype=fp32 or sae=topk",
         )
         _require(
+            not s.fanout_n_latents,
+            f"trainer.param_dtype (bf16) needs the DeepSpeed engine, but sae.fanout_n_latents ({s.fanout_n_latents}) "
+            "trains its SAEs with plain torch Adam in one process; use trainer.param_dtype=fp32 for a fan-out",
+        )
+        _require(
             p.engine != "torch",
             "trainer.param_dtype (bf16) keeps fp32 master weights and Adam in DeepSpeed's optimizer, but "
             "parallel.engine is torch; set parallel.engine=deepspeed (or auto, which picks it for bf16)",

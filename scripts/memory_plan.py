@@ -102,7 +102,8 @@ def main() -> None:
     for gpus in args.gpus or [args.dp * args.fp]:
         grid = layouts(gpus, args.n) if args.gpus else [(args.dp, args.fp)]
         plans = [plan(args.d, args.n, dp, fp, dt, eng, st, off, args.batch, args.k)
-                 for dp, fp in grid for dt in dtypes for eng, st, off in options]
+                 for dp, fp in grid for dt in dtypes for eng, st, off in options
+                 if not (dt == "bf16" and eng == "torch")]  # bf16 weights train under DeepSpeed (fp32 masters)
         shown = [p for p in plans if args.all or not args.gpus or p.total <= 0.9 * args.gpu_gb * GB]
         print(f"\n{gpus} GPU(s) of {args.gpu_gb:.0f} GB, d={args.d}, n={args.n}, batch={args.batch}: "
               f"{len(shown)} of {len(plans)} layouts shown" + ("" if args.all or not args.gpus else " (those that fit)"))

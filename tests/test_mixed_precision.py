@@ -69,6 +69,12 @@ def test_bf16_with_a_dense_architecture_is_refused(tmp_path, arch):
         validate(cfg)
 
 
+def test_bf16_fanout_is_refused(tmp_path):
+    cfg = synthetic_config(tmp_path, trainer={"param_dtype": "bf16"}, sae={"fanout_n_latents": [64, 128]})
+    with pytest.raises(ConfigError, match=r"trainer\.param_dtype \(bf16\).*sae\.fanout_n_latents \(\[64, 128\]\)"):
+        validate(cfg)
+
+
 def test_unknown_param_dtype_lists_the_choices():
     with pytest.raises(ConfigError, match=r"trainer\.param_dtype \('fp16'\) must be fp32 or bf16"):
         TrainerConfig(param_dtype="fp16")

@@ -212,13 +212,13 @@ def _job_zero(rank, tmp):
 
 
 def _job_bf16(rank, tmp):
-    """dp=4: ZeRO's flat partitions cut W_dec's rows between ranks (DESIGN: masters renormalised from
-    partial sums over dp)."""
+    """dp=4: ZeRO's flat partitions cut W_dec's rows between ranks (the masters' row norms are partial
+    sums over dp); fp32, bf16, and bf16 with masters and Adam offloaded."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="4")
     out = {}
-    for dtype in ("fp32", "bf16"):
-        cfg = _cfg(tmp, "topk", dp=4, engine="deepspeed", zero_stage=2, param_dtype=dtype)
-        out[dtype] = _train(cfg, _mesh(cfg), [x[rank * B : (rank + 1) * B] for x in _batches(4 * B)])
+    for dtype, offload in (("fp32", False), ("bf16", False), ("bf16", True)):
+        cfg = _cfg(tmp, "topk", dp=4, engine="deepspeed", zero_stage=2, param_dtype=dtype, offload=offload)
+        out[dtype + "-offload" * offload] = _train(cfg, _mesh(cfg), [x[rank * B : (rank + 1) * B] for x in _batches(4 * B)])
     return out
 
 
@@ -381,14 +381,16 @@ def test_bf16_weights_train_like_fp32_with_fp32_unit_norm_masters(tmp_path_facto
     fp32, bf16 = ranks[0]["fp32"], ranks[0]["bf16"]
     assert bf16["dtypes"] == {torch.bfloat16} and fp32["dtypes"] == {torch.float32}
     assert bf16["param_bytes"] * 2 == fp32["param_bytes"]
-    for r in ranks:
-        masters, model = r["bf16"]["masters"], r["bf16"]["model"]
+    for r, key in ((r, key) for r in ranks for key in ("bf16", "bf16-offload")):
+        masters, model = r[key]["masters"], r[key]["model"]
         W = masters["W_dec"]
         assert W.dtype == torch.float32 and (W.norm(dim=1) - 1).abs().max() < 1e-6, (W.norm(dim=1) - 1).abs().max()
         assert not torch.equal(W, W.bfloat16().float())  # fp32 precision that bf16 weights cannot hold
         for name, m in masters.items():
             assert torch.equal(model[name], m.to(model[name].dtype)), name
-            assert torch.equal(m, ranks[0]["bf16"]["masters"][name]), name  # every replica agrees
+            assert torch.equal(m, ranks[0][key]["masters"][name]), name  # every replica agrees
+    # masters and Adam offloaded to the host: the same updates
+    assert ranks[0]["bf16-offload"]["losses"] == ranks[0]["bf16"]["losses"]
     got = torch.tensor([r["bf16"]["losses"] for r in ranks]).mean(0)
     want = torch.tensor([r["fp32"]["losses"] for r in ranks]).mean(0)
     assert torch.allclose(got, want, rtol=3e-2), (got - want).abs().max()  # 20 steps: within 1.1% here

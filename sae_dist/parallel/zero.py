@@ -117,11 +117,16 @@ class DeepSpeedEngine:
         self.data = DataParallel(mesh)
         self.data_replicas = mesh.dp
 
-    def _project(self, grad: Tensor) -> Tensor:
+    def _project(self, grad: Tensor, rows: int = 65536) -> Tensor:
         """sae.project_decoder_grad as a gradient hook: linear in the gradient, so projecting each
-        contribution equals projecting their sum (row dot products summed in fp32 for bf16 gradients)."""
+        contribution equals projecting their sum. A block of rows at a time (row dot products summed in
+        fp32 for bf16 gradients), so the only temporary as large as W_dec is the returned gradient."""
         W = self.sae.W_dec.detach()
-        return grad - (grad * W).sum(dim=1, keepdim=True, dtype=torch.float32).to(grad.dtype) * W
+        out = torch.empty_like(grad)
+        for s in range(0, grad.shape[0], rows):
+            g, w = grad[s : s + rows], W[s : s + rows]
+            out[s : s + rows] = g - (g * w).sum(dim=1, keepdim=True, dtype=torch.float32).to(g.dtype) * w
+        return out
 
     @torch.no_grad()
     def _normalize_master_decoder(self) -> None:
