@@ -104,6 +104,36 @@ def _pad(k: int) -> int:
     return max(16, triton.next_power_of_2(k))
 
 
+FUSED_AUX_MAX = 64
+"""Widest AuxK selection kept in the kernel's registers; a wider one (the SAE's default k_aux is d/2)
+spilled to local memory when compiled for sm_90 (scripts/compile_kernels.py: 8 KB per thread at
+k_aux = 384), so it runs as its own pass over the dead latents (`_aux_over_dead`)."""
+
+REGISTER_SLOTS = 4096
+"""BLOCK_B x (K_PAD + K_AUX_PAD) slots of running top-k per program: with 4 warps this compiled to
+<= 255 registers per thread and no spills for sm_90 (k up to 256)."""
+
+
+def _block_b(k: int, k_aux: int) -> int:
+    """Rows per program: as many as the register budget for the running top-k tiles allows, 16 to 64."""
+    slots = _pad(k) + (_pad(k_aux) if k_aux else 0)
+    return max(16, min(64, triton.next_power_of_2(REGISTER_SLOTS // slots + 1) // 2))
+
+
+def _aux_over_dead(x: Tensor, W_enc: Tensor, b_enc: Tensor, aux_mask: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
+    """The top k_aux over the dead latents (aux_mask), sorted descending, -inf at latent 0 where a row
+    has fewer: a matmul over the dead rows only (usually few) and a streaming torch top-k (cuBLAS)."""
+    from .reference import _stream_topk
+
+    dead = aux_mask.nonzero().squeeze(1)
+    B = x.shape[0]
+    if dead.numel() == 0:
+        return x.new_full((B, k_aux), float("-inf"), dtype=torch.float32), torch.zeros(B, k_aux, dtype=torch.int64,
+                                                                                       device=x.device)
+    vals, pos, _, _ = _stream_topk(x, W_enc[dead], b_enc[dead], k_aux, 8192, None, 0, None)
+    return vals.float(), torch.where(torch.isinf(vals), 0, dead[pos])
+
+
 def _splits(B: int, N: int, block_b: int, block_n: int, device: torch.device) -> int:
     """Latent slices per row block so that there are about two programs per SM."""
     if device.type != "cuda":
@@ -130,7 +160,7 @@ def topk_encode_fwd(
     aux_mask: Tensor | None = None,
     k_aux: int = 0,
     n_splits: int | None = None,
-    block_b: int = 64,
+    block_b: int | None = None,
     block_n: int = 64,
     block_d: int = 32,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -152,6 +182,12 @@ def topk_encode_fwd(
     x_dtype = x.dtype  # values come back in it; the matmul runs in the weights' dtype (bf16 tensor cores)
     x = x.to(W_enc.dtype).contiguous()
     W_enc = W_enc.contiguous()
+    if has_aux and _pad(k_aux) > FUSED_AUX_MAX:
+        assert aux_mask is not None
+        top, top_idx, _, _ = topk_encode_fwd(x, W_enc, b_enc, k, None, 0, n_splits, block_b, block_n, block_d)
+        aux_top, aux_top_idx = _aux_over_dead(x, W_enc, b_enc, aux_mask.to(x.device), k_aux)
+        return top.to(x_dtype), top_idx, aux_top.to(x_dtype), aux_top_idx
+    block_b = block_b or _block_b(k, k_aux)
     S = n_splits or _splits(B, N, block_b, block_n, x.device)
     n_per_split = triton.cdiv(triton.cdiv(N, S), block_n) * block_n
     S = triton.cdiv(N, n_per_split)

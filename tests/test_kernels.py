@@ -252,6 +252,17 @@ def test_triton_topk_encode_and_grads_match_float64_dense(shape, deterministic, 
 
 
 @needs_triton
+@pytest.mark.parametrize("shape", [(9, 24, 150, 5, 70, 100), (6, 17, 90, 4, 80, 30)])
+def test_triton_wide_auxk_runs_over_the_dead_latents(shape, poisoned_empty):
+    """k_aux above FUSED_AUX_MAX (the SAE's default d/2 is): AuxK is a separate pass over the dead
+    latents, the same results and gradients; fewer dead latents than k_aux pad with -inf at latent 0."""
+    from sae_dist.kernels.triton_encoder import FUSED_AUX_MAX, _pad
+
+    assert _pad(shape[4]) > FUSED_AUX_MAX
+    _encode_and_check(triton_ops, *shape, salt=81)
+
+
+@needs_triton
 @pytest.mark.parametrize("n_splits", [1, 3])
 def test_triton_encoder_latent_splits_and_small_blocks_give_the_same_top_k(n_splits, poisoned_empty):
     x, W, b, dead = _problem(37, 24, 100, 30, salt=31)
@@ -349,6 +360,24 @@ def test_sae_topk_auxk_step_is_the_same_on_triton_and_torch(monkeypatch):
         grads[backend] = [out.loss.detach()] + [p.grad for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
     for name, a, b in zip(["loss", "W_enc", "b_enc", "W_dec", "b_dec"], grads["torch"], grads["triton"]):
         _close(b, a, torch.float32, f"SAE {name} triton vs torch")
+
+
+def test_triton_kernels_compile_for_a100_and_h100_without_spills(tmp_path):
+    """Triton's compiler and ptxas (shipped with Triton) build every kernel for sm_80 and sm_90 with the
+    launchers' constexprs, no GPU needed; none spills registers to local memory (the fused AuxK did at
+    k_aux = 384 before it moved to its own pass)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "compile_kernels.py")
+    proc = subprocess.run([sys.executable, script, "--d", "768", "--k-aux", "64", "384"], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| 768")]
+    # fp32 and bf16, sm_80 and sm_90: the encoder alone and with AuxK 64 fused (384 is a torch pass), 4 more
+    assert len(rows) == 2 * 2 * 6, proc.stdout
+    assert {r[3].strip() for r in rows} == {"sm_80", "sm_90a"}
+    for r in rows:
+        assert r[5].strip() == "0 / 0", f"{r[2]} on {r[3]} spills: {r[5]}"
 
 
 @pytest.mark.skipif(
