@@ -209,18 +209,17 @@ def scatter_rows(w: Tensor, idx: Tensor, x: Tensor, n: int, dtype: torch.dtype |
     latents that occur are formed in x's dtype, then rounded into an (n, d) tensor of that dtype."""
     B, K = idx.shape
     tokens = torch.arange(B, device=x.device).repeat_interleave(K)
-    flat = idx.reshape(-1)
+
+    def sparse_mm(rows: Tensor, m: int) -> Tensor:
+        G = torch.sparse_coo_tensor(torch.stack([rows, tokens]), w.reshape(-1).to(x.dtype), (m, B),
+                                    check_invariants=False)
+        return torch.sparse.mm(G, x)
+
     if dtype is None or dtype == x.dtype:
-        rows, m = flat, n
-    else:
-        used, rows = flat.unique(return_inverse=True)
-        m = used.numel()
-    G = torch.sparse_coo_tensor(torch.stack([rows, tokens]), w.reshape(-1).to(x.dtype), (m, B), check_invariants=False)
-    out = torch.sparse.mm(G, x)
-    if m == n and rows is flat:
-        return out
+        return sparse_mm(idx.reshape(-1), n)
+    used, rows = idx.reshape(-1).unique(return_inverse=True)
     full = torch.zeros(n, x.shape[1], dtype=dtype, device=x.device)
-    full[used] = out.to(dtype)
+    full[used] = sparse_mm(rows, used.numel()).to(dtype)
     return full
 
 
