@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import torch
@@ -111,7 +112,9 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     )
     status = "FAILED"
     try:
+        t0, tokens0 = time.perf_counter(), state.tokens
         trainer.fit(iter(stream), stream.state_dict)
+        fit_s = time.perf_counter() - t0
         if cfg.trainer.param_dtype != "fp32":  # evaluate and export the fp32 masters
             sae.float().load_state_dict(engine.weight_tensors())
         results = evaluate(sae, heldout_batches(cfg), state.scale, cfg.trainer.eval_tokens)
@@ -126,7 +129,10 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
                 export_saelens(whole, state.scale, export_dir, meta)
         if mesh.is_main:
             with open(os.path.join(cfg.output_dir, "results.json"), "w") as fh:
-                json.dump(results | {"steps": state.step, "train_tokens": state.tokens}, fh, indent=1)
+                json.dump(results | {"steps": state.step, "train_tokens": state.tokens, "train_s": round(fit_s, 2),
+                                     # end to end over this process's training: data, steps, checkpoints
+                                     "train_tokens_per_s": round((state.tokens - tokens0) / max(fit_s, 1e-9), 1)},
+                          fh, indent=1)
             plots_dir = os.path.join(cfg.output_dir, "plots")
             os.makedirs(plots_dir, exist_ok=True)
             if plot_training(trainer.logged, os.path.join(plots_dir, "training.png")):
