@@ -206,6 +206,16 @@ def test_zero2_checkpoint_resumes_on_the_torch_engine(zero2, tmp_path):
     assert torch.allclose(torch.tensor(history), torch.tensor(zero2["history"][20:]), rtol=1e-5, atol=1e-7)
 
 
+def test_fp32_checkpoint_continues_with_bf16_weights(zero2, tmp_path):
+    """The same fp32 file layout whatever the precision: an fp32 ZeRO run continues with bf16 weights
+    (masters and Adam exact from the checkpoint), close to the fp32 run."""
+    _workers([{"out": str(tmp_path), "url": _url("zero2-to-bf16"), "dp": 2, "engine": "deepspeed", "zero_stage": 2,
+               "param_dtype": "bf16", "resume_from": zero2["stopped"] + "/sae"}], nproc=2)
+    history = torch.tensor(_history(tmp_path))
+    want = torch.tensor(zero2["history"][20:])
+    assert history.shape == want.shape and torch.allclose(history, want, rtol=2e-2), (history - want).abs().max()
+
+
 def test_bf16_zero2_checkpoint_holds_fp32_masters_and_resumes_identically(s3, tmp_path):
     """trainer.param_dtype=bf16: the checkpoint holds DeepSpeed's fp32 master weights (unit-norm decoder
     rows, values bf16 cannot hold), and a resume continues bit-identically."""
