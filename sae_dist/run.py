@@ -98,7 +98,8 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
             scale_stream = BatchStream(source, min(cfg.trainer.batch_tokens, cfg.trainer.scale_tokens), 0)
             scale = estimate_scale(iter(scale_stream), d_model, cfg.trainer.scale_tokens)
         state.scale = broadcast_from_main(scale, mesh)
-    tracker.log_params(flatten(cfg) | {"d_model": d_model, "activation_scale": state.scale})
+    resolved = {"lm_dtype": str(source.lm_dtype).removeprefix("torch.")} if hasattr(source, "lm_dtype") else {}
+    tracker.log_params(flatten(cfg) | {"d_model": d_model, "activation_scale": state.scale} | resolved)
     if mesh.dp > 1:
         for_replica = getattr(source, "for_replica", None)  # the Ray stream deals replicas their own chunks
         source = for_replica(mesh.dp_rank, mesh.dp) if for_replica else ReplicaSource(source, mesh.dp_rank, mesh.dp)

@@ -105,3 +105,8 @@ def test_cli_reports_config_error_before_loading_anything(tmp_path):
     assert proc.returncode == 2
     assert "config error: sae.k (7000) must be in [1, sae.n_latents (6144))" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_lm_dtype_lists_the_choices():
+    with pytest.raises(ConfigError, match=r"model\.dtype \('fp16'\) must be auto, fp32 or bf16"):
+        ModelConfig(dtype="fp16")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import pydoc_jsonl
 
@@ -26,10 +27,13 @@ def test_heldout_split_is_disjoint_and_stable():
     assert sum(map(len, train)) > 1_000_000  # real prose, enough for the default job
 
 
-def test_lm_source_excludes_special_tokens(tmp_path):
-    cfg = ModelConfig(context_size=32, batch_contexts=4)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_lm_source_excludes_special_tokens(tmp_path, dtype):
+    cfg = ModelConfig(context_size=32, batch_contexts=4, dtype=dtype)
     src = LMActivationSource(cfg, DataConfig(corpus=_tiny_corpus(tmp_path), heldout_fraction=0.01))
+    assert next(src.hooked.model.parameters()).dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     acts, pos = next(src.chunks())
+    assert acts.dtype == torch.float32  # whatever the LM's precision
     assert pos == 4
     # [CLS] + 30 text tokens + [SEP] per context: only the 30 reach the SAE
     assert acts.shape == (4 * 30, 384)
@@ -41,7 +45,7 @@ def test_lm_source_excludes_special_tokens(tmp_path):
         hidden = src.hooked.model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
     expected = hidden.hidden_states[4][:, 1:-1].reshape(-1, 384)  # hidden_states[0] is the embeddings
     mask = ~torch.isin(ids[:, 1:-1], src.special).reshape(-1)
-    assert torch.allclose(acts, expected[mask], atol=1e-5)
+    assert torch.allclose(acts, expected[mask].float(), atol=1e-5)
 
 
 def test_batch_stream_resumes_exactly_mid_block():

@@ -29,7 +29,17 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_model(name: str, device: str = "cpu") -> tuple[nn.Module, object]:
+def lm_dtype(cfg: ModelConfig) -> torch.dtype:
+    """model.dtype resolved: auto is bf16 on CUDA and on CPUs with native bf16 dot products, else fp32."""
+    if cfg.dtype == "auto":
+        from sae_dist.kernels import cpu_has_native_bf16
+
+        native = torch.device(cfg.device).type == "cuda" or cpu_has_native_bf16()
+        return torch.bfloat16 if native else torch.float32
+    return torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+
+
+def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
     from transformers import AutoModel, AutoTokenizer
 
     path = resolve_model_path(name)
@@ -40,7 +50,7 @@ def load_model(name: str, device: str = "cpu") -> tuple[nn.Module, object]:
         raise ConfigError(
             f"model.name ({name!r}) could not be loaded ({err}); give a local model folder or `minilm`"
         ) from err
-    return model.to(device).eval(), tokenizer
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
 def find_module(model: nn.Module, hook_point: str) -> nn.Module:
@@ -122,6 +132,7 @@ class LMActivationSource:
     def __init__(self, model_cfg: ModelConfig, data_cfg: DataConfig, split: str = "train") -> None:
         self.cfg = model_cfg
         self.cycle = split == "train"  # held-out text is read once, never repeated
+        self.lm_dtype = lm_dtype(model_cfg)
         if model_cfg.backend == "vllm":
             from transformers import AutoTokenizer
 
@@ -129,9 +140,10 @@ class LMActivationSource:
 
             self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_cfg.name))
             self.hooked = VLLMHookedModel(model_cfg.name, model_cfg.hook_point, model_cfg.context_size,
-                                          model_cfg.batch_contexts)
+                                          model_cfg.batch_contexts,
+                                          dtype={"auto": "auto", "fp32": "float32", "bf16": "bfloat16"}[model_cfg.dtype])
         else:
-            model, self.tokenizer = load_model(model_cfg.name, model_cfg.device)
+            model, self.tokenizer = load_model(model_cfg.name, model_cfg.device, self.lm_dtype)
             self.hooked = HookedModel(model, model_cfg.hook_point)
         docs = load_split(data_cfg.corpus, split, data_cfg.heldout_fraction, data_cfg.text_field)
         self.packer = ContextPacker(self.tokenizer, docs, model_cfg.context_size)
