@@ -76,5 +76,5 @@ case ${1:-} in
     status=0
     for s in "$@"; do step "$s" || status=1; done
     exit $status ;;
-  *) sed -n '2,12p' "$0"; exit 2 ;;
+  *) sed -n '2,13p' "$0"; exit 2 ;;
 esac
