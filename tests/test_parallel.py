@@ -208,6 +208,8 @@ def _job_zero(rank, tmp):
     for stage, offload in ((1, False), (2, False), (2, True)):
         cfg = _cfg(tmp, "topk", dp=2, fp=2, engine="deepspeed", zero_stage=stage, offload=offload)
         out[f"zero{stage}{'-offload' * offload}"] = _train(cfg, _mesh(cfg), _replica_batches(rank, 2))
+    cfg = _cfg(tmp, "topk", dp=2, fp=2, engine="deepspeed", zero_stage=2, param_dtype="bf16")
+    out["zero2-bf16"] = _train(cfg, _mesh(cfg), _replica_batches(rank, 2))
     return out
 
 
@@ -370,6 +372,12 @@ def test_zero_stage_1_and_2_match_dp1_with_doubled_batch_and_shard_adam_over_dp(
         _assert_same_updates(zero, key, world2[0]["dp1-fp2-double"])
         for r in zero:  # each of the 4 ranks holds a quarter: 1/fp of the latents, 1/dp of their state
             assert abs(r[key]["opt_bytes"] * 4 / adam_total - 1) < 0.01, (key, r[key]["opt_bytes"], adam_total)
+    for r in zero:  # bf16 weights with fp shards: each shard's fp32 masters unit-norm, losses follow fp32
+        assert r["zero2-bf16"]["dtypes"] == {torch.bfloat16}
+        W = r["zero2-bf16"]["masters"]["W_dec"]
+        assert W.shape[0] == N // 2 and (W.norm(dim=1) - 1).abs().max() < 1e-6
+        got, want = torch.tensor(r["zero2-bf16"]["losses"]), torch.tensor(r["zero2"]["losses"])
+        assert torch.allclose(got, want, rtol=3e-2), (got - want).abs().max()
 
 
 def test_bf16_weights_train_like_fp32_with_fp32_unit_norm_masters(tmp_path_factory):
