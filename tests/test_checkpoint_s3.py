@@ -214,9 +214,10 @@ def test_fp32_checkpoint_continues_with_bf16_weights(zero2, tmp_path):
     history = torch.tensor(_history(tmp_path))
     want = torch.tensor(zero2["history"][20:])
     assert history.shape == want.shape and torch.allclose(history, want, rtol=2e-2), (history - want).abs().max()
+    assert not torch.equal(history, want)  # the continuation did train with bf16 weights
 
 
-def test_bf16_zero2_checkpoint_holds_fp32_masters_and_resumes_identically(s3, tmp_path):
+def test_bf16_zero2_checkpoint_holds_fp32_masters_and_resumes_identically(zero2, s3, tmp_path):
     """trainer.param_dtype=bf16: the checkpoint holds DeepSpeed's fp32 master weights (unit-norm decoder
     rows, values bf16 cannot hold), and a resume continues bit-identically."""
     pytest.importorskip("deepspeed")
@@ -230,6 +231,7 @@ def test_bf16_zero2_checkpoint_holds_fp32_masters_and_resumes_identically(s3, tm
     _workers([{"out": str(tmp_path / "resumed"), "url": _url("bf16-resumed"), **ds,
                "resume_from": _url("bf16-stopped") + "/sae"}], nproc=2)
     assert _history(tmp_path / "resumed") == _history(tmp_path / "straight")[20:]
+    assert _history(tmp_path / "straight") != zero2["history"]  # the same job in fp32 weights: bf16 did run
 
 
 @pytest.mark.parametrize("fp", [1, 4])
