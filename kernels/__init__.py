@@ -1,7 +1,9 @@
-"""Kernels of the SAE hot path: a streaming top-k encoder and a sparse decoder.
+"""Kernels of the SAE hot path: a streaming top-k encoder, a streaming threshold encoder (JumpReLU and
+gated SAEs) and a sparse decoder.
 
-Installed as `sae_dist.kernels`. `topk_encode` and `sparse_decode` are the one dispatch point: Triton
-on a CUDA device (when Triton is installed), the torch reference in `reference.py` otherwise.
+Installed as `sae_dist.kernels`. `topk_encode`, `threshold_encode` and `sparse_decode` are the one
+dispatch point: Triton on a CUDA device (when Triton is installed), the torch reference in `reference.py`
+and `threshold.py` otherwise.
 `set_backend("torch")` or the environment variable SAE_DIST_KERNELS=torch forces the reference.
 """
 
@@ -13,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from . import threshold as _threshold
 
 _backend = "auto"
 
@@ -75,6 +78,25 @@ def topk_encode(x, W_enc, b_enc, k, chunk=8192, aux_mask=None, k_aux=0):  # type
     return reference.topk_encode(x, W_enc, b_enc, k, chunk, aux_mask, k_aux)
 
 
+def threshold_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    threshold: Tensor,
+    window: float,
+    cap: int,
+    chunk: int = 8192,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(pre, idx, count): per row, the latents j with x . W_enc[j] + b_enc[j] > threshold[j] - window in
+    ascending j, their pre-activations and ids in (B, cap) slots and their TRUE count, which may exceed
+    cap (only the first cap are stored: retry with cap >= count.max()). See `threshold.threshold_encode`."""
+    if backend_for(x) == "triton":
+        from . import triton_ops
+
+        return triton_ops.threshold_encode(x, W_enc, b_enc, threshold, window, cap, chunk)
+    return _threshold.threshold_encode(x, W_enc, b_enc, threshold, window, cap, chunk)
+
+
 def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
     if backend_for(vals) == "triton":
         from . import triton_ops
@@ -83,4 +105,12 @@ def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
     return reference.sparse_decode(vals, idx, W_dec)
 
 
-__all__ = ["topk_encode", "sparse_decode", "set_backend", "set_select_precision", "backend_for", "reference"]
+__all__ = [
+    "topk_encode",
+    "threshold_encode",
+    "sparse_decode",
+    "set_backend",
+    "set_select_precision",
+    "backend_for",
+    "reference",
+]

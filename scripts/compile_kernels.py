@@ -25,6 +25,7 @@ from typing import Any
 import triton
 from sae_dist.kernels import triton_decoder as dec
 from sae_dist.kernels import triton_encoder as enc
+from sae_dist.kernels import triton_threshold as thr
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
@@ -42,7 +43,8 @@ class Case:
 
 def cases(d: int, k: int, k_auxes: list[int], dtype: str) -> list[Case]:
     """Every kernel with the launchers' constexprs for inputs of `dtype` (weights and activations): the
-    encoder alone and with each AuxK width the launcher fuses (a wider one is a torch pass, no kernel)."""
+    top-k encoder alone and with each AuxK width the launcher fuses (a wider one is a torch pass, no
+    kernel), the threshold encoder (no k: cap is a runtime argument), the sparse gathers and scatters."""
     t = PTR[dtype]
     i32 = "i32"
     out = []
@@ -56,6 +58,12 @@ def cases(d: int, k: int, k_auxes: list[int], dtype: str) -> list[Case]:
                  "BLOCK_B": enc._block_b(k, ka), "BLOCK_N": 64, "BLOCK_D": 32}
         name = f"topk_encode k={k}" + (f" + AuxK k_aux={ka}" if has_aux else "")
         out.append(Case(name + f" (BLOCK_B {const['BLOCK_B']})", enc._topk_encode_kernel, sig, const))
+    out.append(Case(f"threshold_encode (BLOCK_B {thr.BLOCK_B})", thr._threshold_encode_kernel,
+                    {"x_ptr": t, "w_ptr": t, "b_ptr": t, "thr_ptr": t, "pre_ptr": "*fp32", "idx_ptr": "*i64",
+                     "count_ptr": "*i64", "B": i32, "D": i32, "N": i32, "n_per_split": i32, "cap": i32,
+                     "window": "fp32", "stride_xb": i32, "stride_wn": i32},
+                    {"PRECISION": "tf32" if dtype == "fp32" else "ieee", "DOT_FP32": False,
+                     "BLOCK_B": thr.BLOCK_B, "BLOCK_N": 64, "BLOCK_D": 32}))
     bd = dec._block_d(d)
     gather = {"B": i32, "D": i32, "K": i32, "stride_t": i32}
     out.append(Case("gather_sum (decode, grad of x)", dec._gather_sum_kernel,

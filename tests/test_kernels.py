@@ -365,7 +365,7 @@ def test_sae_topk_auxk_step_is_the_same_on_triton_and_torch(monkeypatch):
 def test_triton_kernels_compile_for_a100_and_h100_without_spills(tmp_path):
     """Triton's compiler and ptxas (shipped with Triton) build every kernel for sm_80 and sm_90 with the
     launchers' constexprs, no GPU needed; none spills registers to local memory (the fused AuxK did at
-    k_aux = 384 before it moved to its own pass)."""
+    k_aux = 384 before it moved to its own pass, the threshold encoder at 64 rows per program)."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
     script = os.path.join(os.path.dirname(__file__), "..", "scripts", "compile_kernels.py")
@@ -373,8 +373,10 @@ def test_triton_kernels_compile_for_a100_and_h100_without_spills(tmp_path):
                           text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| 768")]
-    # fp32 and bf16, sm_80 and sm_90: the encoder alone and with AuxK 64 fused (384 is a torch pass), 4 more
-    assert len(rows) == 2 * 2 * 6, proc.stdout
+    # fp32 and bf16, sm_80 and sm_90: the top-k encoder alone and with AuxK 64 fused (384 is a torch pass),
+    # the threshold encoder, 4 more
+    assert len(rows) == 2 * 2 * 7, proc.stdout
+    assert sum("threshold_encode" in r[2] for r in rows) == 2 * 2, proc.stdout
     assert {r[3].strip() for r in rows} == {"sm_80", "sm_90a"}
     for r in rows:
         assert r[5].strip() == "0 / 0", f"{r[2]} on {r[3]} spills: {r[5]}"
