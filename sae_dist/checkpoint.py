@@ -43,8 +43,6 @@ from sae_dist.storage import Storage, join, redact
 log = logging.getLogger(__name__)
 
 FORMAT = "sae-dist-ckpt-v2"
-REPLICATED = ("b_dec",)
-"""Tensors (and their optimizer state) that every feature shard holds whole."""
 _STEP = re.compile(r"step-(\d+)$")
 
 
@@ -65,9 +63,11 @@ def shard_range(n_latents: int, fp_rank: int, fp_size: int) -> tuple[int, int]:
     return fp_rank * n_latents // fp_size, (fp_rank + 1) * n_latents // fp_size
 
 
-def _sharded_names(tensors: dict[str, torch.Tensor], n_local: int) -> list[str]:
+def _sharded_names(tensors: dict[str, torch.Tensor], n_local: int, replicated: tuple[str, ...]) -> list[str]:
+    """Tensors split by latent rows: one row per local latent, not one of the SAE's replicated names (nor
+    their optimizer state)."""
     return sorted(
-        k for k, v in tensors.items() if v.dim() >= 1 and v.shape[0] == n_local and k.split(".")[0] not in REPLICATED
+        k for k, v in tensors.items() if v.dim() >= 1 and v.shape[0] == n_local and k.split(".")[0] not in replicated
     )
 
 
@@ -188,7 +188,7 @@ class Checkpointer:
             files = {shard_file(kind, self.fp_rank, self.fp_size): pack_safetensors(t) for kind, t in live.items()}
         state = None
         if self.rank == 0:
-            sharded = {kind: _sharded_names(t, sae.n_local) for kind, t in live.items()}
+            sharded = {kind: _sharded_names(t, sae.n_local, sae.replicated_names()) for kind, t in live.items()}
             layout = {
                 "n_latents": sae.n_latents,
                 "fp_size": self.fp_size,

@@ -14,16 +14,18 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-ARCHS = ("topk", "batchtopk", "jumprelu", "relu")
+from sae_dist import archs
+from sae_dist.archs.base import SaeConfig
+from sae_dist.errors import ConfigError
+from sae_dist.errors import require as _require
 
 
-class ConfigError(ValueError):
-    """A setting is wrong. The message names the field, its value and the fix."""
+def sae_config(**fields: Any) -> SaeConfig:
+    """`sae_config(arch=..., **fields)`: the family's own SaeConfig subclass (arch defaults to topk)."""
+    return archs.build_config(fields)
 
 
-def _require(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ConfigError(msg)
+__all__ = ["Config", "ConfigError", "SaeConfig", "sae_config", "to_config", "validate", "flatten", "register_configs"]
 
 
 @dataclass
@@ -89,47 +91,6 @@ class DataConfig:
             f"data.heldout_fraction ({self.heldout_fraction}) must be in (0, 0.5); use 0.02",
         )
         _require(self.shuffle_buffer_tokens >= 0, "data.shuffle_buffer_tokens must be >= 0")
-
-
-@dataclass
-class SaeConfig:
-    arch: str = "topk"
-    """topk (+AuxK), batchtopk, jumprelu, or relu (L1 weighted by decoder norms, with resampling)."""
-    n_latents: int = 6144
-    """Dictionary size."""
-    k: int = 32
-    """Active latents per token (topk; the batch average for batchtopk)."""
-    k_aux: int = 0
-    """AuxK: dead latents used to model the residual; 0 means d_model // 2 (Gao et al.)."""
-    aux_coef: float = 1.0 / 32
-    """Weight of the AuxK loss."""
-    dead_tokens: int = 10_000_000
-    """A latent is dead after this many training tokens without firing."""
-    l1_coef: float = 5.0
-    """relu: L1 weight on f_i * ||W_dec,i|| (Anthropic, April 2024 update)."""
-    l0_coef: float = 1e-3
-    """jumprelu: weight of the L0 penalty."""
-    jumprelu_bandwidth: float = 1e-3
-    """jumprelu: kernel width of the straight-through estimator (Gemma Scope)."""
-    jumprelu_threshold_init: float = 1e-3
-    """jumprelu: initial per-latent threshold."""
-    resample_every: int = 0
-    """relu: resample dead latents every N steps (0 = never; Anthropic 2023)."""
-    fanout_n_latents: list[int] = field(default_factory=list)
-    """Train one SAE per size listed here from a single activation stream (the LM forward is paid
-    once); empty = one SAE of n_latents."""
-
-    def __post_init__(self) -> None:
-        _require(self.arch in ARCHS, f"sae.arch ({self.arch!r}) must be one of {', '.join(ARCHS)}")
-        _require(self.n_latents >= 1, f"sae.n_latents ({self.n_latents}) must be positive")
-        _require(
-            1 <= self.k < self.n_latents,
-            f"sae.k ({self.k}) must be in [1, sae.n_latents ({self.n_latents})); lower k or raise n_latents",
-        )
-        _require(self.k_aux >= 0, f"sae.k_aux ({self.k_aux}) must be >= 0 (0 = d_model // 2)")
-        _require(self.dead_tokens >= 1, f"sae.dead_tokens ({self.dead_tokens}) must be positive")
-        for n in self.fanout_n_latents:
-            _require(self.k < n, f"sae.fanout_n_latents has {n}, not above sae.k ({self.k}); drop it or lower k")
 
 
 @dataclass
@@ -343,7 +304,8 @@ class ClusterConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    sae: SaeConfig = field(default_factory=SaeConfig)
+    sae: SaeConfig = field(default_factory=lambda: archs.build_config({}))
+    """The dictionary: `sae.arch` picks the family, whose own dataclass adds its fields (sae_dist/archs)."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -360,21 +322,14 @@ def validate(cfg: Config) -> None:
         s.n_latents % p.fp == 0,
         f"parallel.fp ({p.fp}) must divide sae.n_latents ({s.n_latents}); pick n_latents a multiple of fp",
     )
-    _require(
-        t.batch_tokens >= 1 and (s.arch != "batchtopk" or t.batch_tokens * s.k >= 1),
-        f"trainer.batch_tokens ({t.batch_tokens}) too small",
-    )
+    _require(t.batch_tokens >= 1, f"trainer.batch_tokens ({t.batch_tokens}) must be >= 1")
+    archs.get(s.arch).check(cfg)
     _require(
         not (p.backend == "nccl" and t.device == "cpu"),
         "parallel.backend (nccl) moves CUDA tensors only, but trainer.device is cpu; use parallel.backend=auto "
         "(gloo on CPU) or trainer.device=auto on GPU machines",
     )
     if t.param_dtype == "bf16":
-        _require(
-            s.arch in ("topk", "batchtopk"),
-            f"trainer.param_dtype (bf16) serves the sparse TopK/BatchTopK path, but sae.arch is {s.arch} (a dense "
-            "encoder); use trainer.param_dtype=fp32 or sae=topk",
-        )
         _require(
             not s.fanout_n_latents,
             f"trainer.param_dtype (bf16) needs the DeepSpeed engine, but sae.fanout_n_latents ({s.fanout_n_latents}) "
@@ -404,7 +359,6 @@ def to_config(obj: Any) -> Config:
     groups = {
         "model": ModelConfig,
         "data": DataConfig,
-        "sae": SaeConfig,
         "trainer": TrainerConfig,
         "parallel": ParallelConfig,
         "checkpoint": CheckpointConfig,
@@ -412,6 +366,7 @@ def to_config(obj: Any) -> Config:
         "cluster": ClusterConfig,
     }
     kwargs: dict[str, Any] = {name: cls(**raw.get(name, {})) for name, cls in groups.items()}
+    kwargs["sae"] = archs.build_config(raw.get("sae", {}))
     cfg = Config(**kwargs, output_dir=raw.get("output_dir", "."))
     validate(cfg)
     return cfg
@@ -431,7 +386,7 @@ def flatten(cfg: Config) -> dict[str, Any]:
 
 def register_configs() -> None:
     cs = ConfigStore.instance()
-    cs.store(name="schema", node=Config)
+    cs.store(name="schema", node=Config(sae=SaeConfig()))  # the base: each sae group option brings its subclass
     for group, node in (
         ("model", ModelConfig),
         ("data", DataConfig),
@@ -443,4 +398,6 @@ def register_configs() -> None:
         ("cluster", ClusterConfig),
     ):
         cs.store(group=group, name=f"{group}_schema", node=node)
+    for name in archs.names():  # conf/sae/<name>.yaml starts from its family's own dataclass
+        cs.store(group="sae", name=f"{name}_schema", node=archs.get(name).config)
 

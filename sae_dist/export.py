@@ -15,35 +15,30 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae_dist.config import SaeConfig
+from sae_dist import archs
 from sae_dist.sae import SparseAutoencoder
-
-_ARCH_NAMES = {"topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "relu": "standard"}
 
 
 def export_tensors(sae: SparseAutoencoder, scale: float) -> dict[str, torch.Tensor]:
     """This SAE's (or feature shard's) tensors in the SAELens layout, scale folded in, on the host:
-    W_enc (d_in, n), b_enc (n,), W_dec (n, d_in), b_dec (d_in,) and, for jumprelu/batchtopk, threshold (n,)."""
-    arch = sae.cfg.arch
+    W_enc (d_in, n), b_enc (n,), W_dec (n, d_in), b_dec (d_in,) and the family's own (n,) tensors
+    (`Arch.export_per_latent`: a threshold, gated's r_mag and b_mag), under SAELens's names."""
     with torch.no_grad():
         tensors = {
             "W_enc": (sae.W_enc * scale).t(),
             "b_enc": sae.b_enc.detach(),
             "W_dec": sae.W_dec / scale,
             "b_dec": sae.b_dec / scale,
-        }
-        if arch == "jumprelu":
-            tensors["threshold"] = sae.log_threshold.exp()
-        if arch == "batchtopk":
-            tensors["threshold"] = torch.full((sae.n_local,), float(sae.threshold.clamp_min(0)))
-    return {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}  # from any training device
+        } | sae.arch.export_tensors(sae)
+    renames = sae.arch.export_renames
+    return {renames.get(k, k): v.detach().float().cpu().contiguous() for k, v in tensors.items()}  # any device
 
 
 def export_config(sae: SparseAutoencoder, scale: float, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """cfg.json of the whole SAE (sae.n_latents latents, whichever shard this is)."""
     arch = sae.cfg.arch
     return {
-        "architecture": _ARCH_NAMES[arch],
+        "architecture": sae.arch.saelens_architecture,
         "d_in": sae.d_model,
         "d_sae": sae.n_latents,
         "dtype": "float32",
@@ -52,7 +47,7 @@ def export_config(sae: SparseAutoencoder, scale: float, meta: dict[str, Any] | N
         "normalize_activations": "none",
         "sae_dist_arch": arch,
         "sae_dist_scale": scale,
-        **({"k": sae.cfg.k} if arch == "topk" else {}),
+        **sae.arch.export_fields(),
         **(meta or {}),
     }
 
@@ -60,7 +55,7 @@ def export_config(sae: SparseAutoencoder, scale: float, meta: dict[str, Any] | N
 def export_saelens(
     sae: SparseAutoencoder, scale: float, out_dir: str, meta: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Writes the whole (unsharded) SAE. BatchTopK exports as JumpReLU with its learned threshold."""
+    """Writes the whole (unsharded) SAE. BatchTopK and Matryoshka export as JumpReLU with their threshold."""
     os.makedirs(out_dir, exist_ok=True)
     save_file(export_tensors(sae, scale), os.path.join(out_dir, WEIGHTS))
     cfg = export_config(sae, scale, meta)
@@ -76,9 +71,9 @@ def full_shapes(sae: SparseAutoencoder) -> dict[str, tuple[torch.dtype, tuple[in
     """(dtype, shape) of each exported tensor of the whole SAE."""
     n, d = sae.n_latents, sae.d_model
     shapes = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
-    if sae.cfg.arch in ("jumprelu", "batchtopk"):
-        shapes["threshold"] = (n,)
-    return {k: (torch.float32, v) for k, v in shapes.items()}
+    shapes |= {name: (n,) for name in sae.arch.export_per_latent}
+    renames = sae.arch.export_renames
+    return {renames.get(k, k): (torch.float32, v) for k, v in shapes.items()}
 
 
 def write_shard(path: str, start: int, offsets: dict[str, tuple[int, int]], sae: SparseAutoencoder, scale: float,
@@ -111,15 +106,17 @@ def load_saelens(path: str) -> tuple[SparseAutoencoder, dict[str, Any]]:
         cfg = json.load(fh)
     w = load_file(os.path.join(path, WEIGHTS))
     arch = cfg.get("sae_dist_arch", {"standard": "relu"}.get(cfg["architecture"], cfg["architecture"]))
-    sae_cfg = SaeConfig(arch=arch, n_latents=cfg["d_sae"], k=cfg.get("k", min(32, cfg["d_sae"] - 1)))
-    sae = SparseAutoencoder(sae_cfg, cfg["d_in"])
+    family = archs.get(arch)
+    fields = {"arch": arch, "n_latents": cfg["d_sae"], "k": min(32, cfg["d_sae"] - 1)} | family.config_from_export(cfg)
+    sae = SparseAutoencoder(archs.build_config(fields), cfg["d_in"])
+    w = {name: w[family.export_renames.get(name, name)] for name in (*_SHARED, *family.export_per_latent)}
     with torch.no_grad():
         sae.W_enc.copy_(w["W_enc"].t())
         sae.b_enc.copy_(w["b_enc"])
         sae.W_dec.copy_(w["W_dec"])
         sae.b_dec.copy_(w["b_dec"])
-        if arch == "jumprelu":
-            sae.log_threshold.copy_(w["threshold"].log())
-        if arch == "batchtopk":
-            sae.threshold.fill_(float(w["threshold"][0]))
+        sae.arch.load_exported(sae, w)
     return sae.eval(), cfg
+
+
+_SHARED = ("W_enc", "b_enc", "W_dec", "b_dec")

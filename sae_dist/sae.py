@@ -1,25 +1,22 @@
-"""The sparse autoencoder (DESIGN §2): TopK + AuxK, BatchTopK, JumpReLU and ReLU + L1.
+"""The sparse autoencoder module: the parameters every family shares, and its architecture's hooks.
 
     pre = (x - b_dec) @ W_enc.T + b_enc      (n)
-    f   = act(pre)
+    f   = act(pre)                           the family's (sae_dist/archs: topk, batchtopk, ...)
     x^  = f @ W_dec + b_dec                  (d)
 
 W_enc and W_dec are both (n_latents, d_model), one row per latent, so a feature-parallel shard is a
 slice of rows. The module knows nothing of parallelism: every cross-shard step goes through
 `self.comm` (`LocalComm` here; `sae_dist.parallel.apply_feature_parallel` swaps in a collective one).
+What differs between families lives in `self.arch` (sae_dist/archs, docs/extending.md).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sae_dist import kernels
-from sae_dist.config import SaeConfig
+from sae_dist import archs, kernels
+from sae_dist.archs.base import SaeConfig, SaeOutput
 
 
 class LocalComm:
@@ -73,18 +70,6 @@ class LocalComm:
         return (x - x.mean(dim=0)).pow(2).sum()
 
 
-@dataclass
-class SaeOutput:
-    x_hat: Tensor
-    """(B, d) reconstruction."""
-    loss: Tensor
-    """Scalar training loss (identical on every feature shard)."""
-    terms: dict[str, Tensor] = field(default_factory=dict)
-    """Loss terms and batch statistics, detached scalars."""
-    fired: Tensor | None = None
-    """(n_local,) bool: latents of this shard that fired on the batch."""
-
-
 def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
     """Fraction of variance unexplained: sum||x - x^||^2 / sum||x - mean(x)||^2 over the batch."""
     return (x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
@@ -103,41 +88,6 @@ def init_directions(seed: int, start: int, stop: int, d_model: int, block: int =
     return W / W.norm(dim=1, keepdim=True)
 
 
-class _JumpReLU(torch.autograd.Function):
-    """f = pre * H(pre - t) with Gemma Scope's straight-through pseudo-derivative for t."""
-
-    @staticmethod
-    def forward(ctx, pre, threshold, bandwidth):  # type: ignore[override]
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return pre * (pre > threshold)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        window = ((pre - threshold).abs() < eps / 2).to(pre.dtype)
-        grad_t = -(threshold / eps) * window * grad
-        return grad * (pre > threshold), grad_t.sum(0), None
-
-
-class _StepL0(torch.autograd.Function):
-    """H(pre - t) with the pseudo-derivative -1/eps * K((pre - t)/eps) for t, zero for pre."""
-
-    @staticmethod
-    def forward(ctx, pre, threshold, bandwidth):  # type: ignore[override]
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return (pre > threshold).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        window = ((pre - threshold).abs() < eps / 2).to(pre.dtype)
-        return None, (-(1.0 / eps) * window * grad).sum(0), None
-
-
 class SparseAutoencoder(nn.Module):
     def __init__(
         self,
@@ -154,27 +104,30 @@ class SparseAutoencoder(nn.Module):
         shard does."""
         super().__init__()
         self.cfg = cfg
+        family = archs.get(cfg.arch)
+        if not isinstance(cfg, family.config):
+            raise TypeError(
+                f"sae.arch={cfg.arch} needs a {family.config.__name__}, got a {type(cfg).__name__}; build it with "
+                "sae_dist.config.sae_config(arch=..., **fields)"
+            )
+        self.arch = family(cfg)
         self.d_model = d_model
         self.n_latents = cfg.n_latents
         n = n_local if n_local is not None else cfg.n_latents
         self.encoder_chunk = encoder_chunk
-        self.k_aux = cfg.k_aux or d_model // 2
+        self.k_aux = getattr(cfg, "k_aux", 0) or d_model // 2
         self.comm: LocalComm = LocalComm()
         if seed is not None:
             W = init_directions(seed, latent_offset, latent_offset + n, d_model)
         else:
             W = torch.randn(n, d_model, generator=generator)
             W = W / W.norm(dim=1, keepdim=True)
-        if cfg.arch == "relu":
-            W = W * 0.1
+        W = W * self.arch.decoder_init_scale
         self.W_dec = nn.Parameter(W)
         self.W_enc = nn.Parameter(W.clone())  # encoder initialised as the decoder's transpose
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.b_dec = nn.Parameter(torch.zeros(d_model))
-        if cfg.arch == "jumprelu":
-            self.log_threshold = nn.Parameter(torch.full((n,), math.log(cfg.jumprelu_threshold_init)))
-        if cfg.arch == "batchtopk":
-            self.register_buffer("threshold", torch.tensor(-1.0))
+        self.arch.add_parameters(self, n)
 
     @property
     def n_local(self) -> int:
@@ -182,15 +135,19 @@ class SparseAutoencoder(nn.Module):
 
     @property
     def unit_norm_decoder(self) -> bool:
-        return self.cfg.arch != "relu"
+        return self.arch.unit_norm_decoder
+
+    def sharded_names(self) -> tuple[str, ...]:
+        """Parameters split by latent rows across feature shards."""
+        return ("W_enc", "W_dec", "b_enc", *self.arch.sharded)
+
+    def replicated_names(self) -> tuple[str, ...]:
+        """Parameters and buffers held whole on every feature shard."""
+        return ("b_dec", *self.arch.replicated)
 
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SaeOutput:
-        """x (B, d) scaled activations; dead_mask (n_local,) latents that count as dead for AuxK."""
-        if self.cfg.arch == "topk":
-            return self._forward_topk(x, dead_mask)
-        if self.cfg.arch == "batchtopk":
-            return self._forward_batchtopk(x)
-        return self._forward_dense(x)
+        """x (B, d) scaled activations; dead_mask (n_local,) latents that count as dead (AuxK)."""
+        return self.arch.forward(self, x, dead_mask if self.arch.uses_dead_mask else None)
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense (B, n_local) codes, for inspection and export tests on small dictionaries."""
@@ -198,111 +155,22 @@ class SparseAutoencoder(nn.Module):
         return torch.zeros(x.shape[0], self.n_local, dtype=x.dtype, device=x.device).scatter_add_(1, idx, vals)
 
     def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(values, local ids) of the active latents, inference mode (BatchTopK uses its threshold)."""
-        xc = self.comm.shard_input(x - self.b_dec)
-        arch = self.cfg.arch
-        if arch == "topk" or (arch == "batchtopk" and self.threshold < 0):
-            vals, idx, _, _ = kernels.topk_encode(xc, self.W_enc, self.b_enc, self.cfg.k, self.encoder_chunk)
-            vals, idx = self.comm.select_topk(vals, idx, self.cfg.k)
-            return F.relu(vals), idx
-        if arch == "batchtopk":
-            width = min(self.n_local, 4 * self.cfg.k)
-            vals, idx, _, _ = kernels.topk_encode(xc, self.W_enc, self.b_enc, width, self.encoder_chunk)
-            return vals * (vals > self.threshold), idx
-        f = self._dense_acts(xc @ self.W_enc.t() + self.b_enc)  # (B, n_local)
-        vals, idx = f.topk(min(self.n_local, max(1, int((f > 0).sum(1).max()))), dim=1)
-        return vals, idx
+        """(values, local ids) of the active latents, inference mode; zeros where a slot is unused."""
+        return self.arch.encode_sparse(self, x)
 
     def decode_sparse(self, vals: Tensor, idx: Tensor) -> Tensor:
         return self.comm.sum_partial(kernels.sparse_decode(vals, idx, self.W_dec)) + self.b_dec
 
-    def _fvu(self, x: Tensor, x_hat: Tensor) -> Tensor:
+    def fvu(self, x: Tensor, x_hat: Tensor) -> Tensor:
         """FVU with the global batch's variance (one replica: exactly `fvu`)."""
         return (x - x_hat).pow(2).sum() / self.comm.data_variance(x).clamp_min(1e-12)
 
-    def _forward_topk(self, x: Tensor, dead_mask: Tensor | None) -> SaeOutput:
-        cfg = self.cfg
-        xc = self.comm.shard_input(x - self.b_dec)
-        total_dead = self.comm.sum_scalar(dead_mask.sum().float()) if dead_mask is not None else None
-        use_aux = total_dead is not None and bool(total_dead > 0)
-        k_aux = min(self.k_aux, self.n_local)
-        cand, cand_idx, aux, aux_idx = kernels.topk_encode(
-            xc, self.W_enc, self.b_enc, cfg.k, self.encoder_chunk, dead_mask if use_aux else None, k_aux
-        )
-        vals, idx = self.comm.select_topk(cand, cand_idx, cfg.k)
-        vals = F.relu(vals)  # (B, k)
-        x_hat = self.decode_sparse(vals, idx)
-        loss = self._fvu(x, x_hat)
-        terms = {"fvu": loss.detach()}
-        if use_aux:
-            assert total_dead is not None
-            k_aux_global = int(min(self.k_aux, total_dead))
-            aux = aux.masked_fill(~torch.isfinite(aux), 0.0)
-            a_vals, a_idx = self.comm.select_topk(aux, aux_idx, min(k_aux_global, aux.shape[1] * self.comm.n_shards))
-            residual = (x - x_hat).detach()
-            e_hat = self.comm.sum_partial(kernels.sparse_decode(F.relu(a_vals), a_idx, self.W_dec))
-            aux_loss = self._fvu(residual, e_hat).nan_to_num(0.0)
-            scale = min(1.0, float(total_dead) / self.k_aux)
-            loss = loss + cfg.aux_coef * scale * aux_loss
-            terms["auxk"] = aux_loss.detach()
-        fired = self._fired_sparse(vals, idx)
-        terms["l0"] = self.comm.sum_scalar((vals > 0).sum(dim=1).float().mean())
-        return SaeOutput(x_hat=x_hat, loss=loss, terms=terms, fired=fired)
-
-    def _forward_batchtopk(self, x: Tensor) -> SaeOutput:
-        cfg = self.cfg
-        xc = self.comm.shard_input(x - self.b_dec)
-        if not self.training and self.threshold >= 0:
-            vals, idx = self.encode_sparse(x)
-        else:
-            width = min(self.n_local, 4 * cfg.k)
-            while True:
-                cand, idx, _, _ = kernels.topk_encode(xc, self.W_enc, self.b_enc, width, self.encoder_chunk)
-                vals, idx, saturated = self.comm.select_batch_topk(cand, idx, x.shape[0] * cfg.k)
-                if not saturated or width >= self.n_local:
-                    break
-                width = min(self.n_local, 2 * width)  # a row wanted more than its candidates: widen
-            vals = F.relu(vals)
-            if self.training:
-                with torch.no_grad():
-                    positive = vals[vals > 0]
-                    low = positive.min() if positive.numel() else vals.new_tensor(float("inf"))
-                    low = self.comm.min_scalar(low)
-                    t = self.threshold
-                    if torch.isfinite(low):  # a batch where nothing fired says nothing about the threshold
-                        self.threshold.copy_(torch.where(t < 0, low, 0.99 * t + 0.01 * low))
-        x_hat = self.decode_sparse(vals, idx)
-        loss = self._fvu(x, x_hat)
-        terms = {"fvu": loss.detach(), "l0": self.comm.sum_scalar((vals > 0).sum(dim=1).float().mean())}
-        return SaeOutput(x_hat=x_hat, loss=loss, terms=terms, fired=self._fired_sparse(vals, idx))
-
-    def _dense_acts(self, pre: Tensor) -> Tensor:
-        if self.cfg.arch == "jumprelu":
-            return _JumpReLU.apply(pre, self.log_threshold.exp(), self.cfg.jumprelu_bandwidth)
-        return F.relu(pre)
-
-    def _forward_dense(self, x: Tensor) -> SaeOutput:
-        cfg = self.cfg
-        pre = self.comm.shard_input(x - self.b_dec) @ self.W_enc.t() + self.b_enc  # (B, n_local)
-        f = self._dense_acts(pre)
-        x_hat = self.comm.sum_partial(f @ self.W_dec) + self.b_dec
-        recon = self._fvu(x, x_hat)
-        terms = {"fvu": recon.detach()}
-        if cfg.arch == "jumprelu":
-            l0 = _StepL0.apply(pre, self.log_threshold.exp(), cfg.jumprelu_bandwidth).sum(1).mean()
-            sparsity = cfg.l0_coef * self.comm.sum_scalar(l0)
-            terms["l0_penalty"] = sparsity.detach()
-        else:
-            l1 = (f * self.W_dec.norm(dim=1)).sum(1).mean() / self.d_model
-            sparsity = cfg.l1_coef * self.comm.sum_scalar(l1)
-            terms["l1"] = sparsity.detach()
-        terms["l0"] = self.comm.sum_scalar((f > 0).sum(dim=1).float().mean().detach())
-        return SaeOutput(x_hat=x_hat, loss=recon + sparsity, terms=terms, fired=(f > 0).any(dim=0))
-
-    def _fired_sparse(self, vals: Tensor, idx: Tensor) -> Tensor:
-        fired = torch.zeros(self.n_local, dtype=torch.bool, device=vals.device)
-        fired[idx[vals > 0]] = True
-        return fired
+    @torch.no_grad()
+    def init_from_batch(self, x: Tensor) -> None:
+        """b_dec to the mean over every data replica of the first batch, then the family's own
+        data-dependent start."""
+        self.b_dec.copy_(self.comm.mean_over_data(x.mean(dim=0)))
+        self.arch.init_from_batch(self, x)
 
     @torch.no_grad()
     def project_decoder_grad(self) -> None:

@@ -75,8 +75,9 @@ def estimate_scale(batches: Iterator[Tensor], d_model: int, tokens: int) -> floa
 def sharded_params(sae: SparseAutoencoder) -> tuple[list[Tensor], list[Tensor]]:
     """(parameters split across feature shards, parameters replicated on every shard)."""
     sharded, replicated = [], []
+    names = sae.replicated_names()
     for name, p in sae.named_parameters():
-        (replicated if name == "b_dec" else sharded).append(p)
+        (replicated if name in names else sharded).append(p)
     return sharded, replicated
 
 
@@ -181,9 +182,9 @@ class Trainer:
                 self.state.step, self.total_steps, self.base_lr, self.cfg.trainer.warmup_steps, self.cfg.trainer.decay_fraction
             )
         if self.state.step == 0:
-            self._init_b_dec(x)
+            self.sae.init_from_batch(x)
             self.engine.params_changed()
-        out = self.sae(x, self.dead_mask() if self.cfg.sae.arch == "topk" else None)
+        out = self.sae(x, self.dead_mask())
         if not torch.isfinite(out.loss):
             raise NonFiniteError(
                 f"loss is {out.loss.item()} at step {self.state.step} (activations finite: "
@@ -198,14 +199,11 @@ class Trainer:
             self.tokens_since_fired[fired] = 0
         self.state.step += 1
         self.state.tokens += tokens
-        if self.cfg.sae.arch == "relu" and self.cfg.sae.resample_every and self.state.step % self.cfg.sae.resample_every == 0:
+        every = self.sae.arch.resample_every
+        if every and self.state.step % every == 0:
             self.resample_dead(x)
         self.history.append(float(out.loss.detach()))
         return out
-
-    @torch.no_grad()
-    def _init_b_dec(self, x: Tensor) -> None:
-        self.sae.b_dec.copy_(self.sae.comm.mean_over_data(x.mean(dim=0)))
 
     @torch.no_grad()
     def resample_dead(self, x: Tensor) -> int:

@@ -31,7 +31,7 @@ import urllib.request
 import torch
 
 from sae_dist.checkpoint import Checkpointer
-from sae_dist.config import CheckpointConfig, Config, ModelConfig, SaeConfig, TrackingConfig, TrainerConfig
+from sae_dist.config import CheckpointConfig, Config, ModelConfig, TrackingConfig, TrainerConfig, sae_config
 from sae_dist.sae import SparseAutoencoder
 from sae_dist.snapshot import optimizer_tensors, pack_safetensors
 from sae_dist.trainer import Trainer, TrainState
@@ -64,7 +64,7 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 
 
 def build(d: int, n: int, url: str, async_upload: bool, out: str) -> tuple[Trainer, Checkpointer, torch.Tensor]:
-    cfg = Config(model=ModelConfig(d_model=d), sae=SaeConfig(n_latents=n, k=32),
+    cfg = Config(model=ModelConfig(d_model=d), sae=sae_config(n_latents=n, k=32),
                  trainer=TrainerConfig(total_tokens=10**9, batch_tokens=256, encoder_chunk=4096),
                  checkpoint=CheckpointConfig(url=url, keep_last=1, run_name=f"d{d}-n{n}", async_upload=async_upload),
                  tracking=TrackingConfig(enabled=False), output_dir=out)

@@ -28,9 +28,9 @@ from sae_dist.config import (
     DataConfig,
     ModelConfig,
     ParallelConfig,
-    SaeConfig,
     TrackingConfig,
     TrainerConfig,
+    sae_config,
 )
 from sae_dist.data.synthetic import SyntheticSource
 from sae_dist.parallel import single_process
@@ -43,7 +43,7 @@ from sae_dist.trainer import Trainer, TrainState, auto_lr
 def _config(args: argparse.Namespace, fp: int) -> Config:
     return Config(
         model=ModelConfig(d_model=args.d), data=DataConfig(source="synthetic"),
-        sae=SaeConfig(n_latents=args.n, k=args.k), parallel=ParallelConfig(fp=fp),
+        sae=sae_config(n_latents=args.n, k=args.k), parallel=ParallelConfig(fp=fp),
         trainer=TrainerConfig(batch_tokens=args.batch, total_tokens=args.batch * 10**6, encoder_chunk=args.chunk),
         tracking=TrackingConfig(enabled=False), output_dir=tempfile.gettempdir(),
     )

@@ -35,9 +35,9 @@ from sae_dist.config import (  # noqa: E402
     Config,
     DataConfig,
     ModelConfig,
-    SaeConfig,
     TrackingConfig,
     TrainerConfig,
+    sae_config,
 )
 from sae_dist.data import BatchStream  # noqa: E402
 from sae_dist.data.lm import LMActivationSource  # noqa: E402
@@ -51,7 +51,7 @@ def config(tokens: int, producers: int, out: str, select: str = "auto", in_fligh
     return Config(
         model=ModelConfig(batch_contexts=16),
         data=DataConfig(shuffle_buffer_tokens=16384),
-        sae=SaeConfig(**sae),
+        sae=sae_config(**sae),
         trainer=TrainerConfig(total_tokens=tokens, log_every=10_000, encoder_select=select),
         tracking=TrackingConfig(enabled=False),
         cluster=ClusterConfig(producers=producers, producer_cpus=1.0, max_in_flight=in_flight),

@@ -30,9 +30,9 @@ from sae_dist.config import (
     DataConfig,
     ModelConfig,
     ParallelConfig,
-    SaeConfig,
     TrackingConfig,
     TrainerConfig,
+    sae_config,
 )
 from sae_dist.data.synthetic import SyntheticSource
 from sae_dist.parallel.dims import build_mesh
@@ -44,7 +44,7 @@ from sae_dist.trainer import Trainer, TrainState, auto_lr
 def _config(args: argparse.Namespace, dtype: str) -> Config:
     return Config(
         model=ModelConfig(d_model=args.d), data=DataConfig(source="synthetic"),
-        sae=SaeConfig(n_latents=args.n, k=args.k),
+        sae=sae_config(n_latents=args.n, k=args.k),
         parallel=ParallelConfig(dp=args.dp, engine="deepspeed", zero_stage=args.zero_stage,
                                 offload_optimizer=args.offload),
         trainer=TrainerConfig(batch_tokens=args.batch, total_tokens=args.batch * args.dp * 10**6,

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from sae_dist.checkpoint import Checkpointer
-from sae_dist.config import CheckpointConfig, Config, SaeConfig
+from sae_dist.config import CheckpointConfig, Config, sae_config
 from sae_dist.export import export_saelens
 from sae_dist.sae import SparseAutoencoder
 from sae_dist.storage import Storage, join
@@ -55,7 +55,7 @@ def export_checkpoint(url: str, out_dir: str, endpoint_url: str = "") -> dict[st
     tensors.pop("tokens_since_fired", None)
     record = state["config"]
     sae_fields = {k[4:]: v for k, v in record.items() if k.startswith("sae.")}
-    sae = SparseAutoencoder(SaeConfig(**sae_fields), tensors["W_dec"].shape[1])
+    sae = SparseAutoencoder(sae_config(**sae_fields), tensors["W_dec"].shape[1])
     sae.load_state_dict(tensors)
     meta = {"hook_name": record.get("model.hook_point"), "model_name": record.get("model.name"),
             "context_size": record.get("model.context_size"), "sae_dist_step": state["step"],

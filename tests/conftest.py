@@ -10,14 +10,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from sae_dist import archs  # noqa: E402
 from sae_dist.config import (  # noqa: E402
     CheckpointConfig,
     Config,
     DataConfig,
     ModelConfig,
-    SaeConfig,
     TrackingConfig,
     TrainerConfig,
+    sae_config,
 )
 
 
@@ -26,13 +27,18 @@ def synthetic_config(tmp_path, **overrides) -> Config:
     groups = {
         "model": ModelConfig(d_model=32),
         "data": DataConfig(source="synthetic", synthetic_n_features=128, synthetic_k=3, shuffle_buffer_tokens=2048),
-        "sae": SaeConfig(n_latents=256, k=4, dead_tokens=4096),
+        "sae": sae_config(n_latents=256, k=4, dead_tokens=4096),
         "trainer": TrainerConfig(total_tokens=256 * 40, batch_tokens=256, warmup_steps=5, log_every=5,
                                  eval_tokens=2048, scale_tokens=1024, encoder_chunk=100),
         "checkpoint": CheckpointConfig(every_steps=10),
         "tracking": TrackingConfig(enabled=False),
     }
     for name, fields in overrides.items():
+        if name == "sae":  # another family keeps the shared fields and takes its own
+            family = archs.get(fields.get("arch", groups["sae"].arch)).config
+            shared = {k: v for k, v in groups["sae"].__dict__.items() if k in family.__dataclass_fields__}
+            groups["sae"] = sae_config(**{**shared, "arch": family.arch, **fields})
+            continue
         cls = type(groups[name]) if name in groups else None
         base = groups[name].__dict__ if name in groups else {}
         groups[name] = (cls or _group_class(name))(**{**base, **fields})

@@ -9,19 +9,19 @@ import pytest
 import torch
 from conftest import synthetic_config
 
-from sae_dist.config import ConfigError, DataConfig, ModelConfig, SaeConfig, TrainerConfig, validate
+from sae_dist.config import ConfigError, DataConfig, ModelConfig, TrainerConfig, sae_config, validate
 from sae_dist.data.lm import LMActivationSource
 from sae_dist.run import train
 
 
 def test_k_not_below_n_latents_names_both_fields():
     with pytest.raises(ConfigError, match=r"sae\.k \(64\).*sae\.n_latents \(64\)"):
-        SaeConfig(n_latents=64, k=64)
+        sae_config(n_latents=64, k=64)
 
 
 def test_unknown_arch_lists_the_choices():
     with pytest.raises(ConfigError, match=r"sae\.arch \('topkk'\) must be one of topk, batchtopk"):
-        SaeConfig(arch="topkk")
+        sae_config(arch="topkk")
 
 
 def test_fp_must_divide_n_latents(tmp_path):

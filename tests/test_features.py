@@ -15,7 +15,7 @@ from threading import Thread
 import pytest
 import torch
 
-from sae_dist.config import SaeConfig
+from sae_dist.config import sae_config
 from sae_dist.data.lm import resolve_model_path
 from sae_dist.export import export_saelens
 from sae_dist.features.collect import FeatureCollector
@@ -28,7 +28,7 @@ WORDS = ("the cat sat on a mat while python objects call functions with argument
 
 def identity_sae(d: int, scale: float = 1.0) -> SparseAutoencoder:
     """A TopK SAE that reconstructs exactly: latents +e_i and -e_i, k = d (relu(x) - relu(-x) = x)."""
-    sae = SparseAutoencoder(SaeConfig(n_latents=2 * d, k=d), d)
+    sae = SparseAutoencoder(sae_config(n_latents=2 * d, k=d), d)
     W = torch.cat([torch.eye(d), -torch.eye(d)]) * scale
     with torch.no_grad():
         sae.W_enc.copy_(W)
@@ -212,7 +212,7 @@ def build_tiny_dashboard(tmp_path, tiny_gpt2, n_features: int = 24) -> str:
     from sae_dist.features.source import load_setup
 
     torch.manual_seed(0)
-    sae = SparseAutoencoder(SaeConfig(n_latents=96, k=6), 64, generator=torch.Generator().manual_seed(0))
+    sae = SparseAutoencoder(sae_config(n_latents=96, k=6), 64, generator=torch.Generator().manual_seed(0))
     run = tiny_run(tmp_path, tiny_gpt2[0], sae)
     out = str(tmp_path / "dashboard")
     build_dashboard(load_setup(run), out, torch.arange(n_features), tokens=1024, batch_contexts=8, top_k=5,
@@ -259,7 +259,7 @@ def test_clamping_a_feature_changes_what_a_causal_lm_generates(tiny_gpt2):
     from sae_dist.features.steer import generate, steering_fn
 
     _, model, tok = tiny_gpt2
-    sae = SparseAutoencoder(SaeConfig(n_latents=96, k=6), 64, generator=torch.Generator().manual_seed(0)).eval()
+    sae = SparseAutoencoder(sae_config(n_latents=96, k=6), 64, generator=torch.Generator().manual_seed(0)).eval()
     module = model.transformer.h[0]
     prompt = "the cat sat on the"
     base = generate(model, tok, prompt, 12)
@@ -272,7 +272,7 @@ def test_clamping_a_feature_changes_what_a_causal_lm_generates(tiny_gpt2):
 def test_steer_cli_prints_baseline_and_steered_text(tmp_path, tiny_gpt2, capsys):
     from sae_dist.features.cli import steer_main
 
-    sae = SparseAutoencoder(SaeConfig(n_latents=96, k=6), 64, generator=torch.Generator().manual_seed(0))
+    sae = SparseAutoencoder(sae_config(n_latents=96, k=6), 64, generator=torch.Generator().manual_seed(0))
     run = tiny_run(tmp_path, tiny_gpt2[0], sae)
     steer_main([run, "--feature", "5", "--value", "80", "--prompt", "the cat sat", "--max-new-tokens", "8"])
     out = capsys.readouterr().out
@@ -283,7 +283,7 @@ def test_steer_cli_prints_baseline_and_steered_text(tmp_path, tiny_gpt2, capsys)
 def test_export_loads_in_saelens_with_the_same_reconstruction(tmp_path):
     sae_lens = pytest.importorskip("sae_lens", reason="sae-lens not installed (pip install sae-lens)")
     torch.manual_seed(0)
-    ours = SparseAutoencoder(SaeConfig(n_latents=96, k=6), 32, generator=torch.Generator().manual_seed(0))
+    ours = SparseAutoencoder(sae_config(n_latents=96, k=6), 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours.b_dec.normal_()
         ours.b_enc.normal_(std=0.1)

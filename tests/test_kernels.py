@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from sae_dist import kernels
-from sae_dist.config import SaeConfig
+from sae_dist.config import sae_config
 from sae_dist.sae import SparseAutoencoder
 
 DEVICE = os.environ.get("SAE_DIST_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -345,7 +345,7 @@ def test_triton_weight_grads_are_bitwise_deterministic():
 def test_sae_topk_auxk_step_is_the_same_on_triton_and_torch(monkeypatch):
     monkeypatch.setitem(sys.modules, "sae_dist.kernels.triton_ops", triton_ops)
     monkeypatch.setattr(kernels, "triton_ops", triton_ops, raising=False)
-    cfg = SaeConfig(arch="topk", n_latents=100, k=5, k_aux=7)
+    cfg = sae_config(arch="topk", n_latents=100, k=5, k_aux=7)
     x = _randn(37, 24, g=_gen(71))
     dead = torch.zeros(100, dtype=torch.bool, device=DEVICE)
     dead[::3] = True

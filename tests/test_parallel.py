@@ -42,6 +42,8 @@ from sae_dist.sae import SparseAutoencoder
 from sae_dist.trainer import Trainer, TrainState, auto_lr
 
 D, N, K, B, STEPS = 32, 256, 4, 64, 20
+ARCHS = ("topk", "batchtopk", "jumprelu")
+"""Every sparse-path family; each trains fp=2 and fp=4 against one process."""
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor", "broadcast",
                "reduce_scatter_tensor", "barrier", "all_gather_object", "broadcast_object_list", "gather")
 
@@ -53,10 +55,10 @@ def _free_port() -> int:
 
 
 def _cfg(tmp, arch="topk", n=N, dp=1, fp=1, batch=B, engine="torch", zero_stage=1, dead_tokens=2 * B,
-         offload=False, param_dtype="fp32"):
+         offload=False, param_dtype="fp32", **sae):
     return synthetic_config(
         tmp,
-        sae={"arch": arch, "n_latents": n, "k": K, "dead_tokens": dead_tokens},
+        sae={"arch": arch, "n_latents": n, "k": K, "dead_tokens": dead_tokens, **sae},
         trainer={"batch_tokens": batch, "total_tokens": batch * dp * STEPS, "encoder_chunk": 32, "warmup_steps": 5,
                  "param_dtype": param_dtype},
         parallel={"dp": dp, "fp": fp, "engine": engine, "zero_stage": zero_stage, "offload_optimizer": offload},
@@ -152,7 +154,7 @@ def _mesh(cfg):
 
 def _job_world2(rank, tmp):
     out = {}
-    for arch in ("topk", "batchtopk", "jumprelu"):
+    for arch in ARCHS:
         cfg = _cfg(tmp, arch, fp=2)
         out[f"fp2-{arch}"] = _train(cfg, _mesh(cfg), _batches(B))
     cfg = _cfg(tmp, "topk", fp=2, batch=2 * B)
@@ -190,7 +192,7 @@ def _replica_batches(rank, fp):
 
 def _job_world4(rank, tmp):
     out = {}
-    for arch in ("topk", "batchtopk"):
+    for arch in ARCHS:
         cfg = _cfg(tmp, arch, fp=4)
         out[f"fp4-{arch}"] = _train(cfg, _mesh(cfg), _batches(B))
     cfg = _cfg(tmp, "topk", dp=2, fp=2)
@@ -258,7 +260,7 @@ def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
     torch.set_num_threads(1)
     out = {arch: _train(cfg, single_process(cfg.parallel, N), _batches(B))
-           for arch in ("topk", "batchtopk", "jumprelu") for cfg in [_cfg(tmp, arch)]}
+           for arch in ARCHS for cfg in [_cfg(tmp, arch)]}
     cfg = _cfg(tmp, "topk", batch=2 * B)
     out["double"] = _train(cfg, single_process(cfg.parallel, N), _batches(2 * B))
     return out
@@ -271,9 +273,12 @@ def _merged_choice(ranks, key):
     return masks.any(0)
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("fp", [2, 4])
 def test_fp_matches_fp1_losses_indices_and_weights(world2, world4, reference, fp, arch):
+    """Losses within 1e-5 relative over 20 steps, the same selections (top-k families: the merged
+    masks; threshold families decide per latent, so equal weights at every step mean equal ones) and
+    the same weights."""
     ranks = world2 if fp == 2 else world4[:4]
     key = f"fp{fp}-{arch}"
     ref = reference[arch]
@@ -315,14 +320,6 @@ def test_dp2_fp1_matches_one_process_with_doubled_batch(world2, reference):
     _assert_same_updates(world2, "dp2-fp1", reference["double"], fp=1)
 
 
-def test_fp2_dense_jumprelu_matches_fp1(world2, reference):
-    ref = reference["jumprelu"]
-    for r in world2:
-        assert torch.allclose(torch.tensor(r["fp2-jumprelu"]["losses"]), torch.tensor(ref["losses"]), rtol=1e-5)
-    for name, want in ref["weights"].items():
-        assert torch.allclose(world2[0]["fp2-jumprelu"]["weights"][name], want, atol=1e-5, rtol=1e-4), name
-
-
 def test_parallel_dims_errors_name_the_field_and_values():
     with pytest.raises(ConfigError, match=r"parallel\.fp \(3\) must divide sae\.n_latents \(16384\)"):
         ParallelDims(dp=1, fp=3, world_size=3, n_latents=16384)
@@ -362,6 +359,7 @@ def test_collectives_per_step_are_fixed_and_independent_of_n_latents(world2, wor
         for r in ranks:
             for step in (2, 3):
                 assert r["count-128"][step] == r["count-512"][step] == want, r["count-128"]
+
 
 
 def test_zero_stage_1_and_2_match_dp1_with_doubled_batch_and_shard_adam_over_dp(world2, reference, tmp_path_factory):

@@ -18,9 +18,9 @@ from sae_dist.config import (  # noqa: E402
     DataConfig,
     ModelConfig,
     ParallelConfig,
-    SaeConfig,
     TrackingConfig,
     TrainerConfig,
+    sae_config,
 )
 from sae_dist.data.cache import write_cache  # noqa: E402
 from sae_dist.data.lm import LMActivationSource  # noqa: E402
@@ -32,7 +32,7 @@ def _config(out, corpus, **over) -> Config:
     groups = dict(
         model=ModelConfig(context_size=64, batch_contexts=8),
         data=DataConfig(corpus=corpus, heldout_fraction=0.1, shuffle_buffer_tokens=2048),
-        sae=SaeConfig(n_latents=256, k=8, dead_tokens=4096),
+        sae=sae_config(n_latents=256, k=8, dead_tokens=4096),
         trainer=TrainerConfig(total_tokens=512 * 24, batch_tokens=512, warmup_steps=4, log_every=4,
                               eval_tokens=2048, scale_tokens=1024, encoder_chunk=128),
         checkpoint=CheckpointConfig(every_steps=0),

@@ -20,9 +20,6 @@ from torch import Tensor, nn
 from sae_dist.parallel.dims import Mesh
 from sae_dist.sae import LocalComm, SparseAutoencoder
 
-SHARDED = ("W_enc", "W_dec", "b_enc", "log_threshold")
-"""Parameters split by latent rows; everything else (b_dec, the BatchTopK threshold) is replicated."""
-
 
 def all_gather_into(out: Tensor, t: Tensor, group: Any) -> None:
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -157,10 +154,9 @@ class FeatureParallelComm(LocalComm):
 
 
 def _slice_rows(sae: SparseAutoencoder, start: int, stop: int) -> None:
-    for name in SHARDED:
-        p = getattr(sae, name, None)
-        if p is not None:
-            setattr(sae, name, nn.Parameter(p.detach()[start:stop].clone(), requires_grad=p.requires_grad))
+    for name in sae.sharded_names():
+        p = getattr(sae, name)
+        setattr(sae, name, nn.Parameter(p.detach()[start:stop].clone(), requires_grad=p.requires_grad))
 
 
 def apply_feature_parallel(sae: SparseAutoencoder, mesh: Mesh) -> SparseAutoencoder:
@@ -187,7 +183,7 @@ def gather_full_state(sae: SparseAutoencoder, mesh: Mesh) -> dict[str, Tensor]:
         return {k: v.clone() for k, v in state.items()}
     out = {}
     for name, t in state.items():
-        if name in SHARDED:
+        if name in sae.sharded_names():
             full = t.new_empty(mesh.fp * t.shape[0], *t.shape[1:])
             all_gather_into(full, t.contiguous(), group)
             out[name] = full

@@ -23,11 +23,6 @@ from sae_dist.snapshot import safetensors_layout
 def check_supported(cfg: Config, device: torch.device) -> None:
     """Refuses, before any work, what this process cannot run (`device` is trainer.device resolved)."""
     p = cfg.parallel
-    if p.dp > 1 and cfg.sae.arch == "relu" and cfg.sae.resample_every:
-        raise ConfigError(
-            f"sae.resample_every ({cfg.sae.resample_every}) with parallel.dp ({p.dp}) > 1 is not supported: "
-            "replicas would resample from different batches; set sae.resample_every=0 or parallel.dp=1"
-        )
     resolve_backend(p.backend, device)
     if engine_name(cfg) == "deepspeed":
         if importlib.util.find_spec("deepspeed") is None:
@@ -35,11 +30,6 @@ def check_supported(cfg: Config, device: torch.device) -> None:
                 f"parallel.engine ({p.engine}) is deepspeed for parallel.dp ({p.dp}) / trainer.param_dtype "
                 f"({cfg.trainer.param_dtype}), but DeepSpeed is not installed; DS_BUILD_OPS=0 pip install "
                 "'sae-dist[deepspeed]', or set parallel.engine=torch (fp32 weights only)"
-            )
-        if cfg.sae.arch == "relu" and cfg.sae.resample_every:
-            raise ConfigError(
-                f"sae.resample_every ({cfg.sae.resample_every}) resets per-latent Adam state, which ZeRO "
-                f"partitions (parallel.engine={p.engine}); set parallel.engine=torch or sae.resample_every=0"
             )
 
 

@@ -26,7 +26,6 @@ from torch import Tensor
 from sae_dist.config import Config, ConfigError
 from sae_dist.parallel.dims import Mesh
 from sae_dist.parallel.dp import DataParallel
-from sae_dist.parallel.fp import SHARDED
 from sae_dist.sae import SparseAutoencoder
 
 log = logging.getLogger(__name__)
@@ -94,11 +93,9 @@ class DeepSpeedEngine:
                 "parallel.engine=deepspeed but DeepSpeed is not installed; "
                 "DS_BUILD_OPS=0 pip install deepspeed, or use parallel.engine=torch"
             ) from err
-        if cfg.sae.arch == "relu" and cfg.sae.resample_every:
-            raise ConfigError("sae.resample_every needs per-latent Adam state: use parallel.engine=torch")
         self.sae = sae
         for name, p in sae.named_parameters():
-            p.model_parallel = name in SHARDED and mesh.fp > 1  # type: ignore[attr-defined]
+            p.model_parallel = name in sae.sharded_names() and mesh.fp > 1  # type: ignore[attr-defined]
         if sae.unit_norm_decoder:
             sae.W_dec.register_hook(self._project)
         # DeepSpeed reads torchrun's variables; Ray trainer actors join the group without them

@@ -1,0 +1,98 @@
+"""TopK SAE with AuxK (Gao et al. 2024): exactly k latents per token; dead latents learn the residual.
+
+    f = TopK_k(relu((x - b_dec) W_enc^T + b_enc))
+    loss = FVU(x, f W_dec + b_dec) + aux_coef * FVU(e, TopK_kaux over dead latents decoded),  e = x - x^
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from sae_dist import kernels
+from sae_dist.archs import register
+from sae_dist.archs.base import Arch, SaeConfig, SaeOutput, fired_from_sparse
+from sae_dist.errors import require
+
+if TYPE_CHECKING:
+    from sae_dist.sae import SparseAutoencoder
+
+
+@dataclass
+class TopKConfig(SaeConfig):
+    arch: str = "topk"
+    k_aux: int = 0
+    """AuxK: dead latents used to model the residual; 0 means d_model // 2 (Gao et al.)."""
+    aux_coef: float = 1.0 / 32
+    """Weight of the AuxK loss."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.k_aux >= 0, f"sae.k_aux ({self.k_aux}) must be >= 0 (0 = d_model // 2)")
+        require(self.aux_coef >= 0, f"sae.aux_coef ({self.aux_coef}) must be >= 0 (0 turns AuxK off)")
+
+
+def encode_with_aux(
+    sae: SparseAutoencoder, xc: Tensor, width: int, dead_mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """The streaming encoder's `width` best candidates per row, and, when some latent of any shard is
+    dead, the best k_aux dead ones -> (cand, ids, aux, aux ids, total dead or None)."""
+    cfg = sae.cfg
+    total_dead = sae.comm.sum_scalar(dead_mask.sum().float()) if dead_mask is not None else None
+    use_aux = total_dead is not None and bool(total_dead > 0) and getattr(cfg, "aux_coef", 0) > 0
+    k_aux = min(sae.k_aux, sae.n_local)
+    cand, ids, aux, aux_ids = kernels.topk_encode(
+        xc, sae.W_enc, sae.b_enc, width, sae.encoder_chunk, dead_mask if use_aux else None, k_aux
+    )
+    return cand, ids, aux, aux_ids, total_dead if use_aux else None
+
+
+def auxk_loss(sae: SparseAutoencoder, x: Tensor, x_hat: Tensor, aux: Tensor, aux_ids: Tensor, total_dead: Tensor) -> Tensor:
+    """FVU of the residual x - x^ (no gradient into x^) by the top k_aux dead latents over every shard,
+    scaled down while fewer than k_aux latents are dead."""
+    k_aux_global = int(min(sae.k_aux, total_dead))
+    aux = aux.masked_fill(~aux.isfinite(), 0.0)
+    a_vals, a_idx = sae.comm.select_topk(aux, aux_ids, min(k_aux_global, aux.shape[1] * sae.comm.n_shards))
+    e_hat = sae.comm.sum_partial(kernels.sparse_decode(F.relu(a_vals), a_idx, sae.W_dec))
+    aux_loss = sae.fvu((x - x_hat).detach(), e_hat).nan_to_num(0.0)
+    return aux_loss * min(1.0, float(total_dead) / sae.k_aux)
+
+
+@register
+class TopK(Arch):
+    name = "topk"
+    config = TopKConfig
+    saelens_architecture = "topk"
+    uses_dead_mask = True
+
+    def forward(self, sae: SparseAutoencoder, x: Tensor, dead_mask: Tensor | None) -> SaeOutput:
+        cfg = self.cfg
+        xc = sae.comm.shard_input(x - sae.b_dec)
+        cand, ids, aux, aux_ids, total_dead = encode_with_aux(sae, xc, cfg.k, dead_mask)
+        vals, idx = sae.comm.select_topk(cand, ids, cfg.k)
+        vals = F.relu(vals)  # (B, k)
+        x_hat = sae.decode_sparse(vals, idx)
+        loss = sae.fvu(x, x_hat)
+        terms = {"fvu": loss.detach()}
+        if total_dead is not None:
+            aux_loss = auxk_loss(sae, x, x_hat, aux, aux_ids, total_dead)
+            loss = loss + cfg.aux_coef * aux_loss
+            terms["auxk"] = aux_loss.detach()
+        terms["l0"] = sae.comm.sum_scalar((vals > 0).sum(dim=1).float().mean())
+        return SaeOutput(x_hat=x_hat, loss=loss, terms=terms, fired=fired_from_sparse(sae.n_local, vals, idx))
+
+    def encode_sparse(self, sae: SparseAutoencoder, x: Tensor) -> tuple[Tensor, Tensor]:
+        xc = sae.comm.shard_input(x - sae.b_dec)
+        vals, idx, _, _ = kernels.topk_encode(xc, sae.W_enc, sae.b_enc, self.cfg.k, sae.encoder_chunk)
+        vals, idx = sae.comm.select_topk(vals, idx, self.cfg.k)
+        return F.relu(vals), idx
+
+    def export_fields(self) -> dict:
+        return {"k": self.cfg.k}
+
+    @classmethod
+    def config_from_export(cls, cfg: dict) -> dict:
+        return {"k": cfg["k"]}
