@@ -17,11 +17,11 @@ from sae_dist.export import export_saelens, load_saelens
 from sae_dist.sae import SparseAutoencoder
 
 ROOT = Path(__file__).resolve().parents[1]
-OWN = {"jumprelu": {"init_l0": 0}}
+OWN = {"matryoshka": {"prefixes": [12, 48, 96]}, "jumprelu": {"init_l0": 0}}
 
 
 def test_registry_has_every_family_each_with_its_yaml():
-    assert {"topk", "batchtopk", "jumprelu", "relu"} <= set(archs.names())
+    assert {"topk", "batchtopk", "matryoshka", "jumprelu", "relu"} <= set(archs.names())
     for name in archs.names():
         family = archs.get(name)
         assert family.name == name and family.config().arch == name
@@ -53,8 +53,11 @@ def test_config_errors_name_the_field_the_value_and_the_fix():
         sae_config(arch="topkk")
     with pytest.raises(ConfigError, match=r"sae\.arch=jumprelu has no field sae\.k_aux .*`sae=jumprelu`"):
         sae_config(arch="jumprelu", k_aux=4)
+    with pytest.raises(ConfigError, match=r"sae\.prefixes \(\[64, 32, 128\]\) must rise strictly"):
+        sae_config(arch="matryoshka", n_latents=128, prefixes=[64, 32, 128])
     with pytest.raises(ConfigError, match=r"sae\.bandwidth \(0\.0\) must be > 0"):
         sae_config(arch="jumprelu", bandwidth=0.0)
+    assert sae_config(arch="matryoshka", n_latents=6144).prefix_sizes() == [96, 384, 1536, 6144]
 
 
 def test_sparse_encoder_refuses_more_active_latents_than_max_active():

@@ -42,7 +42,7 @@ from sae_dist.sae import SparseAutoencoder
 from sae_dist.trainer import Trainer, TrainState, auto_lr
 
 D, N, K, B, STEPS = 32, 256, 4, 64, 20
-ARCHS = ("topk", "batchtopk", "jumprelu")
+ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu")
 """Every sparse-path family; each trains fp=2 and fp=4 against one process."""
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor", "broadcast",
                "reduce_scatter_tensor", "barrier", "all_gather_object", "broadcast_object_list", "gather")
@@ -164,6 +164,9 @@ def _job_world2(rank, tmp):
     for n in (128, 512):
         cfg = _cfg(tmp, "topk", n=n, fp=2, batch=16, dead_tokens=1)
         out[f"count-{n}"] = _train(cfg, _mesh(cfg), _batches(16, 4), count_at=(2, 3))["counts"]
+    for n, prefixes in ((128, [8, 128]), (512, [8, 32, 64, 128, 512])):
+        cfg = _cfg(tmp, "matryoshka", n=n, fp=2, batch=16, dead_tokens=1, prefixes=prefixes)
+        out[f"count-matryoshka-{n}"] = _train(cfg, _mesh(cfg), _batches(16, 4), count_at=(2, 3))["counts"]
     out["export_sharded"] = _export_both_ways(tmp, rank)
     return out
 
@@ -360,6 +363,14 @@ def test_collectives_per_step_are_fixed_and_independent_of_n_latents(world2, wor
             for step in (2, 3):
                 assert r["count-128"][step] == r["count-512"][step] == want, r["count-128"]
 
+
+def test_matryoshka_collectives_do_not_grow_with_n_or_the_number_of_prefixes(world2):
+    # BatchTopK + AuxK: one stacked all-reduce for every prefix's decode, whether 2 prefixes or 5.
+    for r in world2:
+        for step in (2, 3):
+            small, large = r["count-matryoshka-128"][step], r["count-matryoshka-512"][step]
+            assert small == large, (small, large)
+            assert small["all_reduce"] == r["count-128"][step]["all_reduce"], small
 
 
 def test_zero_stage_1_and_2_match_dp1_with_doubled_batch_and_shard_adam_over_dp(world2, reference, tmp_path_factory):

@@ -11,7 +11,7 @@ from sae_dist.run import train
 from sae_dist.sae import SparseAutoencoder
 
 _OWN = {
-    "topk": {"k_aux": 4}, "batchtopk": {"k_aux": 4},
+    "topk": {"k_aux": 4}, "batchtopk": {"k_aux": 4}, "matryoshka": {"k_aux": 4, "prefixes": [3, 10, 24]},
     "jumprelu": {"bandwidth": 0.5, "threshold_init": 0.1, "init_l0": 0},
     "relu": {},
 }
@@ -149,12 +149,22 @@ def _dense_jumprelu_loss(x, W_enc, b_enc, W_dec, b_dec, log_threshold, cfg):
     return _fvu(x, f @ W_dec + b_dec) + cfg.l0_coef * l0
 
 
-@pytest.mark.parametrize("arch", ["jumprelu"])
+def _dense_matryoshka_loss(x, W_enc, b_enc, W_dec, b_dec, cfg):
+    pre = ((x - b_dec) @ W_enc.T + b_enc).relu()
+    keep = torch.zeros(pre.numel(), dtype=torch.bool)
+    keep[pre.flatten().topk(x.shape[0] * cfg.k).indices] = True
+    f = pre * keep.view_as(pre)
+    losses = [_fvu(x, f[:, :m] @ W_dec[:m] + b_dec) for m in cfg.prefix_sizes()]
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "matryoshka"])
 def test_sparse_families_match_their_dense_form(arch):
-    """The sparse path (threshold kernel) against the family's dense
+    """The sparse path (threshold kernel / batch selection + prefix buckets) against the family's dense
     definition in float64: loss, reconstruction and every parameter's gradient, straight-through
     threshold gradients included."""
-    own = {"jumprelu": {"bandwidth": 0.3, "threshold_init": 0.2, "l0_coef": 0.05}}[arch]
+    own = {"jumprelu": {"bandwidth": 0.3, "threshold_init": 0.2, "l0_coef": 0.05},
+           "matryoshka": {"aux_coef": 0.0}}[arch]
     sae = _tiny(arch, **own)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -166,7 +176,7 @@ def test_sparse_families_match_their_dense_form(arch):
     out = sae(x)
     grads = torch.autograd.grad(out.loss, [getattr(sae, n) for n in names])
     ref_in = {n: getattr(sae, n).detach().clone().requires_grad_(True) for n in names}
-    dense = {"jumprelu": _dense_jumprelu_loss}[arch]
+    dense = {"jumprelu": _dense_jumprelu_loss, "matryoshka": _dense_matryoshka_loss}[arch]
     ref = dense(x, **ref_in, cfg=sae.cfg)
     ref_grads = torch.autograd.grad(ref, list(ref_in.values()))
     assert 0 < float(out.terms["l0"]) < sae.n_local  # neither empty nor dense: the test means something
@@ -174,3 +184,14 @@ def test_sparse_families_match_their_dense_form(arch):
     for name, got, want in zip(names, grads, ref_grads):
         assert torch.allclose(got, want, rtol=1e-8, atol=1e-10), f"{name}: {(got - want).abs().max()}"
 
+
+def test_matryoshka_smallest_prefix_is_trained_to_reconstruct_alone():
+    """The point of the method: with the same selection, a Matryoshka loss moves the first latents
+    toward reconstructing on their own; plain BatchTopK's loss ignores how they do alone."""
+    mat, plain = _tiny("matryoshka", aux_coef=0.0), _tiny("batchtopk", aux_coef=0.0)
+    plain.load_state_dict(mat.state_dict())
+    x = torch.randn(9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    out = mat(x)
+    assert torch.allclose(out.x_hat, plain(x).x_hat)
+    assert not torch.allclose(out.terms["fvu_prefix0"], out.terms["fvu"])
+    assert not torch.allclose(out.loss, out.terms["fvu"])  # the prefixes' losses count too
