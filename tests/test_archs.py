@@ -17,11 +17,11 @@ from sae_dist.export import export_saelens, load_saelens
 from sae_dist.sae import SparseAutoencoder
 
 ROOT = Path(__file__).resolve().parents[1]
-OWN = {"matryoshka": {"prefixes": [12, 48, 96]}, "jumprelu": {"init_l0": 0}}
+OWN = {"matryoshka": {"prefixes": [12, 48, 96]}, "jumprelu": {"init_l0": 0}, "gated": {"init_l0": 0}}
 
 
 def test_registry_has_every_family_each_with_its_yaml():
-    assert {"topk", "batchtopk", "matryoshka", "jumprelu", "relu"} <= set(archs.names())
+    assert {"topk", "batchtopk", "matryoshka", "jumprelu", "gated", "relu"} <= set(archs.names())
     for name in archs.names():
         family = archs.get(name)
         assert family.name == name and family.config().arch == name

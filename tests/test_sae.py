@@ -12,7 +12,7 @@ from sae_dist.sae import SparseAutoencoder
 
 _OWN = {
     "topk": {"k_aux": 4}, "batchtopk": {"k_aux": 4}, "matryoshka": {"k_aux": 4, "prefixes": [3, 10, 24]},
-    "jumprelu": {"bandwidth": 0.5, "threshold_init": 0.1, "init_l0": 0},
+    "jumprelu": {"bandwidth": 0.5, "threshold_init": 0.1, "init_l0": 0}, "gated": {"init_l0": 0, "l1_coef": 0.5},
     "relu": {},
 }
 
@@ -32,8 +32,10 @@ def test_float64_gradcheck_every_arch(arch):
     sae = _tiny(arch)
     x = torch.randn(5, 6, dtype=torch.float64)
     # JumpReLU's threshold gradient is a straight-through estimate, not the true derivative, so the
-    # check covers the parameters whose gradients are exact; the threshold is held fixed.
-    names = ["W_enc", "b_enc", "W_dec", "b_dec"]
+    # check covers the parameters whose gradients are exact; the threshold is held fixed. Gated's
+    # auxiliary loss decodes through a frozen copy of the decoder (a stop-gradient by design), so there
+    # the decoder is held fixed; test_sparse_threshold_families_match_their_dense_form checks it.
+    names = ["W_enc", "b_enc", "W_dec", "b_dec"] if arch != "gated" else ["W_enc", "b_enc", "r_mag", "b_mag"]
     inputs = [getattr(sae, n).detach().clone().requires_grad_(True) for n in names]
 
     def fn(*ps):
@@ -149,6 +151,14 @@ def _dense_jumprelu_loss(x, W_enc, b_enc, W_dec, b_dec, log_threshold, cfg):
     return _fvu(x, f @ W_dec + b_dec) + cfg.l0_coef * l0
 
 
+def _dense_gated_loss(x, W_enc, b_enc, W_dec, b_dec, r_mag, b_mag, cfg):
+    proj = (x - b_dec) @ W_enc.T
+    gate = proj + b_enc
+    f = (gate > 0).to(x.dtype) * (r_mag.exp() * proj + b_mag).relu()
+    aux = _fvu(x, gate.relu() @ W_dec.detach() + b_dec.detach())
+    return _fvu(x, f @ W_dec + b_dec) + cfg.l1_coef * gate.relu().sum(1).mean() / x.shape[1] + aux
+
+
 def _dense_matryoshka_loss(x, W_enc, b_enc, W_dec, b_dec, cfg):
     pre = ((x - b_dec) @ W_enc.T + b_enc).relu()
     keep = torch.zeros(pre.numel(), dtype=torch.bool)
@@ -158,13 +168,13 @@ def _dense_matryoshka_loss(x, W_enc, b_enc, W_dec, b_dec, cfg):
     return torch.stack(losses).mean()
 
 
-@pytest.mark.parametrize("arch", ["jumprelu", "matryoshka"])
+@pytest.mark.parametrize("arch", ["jumprelu", "gated", "matryoshka"])
 def test_sparse_families_match_their_dense_form(arch):
     """The sparse path (threshold kernel / batch selection + prefix buckets) against the family's dense
     definition in float64: loss, reconstruction and every parameter's gradient, straight-through
     threshold gradients included."""
     own = {"jumprelu": {"bandwidth": 0.3, "threshold_init": 0.2, "l0_coef": 0.05},
-           "matryoshka": {"aux_coef": 0.0}}[arch]
+           "gated": {"l1_coef": 0.7}, "matryoshka": {"aux_coef": 0.0}}[arch]
     sae = _tiny(arch, **own)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -176,7 +186,7 @@ def test_sparse_families_match_their_dense_form(arch):
     out = sae(x)
     grads = torch.autograd.grad(out.loss, [getattr(sae, n) for n in names])
     ref_in = {n: getattr(sae, n).detach().clone().requires_grad_(True) for n in names}
-    dense = {"jumprelu": _dense_jumprelu_loss, "matryoshka": _dense_matryoshka_loss}[arch]
+    dense = {"jumprelu": _dense_jumprelu_loss, "gated": _dense_gated_loss, "matryoshka": _dense_matryoshka_loss}[arch]
     ref = dense(x, **ref_in, cfg=sae.cfg)
     ref_grads = torch.autograd.grad(ref, list(ref_in.values()))
     assert 0 < float(out.terms["l0"]) < sae.n_local  # neither empty nor dense: the test means something
