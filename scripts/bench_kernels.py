@@ -1,6 +1,8 @@
-"""Training step of the sparse TopK SAE (`sae_dist.kernels`) against a dense torch TopK SAE.
+"""Training step of the sparse TopK SAE (`sae_dist.kernels`) against a dense torch TopK SAE, and of
+the sparse JumpReLU SAE (the threshold encoder) against a dense JumpReLU.
 
     python scripts/bench_kernels.py                    # CPU: d=384 k=32 B=4096, n=6144 and 49152; memory at n=262144
+    python scripts/bench_kernels.py --family jumprelu  # the same cases for JumpReLU (thresholds set for L0 ~ k)
     python scripts/bench_kernels.py --cases 768:32768:32:16384 4096:262144:32:16384 --memory-cases  # GPU
     SAE_DIST_KERNELS=torch python scripts/bench_kernels.py ...   # force the torch reference on a GPU
 
@@ -8,7 +10,9 @@ A case is d:n:k:B. Speed: one process per case runs dense and sparse steps (forw
 alternately, from the same weights on the same batches; medians over --steps after --warmup, and the
 largest relative loss difference between the two trajectories. Memory: one process per (case, path);
 peak RSS (CPU) or peak allocated (GPU) above the level after a tiny warm-up model, against the bytes of
-parameters + gradients + Adam state. On a GPU also tokens/s and the fraction of the bf16 matmul ceiling
+parameters + gradients + Adam state. JumpReLU: the sparse step is the library's SAE module
+(`sae=jumprelu`, all its terms) and the dense one the same loss on a (B, n) matrix; thresholds start at
+the level where a latent fires with probability k / n on the bench's unit-variance inputs. On a GPU also tokens/s and the fraction of the bf16 matmul ceiling
 (a 8192^3 bf16 matmul timed in the same process); FLOPs counted are 2*B*n*d for the encoder plus
 8*B*k*d for the sparse decoder and gradients.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import resource
 import statistics
@@ -62,6 +67,53 @@ def sparse_loss(params: list[torch.Tensor], x: torch.Tensor, k: int) -> torch.Te
     return fvu(x, kernels.sparse_decode(F.relu(vals), idx, W_dec) + b_dec)
 
 
+def _jump_threshold(n: int, k: int) -> float:
+    """The t with P(z > t) = k / n for z ~ N(0, 1): the pre-activations of unit rows on N(0, I) inputs."""
+    return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1.0 - k / n)))
+
+
+def build_jumprelu(d: int, n: int, k: int, dtype: torch.dtype, device: str):  # type: ignore[no-untyped-def]
+    """(SAE module, its Adam) with thresholds for L0 ~ k; the dense path trains a copy of its tensors."""
+    from sae_dist.config import sae_config
+    from sae_dist.sae import SparseAutoencoder
+
+    sae = SparseAutoencoder(sae_config(arch="jumprelu", n_latents=n, k=min(k, n - 1), init_l0=0,
+                                       max_active=n), d, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.log_threshold.fill_(math.log(_jump_threshold(n, k)))
+    sae = sae.to(device=device, dtype=dtype)
+    return sae, torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
+
+
+def sparse_jumprelu_loss(sae, x: torch.Tensor, k: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    return sae(x).loss
+
+
+def dense_jumprelu_loss(params: list[torch.Tensor], x: torch.Tensor, k: int) -> torch.Tensor:
+    from sae_dist.archs.jumprelu import JumpReluFn, StepFn
+
+    W_dec, W_enc, b_enc, b_dec, log_t = params
+    pre = F.linear(x - b_dec, W_enc, b_enc)  # (B, n)
+    t = log_t.exp().expand_as(pre)
+    f = JumpReluFn.apply(pre, t, 1e-3)  # (B, n)
+    return fvu(x, f @ W_dec + b_dec) + 1e-3 * StepFn.apply(pre, t, 1e-3).sum(1).mean()
+
+
+def build_family(family: str, path: str, d: int, n: int, k: int, dtype: torch.dtype, device: str):  # type: ignore[no-untyped-def]
+    """(loss_fn, params, optimizer) of one path of one family."""
+    if family == "topk":
+        return (sparse_loss if path == "sparse" else dense_loss), *build(d, n, dtype, device)
+    sae, opt = build_jumprelu(d, n, k, dtype, device)
+    if path == "sparse":
+        return sparse_jumprelu_loss, sae, opt
+    params = [torch.nn.Parameter(p.detach().clone()) for p in sae.parameters()]
+    return dense_jumprelu_loss, params, torch.optim.Adam(params, lr=1e-4, fused=True)
+
+
+def _tensors(params) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+    return list(params.parameters()) if isinstance(params, torch.nn.Module) else list(params)
+
+
 def step(loss_fn, params, opt, x, k) -> tuple[float, float, float, float]:  # type: ignore[no-untyped-def]
     """(loss, forward s, backward s, optimizer s)."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
@@ -98,8 +150,9 @@ def bf16_ceiling(device: str) -> float:
 
 
 def speed_worker(d: int, n: int, k: int, B: int, args: argparse.Namespace) -> dict:
-    paths = {"dense": dense_loss, "sparse": sparse_loss}
-    models = {p: build(d, n, args.dtype, args.device) for p in paths}
+    built = {p: build_family(args.family, p, d, n, k, args.dtype, args.device) for p in ("dense", "sparse")}
+    paths = {p: b[0] for p, b in built.items()}
+    models = {p: b[1:] for p, b in built.items()}
     times: dict[str, list[tuple[float, float, float]]] = {p: [] for p in paths}
     losses: dict[str, list[float]] = {p: [] for p in paths}
     for i, x in enumerate(batches(B, d, args.warmup + args.steps, args.dtype, args.device)):
@@ -119,7 +172,7 @@ def speed_worker(d: int, n: int, k: int, B: int, args: argparse.Namespace) -> di
     for p in paths:
         out[p] = statistics.median(sum(t) for t in times[p])
     out["loss_rel_diff"] = max(abs(a - b) / abs(a) for a, b in zip(losses["dense"], losses["sparse"]))
-    out["backend"] = kernels.backend_for(models["sparse"][0][0])
+    out["backend"] = kernels.backend_for(_tensors(models["sparse"][0])[0])
     stats = kernels.reference.SELECT_STATS
     out["fallback"] = stats["fallback_rows"] / stats["rows"] if stats["rows"] else 0.0
     if args.device == "cuda":
@@ -129,18 +182,19 @@ def speed_worker(d: int, n: int, k: int, B: int, args: argparse.Namespace) -> di
 
 
 def memory_worker(d: int, n: int, k: int, B: int, path: str, args: argparse.Namespace) -> dict:
-    fn = sparse_loss if path == "sparse" else dense_loss
     for x in batches(64, d, 2, args.dtype, args.device):  # library buffers and threads are not the model's
-        step(fn, *build(d, 64, args.dtype, args.device), x, k)
+        small = build_family(args.family, path, d, 64, min(k, 8), args.dtype, args.device)
+        step(small[0], *small[1:], x, min(k, 8))
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         with open("/proc/self/statm") as f:
             base = int(f.read().split()[1]) * resource.getpagesize()
-    params, opt = build(d, n, args.dtype, args.device)
+    fn, model, opt = build_family(args.family, path, d, n, k, args.dtype, args.device)
+    params = _tensors(model)
     for x in batches(B, d, 3, args.dtype, args.device):
-        step(fn, params, opt, x, k)
+        step(fn, model, opt, x, k)
         state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
@@ -154,7 +208,7 @@ def memory_worker(d: int, n: int, k: int, B: int, path: str, args: argparse.Name
 def run_case(spec: str, args: argparse.Namespace, worker: str, path: str = "") -> dict:
     cmd = [sys.executable, __file__, "--worker", worker, "--cases", spec, "--device", args.device, "--path", path,
            "--dtype", str(args.dtype).removeprefix("torch."), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--select", args.select]  # fmt: skip
+           "--select", args.select, "--family", args.family]  # fmt: skip
     run = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -171,6 +225,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--speed-only", action="store_true", help="skip the memory runs")
+    ap.add_argument("--family", default="topk", choices=["topk", "jumprelu"],
+                    help="topk: TopK (streaming top-k encoder); jumprelu: JumpReLU (threshold encoder)")
     ap.add_argument("--worker", choices=["speed", "memory"], help=argparse.SUPPRESS)
     ap.add_argument("--path", default="", help=argparse.SUPPRESS)
     ap.add_argument("--select", default="auto", choices=["auto", "fp32", "bf16"],
@@ -190,7 +246,7 @@ def main() -> None:
         return
     gb = 2.0**30
     print(
-        f"device {args.device}, {args.dtype}, selection {args.select} "
+        f"{args.family}: device {args.device}, {args.dtype}, selection {args.select} "
         f"({'fp32' if kernels.reference.SELECT_DTYPE is None else 'bf16 candidates, exact fp32 top-k'}), {torch.get_num_threads()} threads, medians of {args.steps} steps after "
         f"{args.warmup}, load average {os.getloadavg()[0]:.1f} at start\n"
     )
