@@ -55,14 +55,16 @@ def threshold_encode_forward(
         # weights stored in bf16 under fp32 inputs: this block in x's dtype
         W_c, b_c = W_enc[start:stop].to(x.dtype), b_enc[start:stop].to(x.dtype)
         pre = torch.addmm(b_c, x, W_c.t())  # (B, c)
-        keep = pre > limit[start:stop]  # (B, c)
-        slot = count[:, None] + keep.cumsum(1) - 1  # (B, c) where each kept entry lands in its row
-        rows, cols = (keep & (slot < cap)).nonzero(as_tuple=True)
-        slots = slot[rows, cols]
+        rows, cols = (pre > limit[start:stop]).nonzero(as_tuple=True)  # (m,) each, row-major: ascending j
+        per_row = torch.bincount(rows, minlength=B)  # (B,) kept in this block
+        first = per_row.cumsum(0) - per_row  # (B,) where each row's entries start in (rows, cols)
+        slots = count[rows] + torch.arange(rows.numel(), device=x.device) - first[rows]  # (m,) slot in its row
+        fits = slots < cap
+        rows, cols, slots = rows[fits], cols[fits], slots[fits]
         pre_out[rows, slots] = pre[rows, cols]
         idx_out[rows, slots] = cols + start
-        count += keep.sum(1)
-        del pre, keep, slot
+        count += per_row
+        del pre
     return pre_out, idx_out, count
 
 

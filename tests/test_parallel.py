@@ -288,10 +288,14 @@ def test_fp_matches_fp1_losses_indices_and_weights(world2, world4, reference, fp
     for r in ranks:
         got, want = torch.tensor(r[key]["losses"]), torch.tensor(ref["losses"])
         assert torch.allclose(got, want, rtol=1e-5, atol=0), (got - want).abs().max()
-    chosen = _merged_choice(ranks, key)
-    assert torch.equal(chosen, ref["chosen"]), f"selection differs at steps {(chosen != ref['chosen']).any(-1).any(-1).nonzero().flatten().tolist()}"
+    if not ref["chosen"].numel():  # a threshold family: no cross-shard selection to compare
+        assert all(not r[key]["chosen"].numel() for r in ranks)
+        chosen = None
+    else:
+        chosen = _merged_choice(ranks, key)
+    assert chosen is None or torch.equal(chosen, ref["chosen"]), f"selection differs at steps {(chosen != ref['chosen']).any(-1).any(-1).nonzero().flatten().tolist()}"
     if arch == "topk":
-        assert bool((chosen.sum(-1) == K).all())
+        assert chosen is not None and bool((chosen.sum(-1) == K).all())
     for name, want in ref["weights"].items():
         got = ranks[0][key]["weights"][name]
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), f"{name}: {(got - want).abs().max()}"
@@ -365,12 +369,14 @@ def test_collectives_per_step_are_fixed_and_independent_of_n_latents(world2, wor
 
 
 def test_matryoshka_collectives_do_not_grow_with_n_or_the_number_of_prefixes(world2):
-    # BatchTopK + AuxK: one stacked all-reduce for every prefix's decode, whether 2 prefixes or 5.
+    # BatchTopK + AuxK, fp=2: TopK's 6 all-reduces (dead count, L0, clip norm, the decode - here one
+    # stack of every prefix's decode -, AuxK's decode, encoder-input gradient) plus the inference
+    # threshold's minimum; the candidate all-gathers of the batch selection and AuxK. The same at
+    # n=128 with 2 prefixes and n=512 with 5.
     for r in world2:
         for step in (2, 3):
             small, large = r["count-matryoshka-128"][step], r["count-matryoshka-512"][step]
-            assert small == large, (small, large)
-            assert small["all_reduce"] == r["count-128"][step]["all_reduce"], small
+            assert small == large == {"all_reduce": 7, "all_gather_single": 2}, (small, large)
 
 
 def test_zero_stage_1_and_2_match_dp1_with_doubled_batch_and_shard_adam_over_dp(world2, reference, tmp_path_factory):
