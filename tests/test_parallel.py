@@ -164,6 +164,10 @@ def _job_world2(rank, tmp):
     for n in (128, 512):
         cfg = _cfg(tmp, "topk", n=n, fp=2, batch=16, dead_tokens=1)
         out[f"count-{n}"] = _train(cfg, _mesh(cfg), _batches(16, 4), count_at=(2, 3))["counts"]
+    for arch in ("jumprelu", "gated"):
+        for n in (128, 512):
+            cfg = _cfg(tmp, arch, n=n, fp=2, batch=16, dead_tokens=1)
+            out[f"count-{arch}-{n}"] = _train(cfg, _mesh(cfg), _batches(16, 4), count_at=(2, 3))["counts"]
     for n, prefixes in ((128, [8, 128]), (512, [8, 32, 64, 128, 512])):
         cfg = _cfg(tmp, "matryoshka", n=n, fp=2, batch=16, dead_tokens=1, prefixes=prefixes)
         out[f"count-matryoshka-{n}"] = _train(cfg, _mesh(cfg), _batches(16, 4), count_at=(2, 3))["counts"]
@@ -366,6 +370,18 @@ def test_collectives_per_step_are_fixed_and_independent_of_n_latents(world2, wor
         for r in ranks:
             for step in (2, 3):
                 assert r["count-128"][step] == r["count-512"][step] == want, r["count-128"]
+
+
+@pytest.mark.parametrize("arch,want", [
+    # L0 penalty, L0, decode, encoder-input gradient, clip norm; no selection to gather
+    ("jumprelu", {"all_reduce": 5}),
+    # L1 penalty, L0, decode, frozen-decoder decode, encoder-input gradient, clip norm
+    ("gated", {"all_reduce": 6}),
+])
+def test_threshold_family_collectives_do_not_grow_with_n(world2, arch, want):
+    for r in world2:
+        for step in (2, 3):
+            assert r[f"count-{arch}-128"][step] == r[f"count-{arch}-512"][step] == want, r[f"count-{arch}-128"]
 
 
 def test_matryoshka_collectives_do_not_grow_with_n_or_the_number_of_prefixes(world2):
