@@ -42,23 +42,31 @@ def run(cache: str, family: str, overrides: list[str], out: str) -> dict:
 
 
 def tune(cache: str, family: str, lo: float, hi: float, args: argparse.Namespace) -> dict:
-    """Bisects the penalty coefficient (log scale) until L0 is within tolerance of the target: a
-    larger coefficient gives a lower L0."""
-    best = None
+    """Searches the penalty coefficient until the held-out L0 is within tolerance of the target. L0
+    falls as the coefficient grows, about as a power of it, so after the first two tries the next
+    coefficient is the secant in log-log space through the two nearest; before that, the geometric
+    midpoint of the bracket, then a step of the bracket's width."""
+    tried: list[tuple[float, dict]] = []
     coef = math.sqrt(lo * hi)
     for i in range(args.tries):
         r = run(cache, family, [f"sae.{PENALTY[family]}={coef:.4g}", *args.extra], os.path.join(args.out, f"{family}-{i}"))
         log.info("%s %s=%.4g: L0 %.1f FVU %.4f", family, PENALTY[family], coef, r["l0"], r["fvu"])
-        if best is None or abs(r["l0"] - args.target) < abs(best["l0"] - args.target):
-            best = r
+        tried.append((coef, r))
         if abs(r["l0"] / args.target - 1) <= args.tolerance:
             break
-        lo, hi = (coef, hi) if r["l0"] > args.target else (lo, coef)
-        if r["l0"] > args.target and coef >= hi:
-            hi = lo = coef * 4
-        coef = math.sqrt(lo * hi)
-    assert best is not None
-    return best
+        coef = _next_coef(tried, args.target, lo, hi)
+    return min((r for _, r in tried), key=lambda r: abs(r["l0"] - args.target))
+
+
+def _next_coef(tried: list[tuple[float, dict]], target: float, lo: float, hi: float) -> float:
+    if len(tried) == 1:
+        c, r = tried[0]
+        return c * (hi / lo) ** (0.5 if r["l0"] > target else -0.5)
+    (c1, r1), (c2, r2) = sorted(tried, key=lambda t: abs(math.log(t[1]["l0"] / target)))[:2]
+    slope = (math.log(r2["l0"]) - math.log(r1["l0"])) / (math.log(c2) - math.log(c1))
+    if not slope < 0:  # noise: fall back to halving the distance from the nearest
+        return c1 * (2.0 if r1["l0"] > target else 0.5)
+    return math.exp(math.log(c1) + (math.log(target) - math.log(r1["l0"])) / slope)
 
 
 @torch.no_grad()
