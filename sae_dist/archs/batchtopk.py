@@ -42,8 +42,8 @@ class BatchTopK(TopK):
 
     def select(
         self, sae: SparseAutoencoder, x: Tensor, dead_mask: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Training-mode selection -> (values (B, c), local ids (B, c), AuxK loss or None); zeros are
+    ) -> tuple[Tensor, Tensor, tuple | None]:
+        """Training-mode selection -> (values (B, c), local ids (B, c), AuxK inputs or None); zeros are
         unselected candidates. Updates the inference threshold."""
         xc = sae.comm.shard_input(x - sae.b_dec)
         width = min(sae.n_local, 4 * self.cfg.k)
@@ -67,21 +67,30 @@ class BatchTopK(TopK):
         if torch.isfinite(low):  # a batch where nothing fired says nothing about the threshold
             sae.threshold.copy_(torch.where(t < 0, low, 0.99 * t + 0.01 * low))
 
-    def forward(self, sae: SparseAutoencoder, x: Tensor, dead_mask: Tensor | None) -> SaeOutput:
+    def pick(self, sae: SparseAutoencoder, x: Tensor, dead_mask: Tensor | None) -> tuple[Tensor, Tensor, tuple | None]:
+        """The codes of this forward: the inference threshold's in eval mode once trained, else the
+        batch selection -> (values, local ids, AuxK inputs or None)."""
         if not sae.training and sae.threshold >= 0:
-            vals, idx = self.encode_sparse(sae, x)
-            aux = None
-        else:
-            vals, idx, aux = self.select(sae, x, dead_mask)
-        x_hat = sae.decode_sparse(vals, idx)
-        loss = sae.fvu(x, x_hat)
-        terms = {"fvu": loss.detach()}
+            return (*self.encode_sparse(sae, x), None)
+        return self.select(sae, x, dead_mask)
+
+    def finish(
+        self, sae: SparseAutoencoder, x: Tensor, x_hat: Tensor, loss: Tensor, terms: dict, vals: Tensor, idx: Tensor,
+        aux: tuple | None,
+    ) -> SaeOutput:
+        """Adds AuxK (where latents are dead) and L0 to the reconstruction loss and terms."""
         if aux is not None:
             aux_loss = auxk_loss(sae, x, x_hat, *aux)
             loss = loss + self.cfg.aux_coef * aux_loss
             terms["auxk"] = aux_loss.detach()
         terms["l0"] = sae.comm.sum_scalar((vals > 0).sum(dim=1).float().mean())
         return SaeOutput(x_hat=x_hat, loss=loss, terms=terms, fired=fired_from_sparse(sae.n_local, vals, idx))
+
+    def forward(self, sae: SparseAutoencoder, x: Tensor, dead_mask: Tensor | None) -> SaeOutput:
+        vals, idx, aux = self.pick(sae, x, dead_mask)
+        x_hat = sae.decode_sparse(vals, idx)
+        loss = sae.fvu(x, x_hat)
+        return self.finish(sae, x, x_hat, loss, {"fvu": loss.detach()}, vals, idx, aux)
 
     def encode_sparse(self, sae: SparseAutoencoder, x: Tensor) -> tuple[Tensor, Tensor]:
         """Every latent above the learned threshold (any number per token), as the JumpReLU export does."""

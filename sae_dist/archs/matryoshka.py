@@ -22,9 +22,8 @@ from torch import Tensor
 
 from sae_dist import kernels
 from sae_dist.archs import register
-from sae_dist.archs.base import SaeOutput, fired_from_sparse
+from sae_dist.archs.base import SaeOutput
 from sae_dist.archs.batchtopk import BatchTopK, BatchTopKConfig
-from sae_dist.archs.topk import auxk_loss
 from sae_dist.errors import require
 
 if TYPE_CHECKING:
@@ -66,11 +65,7 @@ class Matryoshka(BatchTopK):
     config = MatryoshkaConfig
 
     def forward(self, sae: SparseAutoencoder, x: Tensor, dead_mask: Tensor | None) -> SaeOutput:
-        if not sae.training and sae.threshold >= 0:
-            vals, idx = self.encode_sparse(sae, x)
-            aux = None
-        else:
-            vals, idx, aux = self.select(sae, x, dead_mask)
+        vals, idx, aux = self.pick(sae, x, dead_mask)
         bounds = torch.tensor(self.cfg.prefix_sizes()[:-1], device=idx.device)
         bucket = torch.bucketize(idx + sae.comm.latent_offset, bounds, right=True)  # (B, c) prefix of each id
         parts = torch.stack(
@@ -78,15 +73,8 @@ class Matryoshka(BatchTopK):
         )  # (P, B, d) this shard's decode per bucket
         prefix_hats = sae.comm.sum_partial(parts).cumsum(0) + sae.b_dec  # (P, B, d), one collective
         fvus = torch.stack([sae.fvu(x, h) for h in prefix_hats])  # (P,)
-        x_hat = prefix_hats[-1]
-        loss = fvus.mean()
         terms = {"fvu": fvus[-1].detach(), "fvu_prefix0": fvus[0].detach()}
-        if aux is not None:
-            aux_loss = auxk_loss(sae, x, x_hat, *aux)
-            loss = loss + self.cfg.aux_coef * aux_loss
-            terms["auxk"] = aux_loss.detach()
-        terms["l0"] = sae.comm.sum_scalar((vals > 0).sum(dim=1).float().mean())
-        return SaeOutput(x_hat=x_hat, loss=loss, terms=terms, fired=fired_from_sparse(sae.n_local, vals, idx))
+        return self.finish(sae, x, prefix_hats[-1], fvus.mean(), terms, vals, idx, aux)
 
     def export_fields(self) -> dict:
         return {"matryoshka_prefixes": self.cfg.prefix_sizes()}
