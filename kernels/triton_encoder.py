@@ -5,7 +5,7 @@ BLOCK_N) pre-activation tile in registers, then inserts the tile's entries that 
 k-th value into a (BLOCK_B, K_PAD) register tile (repeated max extraction; the loop stops as soon as no
 row has a candidate left, so late blocks cost one max). Only values and latent ids reach memory: never
 a (B, n) buffer. With several latent slices per row block (small B), each slice writes its own top-k and
-a torch top-k over the S * k candidates finishes the job, the same one-round merge as DESIGN §3.
+a torch top-k over the S * k candidates finishes the job, the same one-round merge as docs/design.md §3.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Sharded, atomic, asynchronous checkpoints at any fsspec URL (DESIGN §5).
+"""Sharded, atomic, asynchronous checkpoints at any fsspec URL (docs/design.md §5).
 
     <url>/<run>/step-<N>/model-fp<j>of<P>.safetensors   feature shard j of P: SAE rows + firing counters
                          optim-fp<j>of<P>.safetensors   Adam state of that shard
@@ -59,7 +59,7 @@ def shard_file(kind: str, fp_rank: int, fp_size: int) -> str:
 
 
 def shard_range(n_latents: int, fp_rank: int, fp_size: int) -> tuple[int, int]:
-    """Latents [lo, hi) of feature shard `fp_rank` (DESIGN §3)."""
+    """Latents [lo, hi) of feature shard `fp_rank` (docs/design.md §3)."""
     return fp_rank * n_latents // fp_size, (fp_rank + 1) * n_latents // fp_size
 
 

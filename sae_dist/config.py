@@ -221,7 +221,7 @@ class CheckpointConfig:
     save() returns."""
     when_busy: str = "skip"
     """A save that comes while the previous one is still uploading: `skip` it (training never waits on
-    storage; DESIGN §5) or `wait` for the upload (every checkpoint lands; slow storage stalls training)."""
+    storage; docs/design.md §5) or `wait` for the upload (every checkpoint lands; slow storage stalls training)."""
     op_timeout_s: float = 600.0
     """Limit on one storage operation (one file's upload or download) before it counts as failed and
     is retried; raise it for multi-GB shards on slow links."""

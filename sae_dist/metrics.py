@@ -1,4 +1,4 @@
-"""Held-out evaluation with the metric definitions of DESIGN §2, used everywhere.
+"""Held-out evaluation with the metric definitions of docs/design.md §2, used everywhere.
 
 FVU = sum||x - x^||^2 / sum||x - mean(x)||^2 over all evaluated tokens (special tokens never reach the
 SAE); L0 = mean active latents per token; dead fraction = latents that never fired on the whole set.

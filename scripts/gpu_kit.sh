@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 3 and the CUDA paths, for a lent GPU machine whose Python image has torch and
+# The GPU checks (compiled Triton kernels, GPU bench) and the CUDA paths, for a lent GPU machine whose Python image has torch and
 # Triton but not this project's other needs (it cannot fetch anything).
 #
 #   bash scripts/gpu_kit.sh fetch             # here, with pip access: wheels the GPU image lacks -> .whl/

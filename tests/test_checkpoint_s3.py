@@ -1,4 +1,4 @@
-"""Checkpoints on a real S3 endpoint (DESIGN §5, §7): a moto server this module starts on 127.0.0.1.
+"""Checkpoints on a real S3 endpoint (docs/design.md §5, §7): a moto server this module starts on 127.0.0.1.
 
     python -m pytest -q tests/test_checkpoint_s3.py
 

@@ -1,4 +1,4 @@
-"""Feature tools (issue 8): the SAE spliced into the LM (loss / embedding recovered), the streaming
+"""Feature tools: the SAE spliced into the LM (loss / embedding recovered), the streaming
 feature collector, dashboards and their Neuronpedia export, steering, SAELens interop.
 
 A tiny randomly initialised GPT-2 (2 layers, d=64) with MiniLM's offline tokenizer stands in for a

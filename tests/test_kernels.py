@@ -1,4 +1,4 @@
-"""Kernel parity (DESIGN §4): the torch reference and the Triton kernels against float64 dense maths.
+"""Kernel parity (docs/design.md §4): the torch reference and the Triton kernels against float64 dense maths.
 
     pytest tests/test_kernels.py                              # no GPU: Triton runs under TRITON_INTERPRET=1
     pytest tests/test_kernels.py                              # with a GPU: the same checks on compiled kernels

@@ -1,4 +1,4 @@
-"""Feature and data parallelism with real gloo processes on CPU (DESIGN §3).
+"""Feature and data parallelism with real gloo processes on CPU (docs/design.md §3).
 
     python -m pytest -q tests/test_parallel.py
 

@@ -2,7 +2,7 @@
 
 Splicing replaces the hook module's output at every non-special token by a function of it: the SAE
 reconstruction, or zeros (the ablation baseline). Special tokens (BOS/CLS/SEP) keep their clean value:
-the SAE never saw them in training (DESIGN §2).
+the SAE never saw them in training (docs/design.md §2).
 
 - causal LMs: LM loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean), next-token CE.
 - encoders without an LM head: embedding recovered = 1 - D(sae) / D(zero), where D is the mean

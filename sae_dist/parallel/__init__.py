@@ -1,4 +1,4 @@
-"""Feature- and data-parallel training (DESIGN §3): mesh, sharded SAE, collectives.
+"""Feature- and data-parallel training (docs/design.md §3): mesh, sharded SAE, collectives.
 
     torchrun --nproc-per-node 4 -m sae_dist parallel.dp=2 parallel.fp=2 hydra.run.dir=outputs/fp2
 

@@ -1,4 +1,4 @@
-"""Feature parallelism (DESIGN §3): each fp rank holds a contiguous slice of latents.
+"""Feature parallelism (docs/design.md §3): each fp rank holds a contiguous slice of latents.
 
     sae = SparseAutoencoder(cfg.sae, d)           # whole (sliced here), or built with n_local rows
     apply_feature_parallel(sae, mesh)             # slices rows, installs FeatureParallelComm

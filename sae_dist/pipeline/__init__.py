@@ -1,4 +1,4 @@
-"""The Ray pipeline (DESIGN §1): LM shard actors stream activation chunks, with a bound on the chunks
+"""The Ray pipeline (docs/design.md §1): LM shard actors stream activation chunks, with a bound on the chunks
 in flight, to trainers that see them as one ordinary activation source.
 
 Chunk j of the stream is the j-th batch of `model.batch_contexts` contexts; producer i of N computes the
