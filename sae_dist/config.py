@@ -180,9 +180,16 @@ class ParallelConfig:
     """DeepSpeed: keep optimizer state in host memory."""
     backend: str = "auto"
     """torch.distributed backend: auto (nccl on GPU, gloo on CPU), gloo or nccl."""
+    rendezvous_timeout_s: float = 600.0
+    """Longest wait for every rank to join the torch.distributed group (and torch's limit on one
+    collective after that); a rank that never starts fails the others with an error naming this."""
 
     def __post_init__(self) -> None:
         _require(self.dp >= 1, f"parallel.dp ({self.dp}) must be >= 1")
+        _require(
+            self.rendezvous_timeout_s > 0,
+            f"parallel.rendezvous_timeout_s ({self.rendezvous_timeout_s}) must be > 0; use 600",
+        )
         _require(self.fp >= 1, f"parallel.fp ({self.fp}) must be >= 1")
         _require(
             self.engine in ("auto", "torch", "deepspeed"),
@@ -273,27 +280,38 @@ class ClusterConfig:
     """CPUs for a local Ray cluster (0 = all)."""
     producers: int = 0
     """LM shard actors streaming activations through Ray (0 = run the LM inside the trainer process)."""
-    producer_cpus: float = 1.0
-    """Ray CPUs reserved per producer (and torch threads it uses, rounded up)."""
+    producer_cpus: float = 0.0
+    """Ray CPUs reserved per producer (and torch threads it uses, rounded up, at least 1). 0 = auto: on
+    a local cluster (kind=local) producers and trainer ranks share its CPUs, each reserving
+    min(1, CPUs / (producers + trainer ranks)), so the default job fits any machine; on kind=ray, 1."""
     max_in_flight: int = 0
     """Activation chunks requested but not yet consumed, per trainer replica (the backpressure bound).
     0 = auto: the chunks of one shuffle block (data.shuffle_buffer_tokens) plus one per producer, so
     producers assemble the next block while the trainer works through the current one."""
     timeout_s: float = 300.0
-    """Longest wait for one chunk before the run stops with an error naming this setting."""
+    """Longest wait for one chunk, for an actor to start (be placed on a node and answer), or for
+    one check on a running trainer group, before the run stops with an error naming this setting."""
     cache_url: str = ""
     """Producers also write every chunk they make to this fsspec URL (an activation cache that
     data=cache data.cache_dir=<url> trains from later, in the same order); empty = no cache."""
     trainer_restarts: int = 2
     """Ray trainer group: restarts from the last checkpoint after a trainer actor dies."""
-    trainer_cpus: float = 1.0
-    """Ray CPUs reserved per trainer actor (and its torch threads, rounded down, at least 1)."""
+    trainer_cpus: float = 0.0
+    """Ray CPUs reserved per trainer actor (and its torch threads, rounded down, at least 1). 0 = auto,
+    as for producer_cpus. A job whose actors the cluster cannot hold is refused before any starts."""
 
     def __post_init__(self) -> None:
         _require(self.kind in ("local", "ray"), f"cluster.kind ({self.kind!r}) must be local or ray")
         _require(self.producers >= 0, f"cluster.producers ({self.producers}) must be >= 0")
         _require(self.max_in_flight >= 0, f"cluster.max_in_flight ({self.max_in_flight}) must be >= 0 (0 = auto)")
         _require(self.timeout_s > 0, f"cluster.timeout_s ({self.timeout_s}) must be positive")
+        for name in ("producer_cpus", "trainer_cpus"):
+            value = getattr(self, name)
+            _require(
+                value >= 0 and (value <= 1 or value == int(value)),
+                f"cluster.{name} ({value}) must be 0 (auto), a fraction up to 1, or a whole number of CPUs "
+                "(Ray's rule for resource amounts)",
+            )
         _require(
             self.kind != "ray" or bool(self.address),
             "cluster.address is empty but cluster.kind=ray; set cluster.address=auto (or the head's address)",

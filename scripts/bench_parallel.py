@@ -18,6 +18,7 @@ import socket
 import statistics
 import tempfile
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -73,7 +74,8 @@ def _bench(rank: int, fp: int, args: argparse.Namespace) -> dict:
 
 def _worker(rank: int, fp: int, port: int, args: argparse.Namespace, out: str) -> None:
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // fp))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=fp)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=fp,
+                            timeout=timedelta(seconds=600))
     try:
         result = _bench(rank, fp, args)
     finally:

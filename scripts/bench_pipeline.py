@@ -132,7 +132,7 @@ def bench_stream(args: argparse.Namespace) -> None:
         if not 0 < args.split_cores < len(cores):
             raise SystemExit(f"--split-cores ({args.split_cores}) must leave cores for both sides of {len(cores)}")
         prod_cores, train_cores = set(cores[: args.split_cores]), set(cores[args.split_cores :])
-        for pid in ray.get([p.__ray_call__.remote(lambda self: os.getpid()) for p in producers]):
+        for pid in ray.get([p.__ray_call__.remote(lambda self: os.getpid()) for p in producers], timeout=60):
             pin(pid, prod_cores)
         pin(os.getpid(), train_cores)
         torch.set_num_threads(len(train_cores))
@@ -188,7 +188,7 @@ def bench_fanout(args: argparse.Namespace) -> None:
 def busy(producers: list, before: tuple | None = None) -> tuple:
     """(busy s, chunks served, wall s) summed over producers now; given `before`, (busy s per chunk,
     busy share of the wall time per producer) since then."""
-    stats = ray.get([p.stats.remote() for p in producers])
+    stats = ray.get([p.stats.remote() for p in producers], timeout=60)
     now = (sum(s["busy_s"] for s in stats), sum(s["served"] for s in stats), time.perf_counter())
     if before is None:
         return now

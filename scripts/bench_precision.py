@@ -19,6 +19,7 @@ import socket
 import statistics
 import tempfile
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -81,7 +82,8 @@ def _bench(rank: int, dtype: str, args: argparse.Namespace) -> dict:
 def _worker(rank: int, port: int, dtype: str, args: argparse.Namespace, out: str) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.dp))
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.dp))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.dp)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.dp,
+                            timeout=timedelta(seconds=600))
     try:
         result = _bench(rank, dtype, args)
     finally:

@@ -122,4 +122,4 @@ class RaySaeLauncher(Launcher):
                     f"{len(pending)} of {len(refs)} sweep members still running after {self.timeout_s:.0f} s "
                     "(hydra.launcher.timeout_s); raise it, or rerun the same command later to resume the sweep"
                 )
-        return ray.get(refs)
+        return ray.get(refs, timeout=60)  # all are ready: this only fetches the results

@@ -10,9 +10,11 @@ neighbours (one node on GPUs, where the per-step fp traffic is). An axis of size
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -175,26 +177,31 @@ def build_mesh(p: ParallelConfig, n_latents: int) -> Mesh:
 
 def init_distributed(
     rank: int, world_size: int, master_addr: str, master_port: int, p: ParallelConfig, n_latents: int,
-    device: str | torch.device = "cpu", timeout_s: float = 600.0,
+    device: str | torch.device = "cpu", timeout_s: float | None = None,
 ) -> Mesh:
     """Joins the process group explicitly (Ray actors: the driver hands out ranks and one address).
-    `device` is where the SAE trains (it picks the backend when parallel.backend=auto)."""
+    `device` is where the SAE trains (it picks the backend when parallel.backend=auto); `timeout_s`
+    bounds the rendezvous (default parallel.rendezvous_timeout_s)."""
     ParallelDims(p.dp, p.fp, world_size, n_latents)  # fail before blocking on the rendezvous
+    timeout_s = timeout_s or p.rendezvous_timeout_s
     if not dist.is_initialized():
-        dist.init_process_group(
-            resolve_backend(p.backend, device), init_method=f"tcp://{master_addr}:{master_port}",
-            rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
-        )
+        with _rendezvous(timeout_s, rank, world_size, f"{master_addr}:{master_port}"):
+            dist.init_process_group(
+                resolve_backend(p.backend, device), init_method=f"tcp://{master_addr}:{master_port}",
+                rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
+            )
     return build_mesh(p, n_latents)
 
 
 def init_from_env(
-    p: ParallelConfig, n_latents: int, device: str | torch.device = "cpu", timeout_s: float = 600.0,
+    p: ParallelConfig, n_latents: int, device: str | torch.device = "cpu", timeout_s: float | None = None,
     group: bool = False,
 ) -> Mesh:
     """torchrun's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, or a single process when they are absent:
     without torch.distributed, or, with `group` (DeepSpeed needs one), in a one-process group on a free
-    local port. `device` is where the SAE trains (it picks the backend when parallel.backend=auto)."""
+    local port. `device` is where the SAE trains (it picks the backend when parallel.backend=auto);
+    `timeout_s` bounds the rendezvous (default parallel.rendezvous_timeout_s)."""
+    timeout_s = timeout_s or p.rendezvous_timeout_s
     world = int(os.environ.get("WORLD_SIZE", "1"))
     alone = world == 1 and "MASTER_ADDR" not in os.environ
     if world == 1 and not dist.is_initialized() and not group:
@@ -209,11 +216,29 @@ def init_from_env(
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
                                     timeout=timedelta(seconds=timeout_s))
         else:
-            dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
+            address = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            with _rendezvous(timeout_s, int(os.environ.get("RANK", "0")), world, address):
+                dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
     mesh = build_mesh(p, n_latents)
     log.info("rank %d of %d: dp_rank %d/%d, fp_rank %d/%d", mesh.rank, world, mesh.dp_rank, mesh.dp,
              mesh.fp_rank, mesh.fp)
     return mesh
+
+
+class RendezvousTimeoutError(TimeoutError):
+    """Not every rank joined the process group in time; says how long, where, and the setting."""
+
+
+@contextlib.contextmanager
+def _rendezvous(timeout_s: float, rank: int, world: int, address: str) -> Iterator[None]:
+    try:
+        yield
+    except dist.DistStoreError as err:  # torch's own says "1/2 clients joined" and nothing of the cause
+        raise RendezvousTimeoutError(
+            f"rank {rank}: not all {world} ranks joined the process group at {address} within {timeout_s:g} s "
+            f"(parallel.rendezvous_timeout_s): a rank never started or cannot reach this address; raise "
+            f"parallel.rendezvous_timeout_s for slow starts ({err})"
+        ) from err
 
 
 def _free_port() -> int:

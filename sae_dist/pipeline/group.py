@@ -11,10 +11,13 @@ import dataclasses
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 from sae_dist.config import Config, ConfigError
 from sae_dist.pipeline.launch import init_ray, start_producers
+from sae_dist.pipeline.resources import check_cluster, describe, local_node
+from sae_dist.pipeline.stream import PipelineTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,12 @@ class TrainerWorker:
         with socket.socket() as s:
             s.bind(("", 0))
             return ip, s.getsockname()[1]
+
+    def node(self) -> str:
+        """This actor's node IP: an answer means Ray placed the actor."""
+        import ray
+
+        return str(ray.util.get_node_ip_address())
 
     @staticmethod
     def _local() -> bool:
@@ -79,12 +88,17 @@ def trainer_name(attempt: int, rank: int) -> str:
 
 def run_trainer_group(cfg: Config) -> dict[str, Any]:
     """Producers (owned by this driver, so they outlive a trainer restart), then the trainer group;
-    returns rank 0's results."""
+    returns rank 0's results. A job the cluster cannot hold is refused (ConfigError) before any actor
+    starts; one whose actors do not start in cluster.timeout_s stops with PipelineTimeoutError."""
     import ray
 
-    init_ray(cfg)
     world = cfg.parallel.dp * cfg.parallel.fp
+    if cfg.cluster.kind == "local" and not ray.is_initialized():
+        local = local_node(cfg.cluster.num_cpus)
+        check_cluster(cfg, world, trainer_gpus(cfg.trainer.device, local["GPU"], world), [local])
+    init_ray(cfg)
     gpus = trainer_gpus(cfg.trainer.device, ray.cluster_resources().get("GPU", 0), world)
+    cfg = check_cluster(cfg, world, gpus)
     producers = start_producers(cfg) if cfg.cluster.producers else []
     attempt = 0
     try:
@@ -115,18 +129,64 @@ def _run_group_once(cfg: Config, world: int, attempt: int, gpus: int = 0) -> dic
     actor = ray.remote(num_cpus=cfg.cluster.trainer_cpus, num_gpus=gpus, max_restarts=0)(TrainerWorker)
     workers = [actor.options(name=trainer_name(attempt, rank)).remote(rank, world) for rank in range(world)]
     try:
-        master = ray.get(workers[0].address.remote(), timeout=cfg.cluster.timeout_s)
+        _await_placement(cfg, workers, gpus)
+        master = _get(workers[0].address.remote(), cfg, "rank 0's rendezvous address")
         threads = max(1, int(cfg.cluster.trainer_cpus))
         refs = [w.run.remote(cfg, master, threads) for w in workers]
         pending, results = list(refs), {}
+        t0 = time.monotonic()
         while pending:  # surface the first failure at once instead of waiting on the survivors' collectives
-            ready, pending = ray.wait(pending, num_returns=1)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=cfg.cluster.timeout_s)
             for ref in ready:
-                results[ref] = ray.get(ref)
+                results[ref] = _get(ref, cfg, f"trainer rank {refs.index(ref)}'s result")
+            if not ready:
+                _check_alive(cfg, refs, pending, attempt)
+                log.info("trainer group: %d of %d ranks still training after %.0f s", len(pending), world,
+                         time.monotonic() - t0)
         return results[refs[0]]
     finally:
         for w in workers:
             ray.kill(w, no_restart=True)
+
+
+def _get(refs: Any, cfg: Config, what: str) -> Any:
+    import ray
+
+    try:
+        return ray.get(refs, timeout=cfg.cluster.timeout_s)
+    except ray.exceptions.GetTimeoutError as err:
+        raise PipelineTimeoutError(
+            f"waited {cfg.cluster.timeout_s:g} s for {what} (cluster.timeout_s); raise cluster.timeout_s"
+        ) from err
+
+
+def _await_placement(cfg: Config, workers: list[Any], gpus: int) -> None:
+    """Every trainer actor placed and answering before any joins the rendezvous, which would otherwise
+    wait parallel.rendezvous_timeout_s for a rank that never starts."""
+    import ray
+
+    refs = [w.node.remote() for w in workers]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=cfg.cluster.timeout_s)
+    if len(ready) < len(refs):
+        late = [rank for rank, ref in enumerate(refs) if ref not in ready]
+        raise PipelineTimeoutError(
+            f"trainer rank(s) {late} of {len(refs)} not placed on a node after {cfg.cluster.timeout_s:g} s "
+            f"(cluster.timeout_s): each asks Ray for cluster.trainer_cpus={cfg.cluster.trainer_cpus:g} CPUs and "
+            f"{gpus} GPU(s); the cluster has {describe(ray.available_resources())} free of "
+            f"{describe(ray.cluster_resources())} (other actors or jobs hold the rest). Lower cluster.trainer_cpus "
+            "(0 = auto), free the cluster, or raise cluster.timeout_s"
+        )
+    log.info("trainer ranks placed on %s", _get(refs, cfg, "the trainer actors' node addresses"))
+
+
+def _check_alive(cfg: Config, refs: list[Any], pending: list[Any], attempt: int) -> None:
+    """A rank whose actor is gone yields its RayActorError now (the caller restarts the group)."""
+    import ray
+
+    alive = set(ray.util.list_named_actors())
+    for rank, ref in enumerate(refs):
+        if ref in pending and trainer_name(attempt, rank) not in alive:
+            _get(ref, cfg, f"the result of trainer rank {rank}, whose actor is gone")
 
 
 def _finish_cache(cfg: Config) -> None:

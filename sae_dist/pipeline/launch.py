@@ -9,7 +9,8 @@ from typing import Any
 
 from sae_dist.config import Config
 from sae_dist.pipeline.producer import ActivationProducer
-from sae_dist.pipeline.stream import RayStreamSource
+from sae_dist.pipeline.resources import check_cluster, describe, local_node
+from sae_dist.pipeline.stream import PipelineTimeoutError, RayStreamSource
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +28,14 @@ def init_ray(cfg: Config) -> None:
 
 
 def start_producers(cfg: Config, split: str = "train") -> list[Any]:
-    """`cluster.producers` LM shard actors; Ray restarts a dead one and retries its pending chunks."""
+    """`cluster.producers` LM shard actors; Ray restarts a dead one and retries its pending chunks.
+    Refuses (ConfigError) before starting any when the cluster cannot hold them."""
     import ray
 
+    if cfg.cluster.kind == "local" and not ray.is_initialized():
+        check_cluster(cfg, ranks=0, nodes=[local_node(cfg.cluster.num_cpus)])
     init_ray(cfg)
+    cfg = check_cluster(cfg, ranks=0)  # a no-op check for a trainer group's config, resolved and checked whole
     n = cfg.cluster.producers
     actor = ray.remote(num_cpus=cfg.cluster.producer_cpus, max_restarts=-1, max_task_retries=-1)(ActivationProducer)
     threads = max(1, math.ceil(cfg.cluster.producer_cpus))
@@ -40,7 +45,17 @@ def start_producers(cfg: Config, split: str = "train") -> list[Any]:
         )
         for i in range(n)
     ]
-    ray.get([p.width.remote() for p in producers], timeout=cfg.cluster.timeout_s)
+    refs = [p.width.remote() for p in producers]
+    ready, waiting = ray.wait(refs, num_returns=n, timeout=cfg.cluster.timeout_s)
+    if waiting:
+        late = [i for i, ref in enumerate(refs) if ref not in ready]
+        raise PipelineTimeoutError(
+            f"producer(s) {late} of {n} not started (placed on a node and {cfg.model.name} loaded) after "
+            f"{cfg.cluster.timeout_s:g} s (cluster.timeout_s); each asks for cluster.producer_cpus="
+            f"{cfg.cluster.producer_cpus:g} CPUs and the cluster has {describe(ray.available_resources())} "
+            "free: raise cluster.timeout_s, or free the cluster / lower cluster.producer_cpus"
+        )
+    ray.get(ready, timeout=cfg.cluster.timeout_s)  # raises a producer's start-up error
     return producers
 
 
@@ -59,7 +74,13 @@ def build_stream_source(cfg: Config, producers: list[Any] | None = None, dp_rank
     import ray
 
     producers = producers or start_producers(cfg)
-    d_model = ray.get(producers[0].width.remote(), timeout=cfg.cluster.timeout_s)
+    try:
+        d_model = ray.get(producers[0].width.remote(), timeout=cfg.cluster.timeout_s)
+    except ray.exceptions.GetTimeoutError as err:
+        raise PipelineTimeoutError(
+            f"producer 0 did not report its width within {cfg.cluster.timeout_s:g} s (cluster.timeout_s); "
+            "raise cluster.timeout_s"
+        ) from err
     return RayStreamSource(
         producers, int(d_model), cfg.model.batch_contexts, max_in_flight(cfg), cfg.cluster.timeout_s,
         dp_rank, dp_size,
