@@ -109,6 +109,24 @@ def test_trainer_actor_that_is_never_placed_is_reported_within_cluster_timeout(r
     ray.kill(blocker)
 
 
+def test_producer_that_is_never_placed_is_reported_within_cluster_timeout(ray_cluster, tmp_path):
+    from sae_dist.pipeline.group import TrainerWorker
+    from sae_dist.pipeline.launch import start_producers
+    from sae_dist.pipeline.stream import PipelineTimeoutError
+
+    ray = ray_cluster
+    blocker = ray.remote(num_cpus=2)(TrainerWorker).remote(0, 1)
+    assert ray.get(blocker.node.remote(), timeout=60)
+    cfg = _job(tmp_path, producers=1, producer_cpus=1, timeout_s=3.0)
+    t0 = time.monotonic()
+    with pytest.raises(PipelineTimeoutError, match=r"producer\(s\) \[0\] of 1 not started .* after 3 s "
+                                                   r"\(cluster.timeout_s\); each asks for cluster.producer_cpus=1"):
+        start_producers(cfg)
+    assert time.monotonic() - t0 < 3.0 + 10
+    ray.kill(blocker)
+    assert ray.util.list_named_actors() == []
+
+
 def test_running_cluster_refuses_trainer_cpus_beyond_its_nodes_before_starting_actors(ray_cluster, tmp_path):
     from sae_dist.pipeline.group import run_trainer_group
 

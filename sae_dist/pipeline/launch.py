@@ -49,10 +49,13 @@ def start_producers(cfg: Config, split: str = "train") -> list[Any]:
     ready, waiting = ray.wait(refs, num_returns=n, timeout=cfg.cluster.timeout_s)
     if waiting:
         late = [i for i, ref in enumerate(refs) if ref not in ready]
+        free = describe(ray.available_resources())
+        for p in producers:  # a pending actor would start later and load the LM for nobody
+            ray.kill(p, no_restart=True)
         raise PipelineTimeoutError(
             f"producer(s) {late} of {n} not started (placed on a node and {cfg.model.name} loaded) after "
             f"{cfg.cluster.timeout_s:g} s (cluster.timeout_s); each asks for cluster.producer_cpus="
-            f"{cfg.cluster.producer_cpus:g} CPUs and the cluster has {describe(ray.available_resources())} "
+            f"{cfg.cluster.producer_cpus:g} CPUs and the cluster has {free} "
             "free: raise cluster.timeout_s, or free the cluster / lower cluster.producer_cpus"
         )
     ray.get(ready, timeout=cfg.cluster.timeout_s)  # raises a producer's start-up error

@@ -55,7 +55,12 @@ class RayStreamSource:
         now = time.perf_counter()
         last_t, last_wait = getattr(self, "_last", (self.created, 0.0))
         self._last = (now, self.wait_s)
-        stats = ray.get([p.stats.remote() for p in self.producers], timeout=self.timeout_s)
+        try:
+            stats = ray.get([p.stats.remote() for p in self.producers], timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError as err:
+            raise PipelineTimeoutError(
+                f"waited {self.timeout_s:.0f}s for the producers' stats; raise cluster.timeout_s"
+            ) from err
         return {
             "pipeline/trainer_starvation": (self.wait_s - last_wait) / max(now - last_t, 1e-9),
             "pipeline/producer_idle_fraction": sum(s["idle_fraction"] for s in stats) / len(stats),
