@@ -38,7 +38,7 @@ from safetensors.torch import load as st_load
 
 from sae_dist.config import Config, ConfigError, flatten
 from sae_dist.snapshot import pack_safetensors
-from sae_dist.storage import Storage, join, redact
+from sae_dist.storage import PermanentStorageError, Storage, StorageError, join, redact
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,68 @@ _STEP = re.compile(r"step-(\d+)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be used or written; the message names the file and what was wrong."""
+
+
+def checkpoint_url(cfg: Config) -> str:
+    """checkpoint.url, or <output dir>/checkpoints when it is empty."""
+    return cfg.checkpoint.url or join(cfg.output_dir, "checkpoints")
+
+
+def check_storage(cfg: Config) -> None:
+    """Writes, reads back and deletes a small object under the checkpoint URL and under
+    cluster.cache_url (when set), and reads data.cache_dir's train index (data.source=cache), all within
+    checkpoint.probe_timeout_s. Call it once, on rank 0, before any training step: a store the job cannot
+    use then stops it at once with a ConfigError naming the URL, the error and the fix, instead of after
+    hours of training at its first checkpoint."""
+    ck = cfg.checkpoint
+    deadline = time.monotonic() + ck.probe_timeout_s
+    url = checkpoint_url(cfg)
+    endpoint = f"checkpoint.endpoint_url ({ck.endpoint_url!r})" if ck.endpoint_url else "AWS_ENDPOINT_URL"
+    opts = (ck.storage_options, ck.endpoint_url, ck.op_timeout_s, ck.retry_initial_s, ck.retry_max_s)
+    _check("checkpoint.url", url, endpoint, deadline, lambda store: store.probe(deadline), *opts)
+    if cfg.cluster.cache_url:  # the producers' CacheWriter opens it with the AWS settings alone
+        _check("cluster.cache_url", cfg.cluster.cache_url, "AWS_ENDPOINT_URL", deadline,
+               lambda store: store.probe(deadline), {}, "", *opts[2:])
+    if cfg.data.source == "cache":
+        train = join(cfg.data.cache_dir, "train")
+
+        def read_index(store: Storage) -> None:
+            try:
+                index = json.loads(store.get(join(store.root, "index.json"), deadline))
+            except FileNotFoundError:
+                raise ConfigError(
+                    f"data.cache_dir ({redact(cfg.data.cache_dir)!r}) holds no train/index.json (missing or "
+                    "incomplete cache); write one with `sae-dist cache data.cache_dir=...` first"
+                ) from None
+            except ValueError as err:
+                raise ConfigError(
+                    f"{redact(train)}/index.json is not JSON ({err}); re-create the cache with `sae-dist cache`"
+                ) from err
+            if not index.get("shards"):
+                raise ConfigError(f"data.cache_dir ({redact(cfg.data.cache_dir)!r}) has no shards; write a non-empty cache")
+
+        _check("data.cache_dir", train, "AWS_ENDPOINT_URL", deadline, read_index, {}, "", *opts[2:])
+
+
+def _check(setting: str, url: str, endpoint: str, deadline: float, op: Callable[[Storage], None], *opts: Any) -> None:
+    """Runs `op` on a Storage of `url`; storage errors become a ConfigError naming `setting`, the URL, the
+    error and the fix."""
+    where = f"{setting} ({redact(url)!r})"
+    try:
+        store = Storage(url, *opts)
+    except (ImportError, ValueError) as err:  # fsspec: an unknown protocol or a missing filesystem package
+        raise ConfigError(f"{where} cannot be opened: {type(err).__name__}: {err}") from err
+    store.deadline_setting = "checkpoint.probe_timeout_s"
+    try:
+        op(store)
+    except PermanentStorageError as err:
+        raise ConfigError(f"{where} failed the storage check at job start: {err}") from err
+    except (StorageError, FileNotFoundError) as err:
+        remote = "" if store.local else f"the store at {endpoint} is up and reachable, "
+        raise ConfigError(
+            f"{where} failed the storage check at job start: {type(err).__name__}: {err}. Check that {remote}the "
+            "URL is right, and raise checkpoint.probe_timeout_s for a store that answers slowly"
+        ) from err
 
 
 def step_name(step: int) -> str:
@@ -126,7 +188,7 @@ class Checkpointer:
         ck = cfg.checkpoint
         self.cfg, self.rank, self.world = cfg, rank, world
         self.fp_rank, self.fp_size, self.dp_rank, self.dp_size = fp_rank, fp_size, dp_rank, dp_size
-        self.store = self._open(ck.url or join(cfg.output_dir, "checkpoints"))
+        self.store = self._open(checkpoint_url(cfg))
         self.fs = self.store.fs
         self.run_root = join(self.store.root, ck.run_name)
         self.gather: Callable[[dict[str, Any]], dict[str, Any]] = gather or (lambda entries: entries)

@@ -239,6 +239,10 @@ class CheckpointConfig:
     upload_timeout_s: float = 3600.0
     """Give up on one checkpoint after this long (it stays invisible; training goes on). Also bounds
     the wait for the final checkpoint at the end of training."""
+    probe_timeout_s: float = 10.0
+    """Bound on the storage check at job start (write, read back and delete a small object under url and
+    cluster.cache_url; read data.cache_dir's index), retries included: a store the job cannot use stops
+    it before its first step."""
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, f"checkpoint.every_steps ({self.every_steps}) must be >= 0")
@@ -250,7 +254,7 @@ class CheckpointConfig:
         _require(
             self.when_busy in ("skip", "wait"), f"checkpoint.when_busy ({self.when_busy!r}) must be skip or wait"
         )
-        for name in ("op_timeout_s", "retry_initial_s", "upload_timeout_s"):
+        for name in ("op_timeout_s", "retry_initial_s", "upload_timeout_s", "probe_timeout_s"):
             value = getattr(self, name)
             _require(value > 0, f"checkpoint.{name} ({value}) must be > 0")
         _require(

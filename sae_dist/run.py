@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from sae_dist import kernels
-from sae_dist.checkpoint import Checkpointer
+from sae_dist.checkpoint import Checkpointer, check_storage
 from sae_dist.config import Config, flatten
 from sae_dist.data import BatchStream, build_source, heldout_batches
 from sae_dist.export import export_saelens
@@ -66,6 +66,7 @@ def train(cfg: Config, tracker: Tracker | None = None) -> dict[str, Any]:
     kernels.set_backend(cfg.trainer.kernels)
     kernels.set_select_precision(cfg.trainer.encoder_select)
     device = train_device(cfg)
+    check_storage(cfg)
     own_group = not torch.distributed.is_initialized()
     mesh = init_from_env(cfg.parallel, cfg.sae.n_latents, device, group=engine_name(cfg) == "deepspeed")
     torch.manual_seed(cfg.trainer.seed)

@@ -4,12 +4,19 @@ timeout, so that a slow or absent object store delays a checkpoint instead of ha
 Any fsspec URL works (`file://`, plain paths, `s3://` through s3fs, `gs://`, ...). Credentials come from
 the filesystem's own standard sources (for S3: the AWS environment variables and config files); this
 module never reads or logs them, and logs URLs with any user-info part masked.
+
+Errors that no retry heals (no credentials, refused credentials, a missing bucket, a full or read-only
+disk) fail at once with `PermanentStorageError`, whose message names the fix; `Storage.probe` finds them
+at job start.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import re
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,20 +27,71 @@ import fsspec.asyn
 log = logging.getLogger(__name__)
 
 try:  # botocore errors that are not OSErrors (EndpointConnectionError, ClientError for 5xx/throttling)
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
     _BOTO_ERRORS: tuple[type[BaseException], ...] = (BotoCoreError, ClientError)
+    _NO_CREDENTIALS: tuple[type[BaseException], ...] = (NoCredentialsError, PartialCredentialsError)
 except ImportError:  # pragma: no cover - s3fs not installed
-    _BOTO_ERRORS = ()
+    _BOTO_ERRORS = _NO_CREDENTIALS = ()
 
 RETRYABLE: tuple[type[BaseException], ...] = (OSError, *_BOTO_ERRORS)
-"""Storage errors worth retrying; TimeoutError (and fsspec's FSTimeoutError) are OSErrors."""
-PERMANENT: tuple[type[BaseException], ...] = (FileNotFoundError, PermissionError)
-"""Errors that retrying cannot fix: a missing bucket or object, refused credentials."""
+"""Storage errors worth retrying unless `permanent_fix` names them; TimeoutError (and fsspec's
+FSTimeoutError) are OSErrors."""
+
+_CREDENTIALS_FIX = (
+    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the job's environment, or run it "
+    "where an instance role provides credentials"
+)
+_REFUSED_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"})
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class StorageError(RuntimeError):
     """A storage operation kept failing until its deadline."""
+
+
+class PermanentStorageError(StorageError):
+    """A storage operation failed in a way no retry heals; the message names the URL and the fix."""
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """`err` and the errors it was raised from (s3fs raises PermissionError from botocore's ClientError)."""
+    out: list[BaseException] = []
+    while err is not None and err not in out:
+        out.append(err)
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return out
+
+
+def permanent_fix(err: BaseException) -> str | None:
+    """What the user must change when `err` is one that retrying cannot heal; None for a transient one
+    (a timeout, a refused connection, a 5xx, throttling) and for a missing object (FileNotFoundError
+    without a missing bucket behind it, which callers treat as "not written yet")."""
+    chain = _chain(err)
+    answers = [e.response.get("Error", {}) for e in chain if _BOTO_ERRORS and isinstance(e, ClientError)]
+    codes = {a.get("Code") for a in answers}
+    if any(isinstance(e, _NO_CREDENTIALS) for e in chain):
+        return f"no credentials were found: {_CREDENTIALS_FIX}"
+    if codes & _REFUSED_CODES or (answers and isinstance(err, PermissionError)):  # a HEAD's 403 has no code
+        return (f"the store refused the credentials ({', '.join(sorted(str(c) for c in codes))}): check "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the instance role), their permissions on the "
+                "bucket, and that checkpoint.endpoint_url is the store they belong to")
+    if "NoSuchBucket" in codes:
+        bucket = next((a["BucketName"] for a in answers if a.get("BucketName")), "<bucket>")
+        return f"bucket {bucket!r} does not exist: create it (`aws s3 mb s3://{bucket}`) or fix the bucket in the URL"
+    if isinstance(err, PermissionError):
+        return "permission denied: make the folder writable for this user or point the URL elsewhere"
+    oserr = next((e for e in chain if isinstance(e, OSError) and e.errno is not None), None)
+    if oserr is not None and oserr.errno in _DISK_FULL:
+        return f"the disk is full ({os.strerror(oserr.errno)}): free space on it or point the URL at another disk"
+    if oserr is not None and oserr.errno == errno.EROFS:
+        return "the filesystem is read-only: point the URL at a writable one"
+    return None
+
+
+def probe_name() -> str:
+    """Name of the object `Storage.probe` writes: unique among the processes alive at one time."""
+    return f".sae-dist-probe-{socket.gethostname()}-{os.getpid()}"
 
 
 def redact(url: str) -> str:
@@ -68,33 +126,49 @@ class Storage:
         self.op_timeout_s, self.retry_initial_s, self.retry_max_s = op_timeout_s, retry_initial_s, retry_max_s
         self.on_retry: Callable[[str, BaseException, int], None] | None = None
         """Called as (operation, error, attempt) before each retry's wait; for metrics and tests."""
+        self.deadline_setting = "checkpoint.upload_timeout_s"
+        """The setting that gave `call`'s deadline, named when it gives up."""
 
     def unstrip(self, path: str) -> str:
         """A path of this filesystem as a URL that `Storage(url)` opens again (local paths stay paths)."""
         return path if self.local else self.fs.unstrip_protocol(path)
 
-    def _run(self, name: str, *args: Any, **kwargs: Any) -> Any:
+    def where(self, path: str) -> str:
+        """`path` as a URL for messages and logs (user-info masked)."""
+        return redact(self.unstrip(path))
+
+    def _run(self, name: str, timeout: float, *args: Any, **kwargs: Any) -> Any:
         if getattr(self.fs, "async_impl", False) and hasattr(self.fs, f"_{name}"):
-            return fsspec.asyn.sync(self.fs.loop, getattr(self.fs, f"_{name}"), *args, timeout=self.op_timeout_s, **kwargs)
+            return fsspec.asyn.sync(self.fs.loop, getattr(self.fs, f"_{name}"), *args, timeout=timeout, **kwargs)
         return getattr(self.fs, name)(*args, **kwargs)
 
     def call(self, what: str, deadline: float | None, name: str, *args: Any, **kwargs: Any) -> Any:
-        """`fs.<name>(*args)` with retries on storage errors until `deadline` (None: one attempt more
-        than the first, for reads that a person is waiting on)."""
-        delay, attempt = self.retry_initial_s, 0
+        """`fs.<name>(*args)` with retries on transient storage errors until `deadline` (None: one attempt
+        more than the first, for reads that a person is waiting on); each attempt ends by the deadline.
+        Errors no retry heals raise PermanentStorageError at once (a missing object: FileNotFoundError)."""
+        delay, attempt, first = self.retry_initial_s, 0, ""
         limit = deadline if deadline is not None else time.monotonic() + 2 * self.retry_max_s
         while True:
             attempt += 1
+            timeout = max(min(self.op_timeout_s, limit - time.monotonic()), 0.001)
             try:
-                return self._run(name, *args, **kwargs)
-            except PERMANENT:
-                raise
+                return self._run(name, timeout, *args, **kwargs)
             except RETRYABLE as err:
-                why = f"{type(err).__name__}: {err or f'no answer within {self.op_timeout_s}s (checkpoint.op_timeout_s)'}"
+                fix = permanent_fix(err)
+                if fix is not None:
+                    raise PermanentStorageError(
+                        f"{what} failed with {type(err).__name__}: {err}; not retried: {fix}"
+                    ) from err
+                if isinstance(err, FileNotFoundError):
+                    raise
+                bound = "checkpoint.op_timeout_s" if timeout >= self.op_timeout_s else f"what was left of {self.deadline_setting}"
+                why = f"{type(err).__name__}: {str(err) or f'no answer within {timeout:.3g}s ({bound})'}"
+                first = first or why
                 if time.monotonic() + delay > limit:
+                    earlier = f"the first with {first}, " if first != why else ""
                     raise StorageError(
-                        f"{what} failed {attempt} times, the last with {why}; gave up at the deadline "
-                        "(checkpoint.upload_timeout_s)"
+                        f"{what} failed {attempt} times, {earlier}the last with {why}; gave up at the deadline "
+                        f"({self.deadline_setting})"
                     ) from err
                 log.warning("storage: %s failed (%s); retry %d in %.1fs", what, why, attempt, delay)
                 if self.on_retry is not None:
@@ -106,15 +180,15 @@ class Storage:
         """Writes one object. Object stores publish a PUT whole or not at all; on a local disk the
         bytes go to a temporary name that is renamed into place, which is atomic too."""
         if self.local:
-            self.fs.makedirs(self.fs._parent(path), exist_ok=True)
+            self.call(f"create the folder of {self.where(path)}", deadline, "makedirs", self.fs._parent(path), exist_ok=True)
             tmp = f"{path}.partial"
-            self.call(f"write {path}", deadline, "pipe_file", tmp, data)
-            self.call(f"rename {path}", deadline, "mv", tmp, path)
+            self.call(f"write {self.where(path)}", deadline, "pipe_file", tmp, data)
+            self.call(f"rename {self.where(path)}", deadline, "mv", tmp, path)
         else:
-            self.call(f"write {path}", deadline, "pipe_file", path, data)
+            self.call(f"write {self.where(path)}", deadline, "pipe_file", path, data)
 
     def get(self, path: str, deadline: float | None = None) -> bytes:
-        return self.call(f"read {path}", deadline, "cat_file", path)
+        return self.call(f"read {self.where(path)}", deadline, "cat_file", path)
 
     def get_if_exists(self, path: str, deadline: float | None = None) -> bytes | None:
         try:
@@ -126,13 +200,27 @@ class Storage:
         """Entries directly under `path`, freshly listed (fsspec caches listings of object stores)."""
         self.fs.invalidate_cache(path)
         try:
-            return [p.rstrip("/") for p in self.call(f"list {path}", deadline, "ls", path, detail=False)]
+            return [p.rstrip("/") for p in self.call(f"list {self.where(path)}", deadline, "ls", path, detail=False)]
         except FileNotFoundError:
             return []
 
     def remove_tree(self, path: str, deadline: float | None = None) -> None:
         try:
-            self.call(f"remove {path}", deadline, "rm", path, recursive=True)
+            self.call(f"remove {self.where(path)}", deadline, "rm", path, recursive=True)
         except FileNotFoundError:
             pass
         self.fs.invalidate_cache(path)
+
+    def probe(self, deadline: float) -> None:
+        """Writes, reads back and deletes a small object at the root, all by `deadline` (a
+        time.monotonic value), so that a store this job cannot use fails at its start, not at its first
+        checkpoint. Raises what put/get raise; StorageError if the object read back differs."""
+        path = join(self.root, probe_name())
+        data = f"sae-dist storage probe {time.time()}".encode()
+        self.put(path, data, deadline)
+        try:
+            back = self.call(f"read {self.where(path)}", deadline, "cat_file", path)
+            if back != data:
+                raise StorageError(f"read {self.where(path)} returned {len(back)} bytes other than the {len(data)} written")
+        finally:
+            self.call(f"remove {self.where(path)}", deadline, "rm", path)

@@ -3,12 +3,14 @@
 Shard j holds chunk j of the source (tensor `activations`, (tokens, d)), so training from a cache sees
 the same chunks in the same order as training from the live stream it was written from. Write one with
 `sae-dist cache`, or let the pipeline's producers write each chunk as they make it
-(cluster.cache_url). index.json is written last: a cache without one is incomplete. Nothing here
-unpickles.
+(cluster.cache_url). index.json is written last: a cache without one is incomplete. It records each
+shard's token count, size and sha256, which reading checks (caches from before the checksums were
+recorded are checked for a readable (tokens, d_model) `activations` tensor only). Nothing here unpickles.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -20,10 +22,15 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from sae_dist.config import ConfigError
+from sae_dist.storage import redact
 
 log = logging.getLogger(__name__)
 
 FORMAT = "sae-dist-cache-v2"
+
+
+class CacheError(RuntimeError):
+    """A cache shard is unreadable or differs from its index; the message names the shard and the fix."""
 
 
 def _join(root: str, name: str) -> str:
@@ -67,9 +74,11 @@ class CacheWriter:
             if not self.fs.exists(path):
                 raise FileNotFoundError(f"cache {self.url}: chunk {j} was never written ({path})")
             with self.fs.open(path, "rb") as fh:
-                acts = st_load(fh.read())["activations"]
+                data = fh.read()
+            acts = st_load(data)["activations"]
             d_model = int(acts.shape[1])
-            shards.append({"file": shard_name(j), "tokens": int(acts.shape[0])})
+            shards.append({"file": shard_name(j), "tokens": int(acts.shape[0]), "size": len(data),
+                           "sha256": hashlib.sha256(data).hexdigest()})
             tokens += int(acts.shape[0])
         index = {**meta, "d_model": d_model, "tokens": tokens, "shards": shards, "format": FORMAT}
         with self.fs.open(_join(self.root, "index.json"), "w") as fh:
@@ -94,6 +103,7 @@ class CachedSource:
     """Position = chunks consumed; cycles over the cache like the LM source cycles over its corpus."""
 
     def __init__(self, url: str) -> None:
+        self.url = url
         self.fs, self.root = fsspec.core.url_to_fs(url)
         index_path = _join(self.root, "index.json")
         if not self.fs.exists(index_path):
@@ -113,6 +123,27 @@ class CachedSource:
         while True:
             entry = shards[pos % len(shards)]
             with self.fs.open(_join(self.root, entry["file"]), "rb") as fh:
-                acts = st_load(fh.read())["activations"].float()
+                acts = self._verified(entry, fh.read()).float()
             pos += 1
             yield acts, pos
+
+    def _verified(self, entry: dict[str, Any], data: bytes) -> Tensor:
+        """The shard's activations, checked against its index entry."""
+        where = redact(_join(self.url, entry["file"]))
+        fix = f"re-create the cache: `sae-dist cache data.cache_dir={redact(self.url.rsplit('/', 1)[0])}`"
+        if "sha256" in entry and (len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]):
+            raise CacheError(
+                f"cache shard {where} does not match its index ({len(data)} bytes, {entry['size']} recorded, "
+                f"or another sha256): corrupt or overwritten; {fix}"
+            )
+        try:
+            acts = st_load(data)["activations"]
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise CacheError(f"cache shard {where} is not a readable safetensors file ({err}); {fix}") from err
+        want = (entry["tokens"], self.d_model)
+        if tuple(acts.shape) != want or not acts.is_floating_point():
+            raise CacheError(
+                f"cache shard {where} holds {acts.dtype} activations of shape {tuple(acts.shape)}, the index "
+                f"says (tokens, d_model) = {want}; {fix}"
+            )
+        return acts
