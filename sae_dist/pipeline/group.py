@@ -127,7 +127,7 @@ def _run_group_once(cfg: Config, world: int, attempt: int, gpus: int = 0) -> dic
     import ray
 
     actor = ray.remote(num_cpus=cfg.cluster.trainer_cpus, num_gpus=gpus, max_restarts=0)(TrainerWorker)
-    workers = [actor.options(name=trainer_name(attempt, rank)).remote(rank, world) for rank in range(world)]
+    workers: list[Any] = [actor.options(name=trainer_name(attempt, rank)).remote(rank, world) for rank in range(world)]
     try:
         _await_placement(cfg, workers, gpus)
         master = _get(workers[0].address.remote(), cfg, "rank 0's rendezvous address")

@@ -39,7 +39,7 @@ def start_producers(cfg: Config, split: str = "train") -> list[Any]:
     n = cfg.cluster.producers
     actor = ray.remote(num_cpus=cfg.cluster.producer_cpus, max_restarts=-1, max_task_retries=-1)(ActivationProducer)
     threads = max(1, math.ceil(cfg.cluster.producer_cpus))
-    producers = [
+    producers: list[Any] = [
         actor.options(name=f"sae-dist-producer-{split}-{i}-of-{n}", get_if_exists=True).remote(
             cfg.model, cfg.data, i, n, split, threads, cfg.cluster.cache_url
         )
