@@ -18,6 +18,9 @@ The save at the last step waits for its upload.
 Loading reads safetensors and JSON only, checks every file against the manifest, and reshards: the rows
 of the saved shards are concatenated along the latent dim and this rank's slice is taken, so a run saved
 with fp=2 resumes with fp=1 or fp=4.
+
+`check_storage(cfg)` runs at job start: a checkpoint URL (or cluster.cache_url, or cache) the job cannot
+use stops it before its first step with a ConfigError naming the URL and the fix.
 """
 
 from __future__ import annotations
