@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -22,32 +23,39 @@ class NullTracker(Tracker):
 
 
 class MlflowTracker(Tracker):
+    """One MLflow run through a client of its own, not mlflow's process-wide active run: a fan-out
+    keeps one run per member open at once, each in its own store."""
+
     def __init__(self, uri: str, experiment: str, run_name: str, parent_run_id: str | None = None,
                  tags: dict[str, str] | None = None) -> None:
-        import mlflow
+        from mlflow.tracking import MlflowClient
 
-        self.mlflow = mlflow
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(experiment)
+        self.client = MlflowClient(uri)
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         tags = (tags or {}) | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
-        self.run = mlflow.start_run(run_name=run_name, tags=tags or None, nested=parent_run_id is not None)
-        self.run_id = self.run.info.run_id
+        self.run_id = self.client.create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
         log.info("MLflow run %s at %s", self.run_id, uri)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        clean = {k: ("" if v is None else str(v))[:500] for k, v in params.items()}
-        items = list(clean.items())
-        for i in range(0, len(items), 90):
-            self.mlflow.log_params(dict(items[i : i + 90]))
+        from mlflow.entities import Param
+
+        clean = [Param(k, ("" if v is None else str(v))[:500]) for k, v in params.items()]
+        for i in range(0, len(clean), 90):
+            self.client.log_batch(self.run_id, params=clean[i : i + 90])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.mlflow.log_metrics({k.replace("/", "."): float(v) for k, v in metrics.items()}, step=step)
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k.replace("/", "."), float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
 
     def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
-        self.mlflow.log_artifacts(local_dir, artifact_path)
+        self.client.log_artifacts(self.run_id, local_dir, artifact_path)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.mlflow.end_run(status=status)
+        self.client.set_terminated(self.run_id, status)
 
 
 MEMBER_FILE = "sweep_member.json"
