@@ -204,6 +204,7 @@ class Checkpointer:
         """Saves skipped because the previous upload was still running."""
         self._config = flatten(cfg)  # slow (OmegaConf): once here, not on the training thread at every save
         self._thread: threading.Thread | None = None
+        self._saved_step = -1
         self._failure: tuple[int, BaseException] | None = None
 
     def _open(self, url: str) -> Storage:
@@ -219,11 +220,15 @@ class Checkpointer:
             self._part_name(i, 0) for i in range(1, self.dp_size)
         ]
 
-    def save(self, trainer: Any) -> str | None:
+    def save(self, trainer: Any, deadline: float | None = None) -> str | None:
         """Snapshots the trainer and uploads it (in the background, except at the last step, which waits
-        for its upload and every rank). Returns the step folder, or None if this save was skipped."""
+        for its upload and every rank). Returns the step folder, or None if this save was skipped.
+
+        With `deadline` (a time.monotonic value: a preemption's grace period) the save is synchronous on
+        every rank: an upload still in flight is waited for, and this step's upload must end by then
+        (else CheckpointError; the checkpoints before it stay as they were)."""
         t0 = time.perf_counter()
-        final = trainer.state.step >= getattr(trainer, "total_steps", float("inf"))
+        final = deadline is not None or trainer.state.step >= getattr(trainer, "total_steps", float("inf"))
         if any(self.gather({f"busy{self.rank}": self._thread is not None and self._thread.is_alive()}).values()):
             if not final and self.cfg.checkpoint.when_busy == "skip":
                 self.skipped += 1
@@ -232,13 +237,18 @@ class Checkpointer:
                     trainer.state.step,
                 )
                 return None
-            self._join(None)
+            self._join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if deadline is not None and self._saved_step == trainer.state.step:
+            self.close()  # this very step was saved just before the signal: its upload has ended
+            return self.last_saved
         snap = self._snapshot(trainer)
+        self._saved_step = snap.step
         if self.cfg.checkpoint.async_upload and not final:
-            self._thread = threading.Thread(target=self._upload, args=(snap,), name=f"checkpoint-{snap.step}")
+            self._thread = threading.Thread(target=self._upload, args=(snap,), name=f"checkpoint-{snap.step}",
+                                            daemon=True)  # an exit mid-upload leaves the step invisible
             self._thread.start()
         else:
-            self._upload(snap)
+            self._upload(snap, deadline)
         self.last_blocking_s = time.perf_counter() - t0
         if final:
             self.close()
@@ -274,11 +284,12 @@ class Checkpointer:
             state = json.loads(json.dumps(state))
         return _Snapshot(st.step, join(self.run_root, step_name(st.step)), files, json.loads(json.dumps(st.data)), state)
 
-    def _upload(self, snap: _Snapshot) -> None:
+    def _upload(self, snap: _Snapshot, deadline: float | None = None) -> None:
         """Runs on the upload thread (or inline). Failures are logged and kept for wait(); the step stays
         invisible."""
         self._failure = None
-        deadline = time.monotonic() + self.cfg.checkpoint.upload_timeout_s
+        if deadline is None:
+            deadline = time.monotonic() + self.cfg.checkpoint.upload_timeout_s
         try:
             files = {}
             for name, data in snap.files.items():

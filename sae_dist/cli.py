@@ -7,7 +7,7 @@
     ray job submit --address http://<head>:8265 -- sae-dist cluster=ray cluster.address=auto   # infra/README.md
     sae-dist cache data.cache_dir=/tmp/acts trainer.total_tokens=1000000   # fill an activation cache
     sae-dist data=cache data.cache_dir=/tmp/acts                         # train from it
-    sae-dist checkpoint.resume_from=latest hydra.run.dir=outputs/myrun   # resume a killed run
+    sae-dist checkpoint.resume_from=latest hydra.run.dir=outputs/myrun   # resume a killed or preempted run
     sae-dist eval outputs/<date>/<time>                                  # metrics, LM loss recovered
     sae-dist dashboard build outputs/<date>/<time> --features 256        # feature dashboards
     sae-dist dashboard serve outputs/<date>/<time>/dashboard
@@ -27,6 +27,7 @@ import hydra
 from omegaconf import DictConfig
 
 from sae_dist.config import ConfigError, register_configs, to_config
+from sae_dist.preempt import PREEMPTED_EXIT, PreemptedError
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 log = logging.getLogger("sae_dist")
@@ -40,6 +41,9 @@ def _guard(fn):  # type: ignore[no-untyped-def]
         except ConfigError as err:
             print(f"sae-dist: config error: {err}", file=sys.stderr)
             sys.exit(2)
+        except PreemptedError as err:
+            print(f"sae-dist: preempted: {err}", file=sys.stderr)
+            sys.exit(PREEMPTED_EXIT)
 
     return wrapped
 

@@ -236,6 +236,10 @@ class CheckpointConfig:
     """First wait after a failed storage operation; doubles on each retry up to retry_max_s."""
     retry_max_s: float = 60.0
     """Longest wait between retries."""
+    preempt_grace_s: float = 25.0
+    """On SIGTERM/SIGINT the job finishes its step and writes a checkpoint synchronously within this many
+    seconds of the signal, then exits (status 75). The default stays under the usual 30 s grace of
+    Kubernetes and Ray node draining; set it a few seconds below your platform's grace."""
     upload_timeout_s: float = 3600.0
     """Give up on one checkpoint after this long (it stays invisible; training goes on). Also bounds
     the wait for the final checkpoint at the end of training."""
@@ -254,7 +258,7 @@ class CheckpointConfig:
         _require(
             self.when_busy in ("skip", "wait"), f"checkpoint.when_busy ({self.when_busy!r}) must be skip or wait"
         )
-        for name in ("op_timeout_s", "retry_initial_s", "upload_timeout_s", "probe_timeout_s"):
+        for name in ("op_timeout_s", "retry_initial_s", "upload_timeout_s", "preempt_grace_s", "probe_timeout_s"):
             value = getattr(self, name)
             _require(value > 0, f"checkpoint.{name} ({value}) must be > 0")
         _require(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -169,6 +169,8 @@ class Trainer:
         """Every metrics row sent to the tracker (for the training-curve plot)."""
         self.history: list[float] = []
         """Loss at every step of this process, for tests and resume checks."""
+        self.stopped = False
+        """fit() ended early because should_stop() said so."""
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.cfg.sae.dead_tokens
@@ -238,8 +240,12 @@ class Trainer:
         dead = self.sae.comm.sum_scalar(self.dead_mask().sum().float())
         return float(dead) / self.sae.n_latents
 
-    def fit(self, batches: Iterator[Tensor], stream_state: Any = None) -> TrainState:
-        """Trains until trainer.total_tokens; checkpoints and logs along the way."""
+    def fit(
+        self, batches: Iterator[Tensor], stream_state: Any = None, should_stop: Callable[[], bool] | None = None
+    ) -> TrainState:
+        """Trains until trainer.total_tokens; checkpoints and logs along the way. `should_stop()` is asked
+        after every step (the same answer on every rank: a preemption); True ends the loop there with
+        `self.stopped` set."""
         cfg = self.cfg.trainer
         ckpt_every = self.cfg.checkpoint.every_steps
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step", disable=None)
@@ -272,5 +278,8 @@ class Trainer:
                 (ckpt_every and self.state.step % ckpt_every == 0) or self.state.step == self.total_steps
             ):
                 self.checkpointer.save(self)
+            if should_stop is not None and should_stop():
+                self.stopped = True
+                break
         bar.close()
         return self.state

@@ -34,10 +34,10 @@ from sae_dist.config import (
     sae_config,
 )
 from sae_dist.data.synthetic import SyntheticSource
+from sae_dist.lifecycle import build_sae
 from sae_dist.parallel import single_process
 from sae_dist.parallel.dims import build_mesh
-from sae_dist.parallel.launch import build_engine
-from sae_dist.run import build_sae
+from sae_dist.parallel.engine import build_engine
 from sae_dist.trainer import Trainer, TrainState, auto_lr
 
 

@@ -41,9 +41,9 @@ from sae_dist.config import (  # noqa: E402
 )
 from sae_dist.data import BatchStream  # noqa: E402
 from sae_dist.data.lm import LMActivationSource  # noqa: E402
+from sae_dist.lifecycle import build_sae  # noqa: E402
 from sae_dist.pipeline.fanout import train_fanout  # noqa: E402
 from sae_dist.pipeline.launch import build_stream_source, max_in_flight, start_producers  # noqa: E402
-from sae_dist.run import build_sae  # noqa: E402
 from sae_dist.trainer import Trainer, TrainState  # noqa: E402
 
 

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from conftest import synthetic_config  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+import sae_dist.lifecycle  # noqa: E402
 import sae_dist.run  # noqa: E402
 from sae_dist.checkpoint import Checkpointer, step_name  # noqa: E402
 from sae_dist.data.synthetic import SyntheticSource  # noqa: E402
@@ -75,7 +76,7 @@ def run_job(out: str, url: str, fp: int = 1, dp: int = 1, stop_after: int = 0, r
         parallel={"fp": fp, "dp": dp, "engine": engine, "zero_stage": zero_stage},
         tracking={"enabled": False},
     )
-    with mock.patch.object(sae_dist.run, "Checkpointer", TestCheckpointer):
+    with mock.patch.object(sae_dist.lifecycle, "Checkpointer", TestCheckpointer):
         try:
             return sae_dist.run.train(cfg)
         except Stopped:

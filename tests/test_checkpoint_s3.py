@@ -272,7 +272,7 @@ def test_killed_upload_leaves_an_invisible_step_and_older_ones_intact(fp1, s3, t
     assert _steps(tmp_path, url) == [10, 20]
 
     cfg = synthetic_config(tmp_path, checkpoint={"url": url})
-    from sae_dist.run import build_sae
+    from sae_dist.lifecycle import build_sae
     from sae_dist.trainer import Trainer, TrainState
 
     ck = Checkpointer(cfg)
@@ -322,6 +322,7 @@ def test_pickle_in_checkpoint_folder_is_never_executed(fp1, s3, tmp_path):
 
 
 def test_training_continues_while_storage_is_down_and_checkpoints_after_it(fp1, s3, tmp_path, monkeypatch, caplog):
+    import sae_dist.lifecycle
     import sae_dist.run
     from sae_dist.tracking import NullTracker
 
@@ -352,7 +353,7 @@ def test_training_continues_while_storage_is_down_and_checkpoints_after_it(fp1, 
                     s3.resume()
 
     url = _url("outage")
-    monkeypatch.setattr(sae_dist.run, "Checkpointer", Recorded)
+    monkeypatch.setattr(sae_dist.lifecycle, "Checkpointer", Recorded)
     cfg = synthetic_config(tmp_path, trainer={"log_every": 1}, checkpoint={
         "url": url, "every_steps": 10, "keep_last": 5, "op_timeout_s": 1.0, "retry_initial_s": 0.2, "retry_max_s": 0.5})
     caplog.set_level("INFO")

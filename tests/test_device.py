@@ -17,9 +17,10 @@ from conftest import synthetic_config
 
 from sae_dist.checkpoint import Checkpointer
 from sae_dist.config import ConfigError
+from sae_dist.lifecycle import build_sae
 from sae_dist.parallel.dims import resolve_backend, resolve_device
 from sae_dist.pipeline.group import trainer_gpus
-from sae_dist.run import build_sae, train
+from sae_dist.run import train
 from sae_dist.trainer import Trainer, TrainState
 
 

@@ -17,7 +17,7 @@ from conftest import synthetic_config
 from safetensors.torch import load_file
 
 from sae_dist.config import ConfigError, TrainerConfig, validate
-from sae_dist.parallel.launch import engine_name
+from sae_dist.parallel.engine import engine_name
 
 OVERRIDES = {
     "model": {"d_model": 64},

@@ -37,7 +37,8 @@ from sae_dist.parallel import (
     single_process,
 )
 from sae_dist.parallel.dims import build_mesh
-from sae_dist.parallel.launch import build_engine, export_sharded, full_sae
+from sae_dist.parallel.engine import build_engine
+from sae_dist.parallel.export import export_sharded, full_sae
 from sae_dist.sae import SparseAutoencoder
 from sae_dist.trainer import Trainer, TrainState, auto_lr
 
@@ -463,7 +464,7 @@ def test_torchrun_fp2_reaches_single_rank_fvu(tmp_path):
 
 
 def test_engine_auto_is_deepspeed_with_data_replicas_only(tmp_path):
-    from sae_dist.parallel.launch import engine_name
+    from sae_dist.parallel.engine import engine_name
 
     assert engine_name(synthetic_config(tmp_path, parallel={"dp": 2})) == "deepspeed"
     assert engine_name(synthetic_config(tmp_path, parallel={"dp": 1})) == "torch"

@@ -103,7 +103,7 @@ def test_export_reproduces_reconstructions_on_raw_activations(tmp_path):
     sae, meta = load_saelens(out["export_dir"])
     assert set(meta) >= {"d_in", "d_sae", "architecture", "hook_name"}
     # the checkpointed (scaled) SAE, restored independently, is the reference
-    from sae_dist.run import build_sae
+    from sae_dist.lifecycle import build_sae
     from sae_dist.trainer import Trainer, TrainState
 
     ref = build_sae(cfg, 32)
@@ -123,7 +123,7 @@ def test_export_reproduces_reconstructions_on_raw_activations(tmp_path):
 def test_nan_activations_stop_naming_the_step_and_the_last_checkpoint(tmp_path):
     import pytest
 
-    from sae_dist.run import build_sae
+    from sae_dist.lifecycle import build_sae
     from sae_dist.trainer import NonFiniteError, Trainer, TrainState
 
     cfg = synthetic_config(tmp_path)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sae_dist.pipeline.vllm_backend import collect, install_hook, residual_stream, split_rows
+from sae_dist.data.vllm_backend import collect, install_hook, residual_stream, split_rows
 
 
 class FusedResidualLayer(nn.Module):
@@ -72,7 +72,7 @@ def test_unknown_hook_point_is_a_config_error():
 
 
 def test_engine_runs_in_process_on_one_gpu_and_tensor_parallel_needs_an_explicit_opt_in():
-    from sae_dist.pipeline.vllm_backend import engine_env
+    from sae_dist.data.vllm_backend import engine_env
 
     assert engine_env(1, {}) == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # hooks called directly, no pickling
     with pytest.raises(RuntimeError, match=r"tensor_parallel_size=2.*VLLM_ALLOW_INSECURE_SERIALIZATION=1"):

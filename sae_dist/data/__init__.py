@@ -14,6 +14,8 @@ from sae_dist.data.stream import BatchStream, Source
 
 
 def build_source(cfg: Config, split: str = "train") -> Source:
+    """The configured source in this process (the Ray producers' stream is built by the runner that
+    starts them: sae_dist.pipeline)."""
     if cfg.data.source == "synthetic":
         from sae_dist.data.synthetic import SyntheticSource
 
@@ -24,10 +26,6 @@ def build_source(cfg: Config, split: str = "train") -> Source:
         from sae_dist.data.cache import CachedSource
 
         return CachedSource(cfg.data.cache_dir.rstrip("/") + "/" + split)
-    if split == "train" and cfg.cluster.producers > 0:
-        from sae_dist.pipeline.launch import build_stream_source
-
-        return build_stream_source(cfg)
     from sae_dist.data.lm import LMActivationSource
 
     return LMActivationSource(cfg.model, cfg.data, split)

@@ -136,7 +136,7 @@ class LMActivationSource:
         if model_cfg.backend == "vllm":
             from transformers import AutoTokenizer
 
-            from sae_dist.pipeline.vllm_backend import VLLMHookedModel
+            from sae_dist.data.vllm_backend import VLLMHookedModel
 
             self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_cfg.name))
             self.hooked = VLLMHookedModel(model_cfg.name, model_cfg.hook_point, model_cfg.context_size,

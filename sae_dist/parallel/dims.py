@@ -110,6 +110,33 @@ class Mesh:
         if self.world_group is not None:
             dist.barrier()
 
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's value of a picklable object, on every rank."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_union(self, entries: dict[str, Any]) -> dict[str, Any]:
+        """The union of every rank's dict, on every rank (picklable values; all_gather_object over the
+        world): the checkpointer's `gather`."""
+        if not self.distributed:
+            return entries
+        everyone: list[Any] = [None] * self.dims.world_size
+        dist.all_gather_object(everyone, entries)
+        return {k: v for part in everyone for k, v in part.items()}
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on any (one small all-reduce; no collective alone)."""
+        if self.world_group is None:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def describe(self) -> dict[str, int]:
         """What the checkpointer and logs need to know about this rank."""
         return {

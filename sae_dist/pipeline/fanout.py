@@ -4,30 +4,27 @@
     sae-dist 'sae.fanout_n_latents=[1536,3072,6144]' cluster.producers=2 # fed by Ray producers
 
 Every member sees the same batches in the same order (one shuffle buffer, one scale), so a member's
-result equals what it would get trained alone on that stream. Single process (parallel.fp=1).
+result equals what it would get trained alone on that stream. Each member is built and finished by the
+lifecycle's steps (sae_dist.lifecycle), around one shared loop. Single process (parallel.fp=1), no
+checkpoints: a fan-out is a short comparison run, not a resumable job.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from torch import Tensor
 
-from sae_dist import kernels
 from sae_dist.config import Config, ConfigError
-from sae_dist.data import BatchStream, build_source, heldout_batches
-from sae_dist.export import export_saelens
-from sae_dist.metrics import evaluate
-from sae_dist.run import build_sae, train_device
-from sae_dist.tracking import build_tracker
-from sae_dist.trainer import Trainer, TrainState, estimate_scale
-
-log = logging.getLogger(__name__)
+from sae_dist.data import BatchStream, Source, build_source, heldout_batches
+from sae_dist.lifecycle import build, finish, prepare, resume_or_initialise
+from sae_dist.parallel import single_process
+from sae_dist.pipeline.launch import build_stream_source
+from sae_dist.trainer import estimate_scale
 
 
 def member_configs(cfg: Config) -> list[Config]:
@@ -45,43 +42,36 @@ def member_configs(cfg: Config) -> list[Config]:
     return out
 
 
-def train_fanout(cfg: Config) -> list[dict[str, Any]]:
-    """Trains every size in sae.fanout_n_latents from one stream; returns each member's held-out metrics."""
+def train_fanout(cfg: Config, source: Source | None = None) -> list[dict[str, Any]]:
+    """Trains every size in sae.fanout_n_latents from one stream (`source`, else the configured one in
+    this process); returns each member's held-out metrics."""
     members = member_configs(cfg)
-    device = train_device(cfg)
-    kernels.set_backend(cfg.trainer.kernels)
-    kernels.set_select_precision(cfg.trainer.encoder_select)
-    source = build_source(cfg, "train")
+    device = prepare(cfg)
+    if source is None and cfg.cluster.producers:
+        source = build_stream_source(cfg)
+    source = source or build_source(cfg, "train")
     scale = estimate_scale(iter(BatchStream(source, min(cfg.trainer.batch_tokens, cfg.trainer.scale_tokens), 0)),
                            source.d_model, cfg.trainer.scale_tokens)
-    trainers = []
+    jobs = []
     for m in members:
-        os.makedirs(m.output_dir, exist_ok=True)
-        tracker = build_tracker(m.tracking.enabled, m.tracking.uri, m.tracking.experiment, m.checkpoint.run_name,
-                                m.output_dir)
-        tracker.log_params({"sae.n_latents": m.sae.n_latents, "activation_scale": scale, "fanout": True})
-        sae = build_sae(m, source.d_model, device=device)
-        trainers.append(Trainer(m, sae, TrainState(scale=scale, seed=m.trainer.seed), tracker))
+        job = build(m, source, single_process(m.parallel, m.sae.n_latents), device, checkpoints=False)
+        resume_or_initialise(job, scale)
+        job.tracker.log_params({"fanout": True})
+        jobs.append(job)
     stream = BatchStream(source, cfg.trainer.batch_tokens, cfg.data.shuffle_buffer_tokens, cfg.trainer.seed)
-    total = trainers[0].total_steps
+    total, t0 = jobs[0].trainer.total_steps, time.perf_counter()
     for step, batch in enumerate(stream):
         if step >= total:
             break
         x = batch.to(device, non_blocking=True) * scale  # one copy to the device for every member
-        for t in trainers:
-            t.train_step(x)
-    results = []
+        for job in jobs:
+            job.trainer.train_step(x)
+    fit_s = time.perf_counter() - t0  # every member's, together
     heldout = _first_tokens(heldout_batches(cfg), cfg.trainer.eval_tokens)  # read (and run the LM) once
-    for m, t in zip(members, trainers):
-        res = evaluate(t.sae, iter(heldout), scale, m.trainer.eval_tokens)
-        t.tracker.log_metrics({f"eval/{k}": v for k, v in res.items()}, t.state.step)
-        export_dir = os.path.join(m.output_dir, "sae")
-        export_saelens(t.sae, scale, export_dir, {"hook_name": m.model.hook_point, "model_name": m.model.name})
-        with open(os.path.join(m.output_dir, "results.json"), "w") as fh:
-            json.dump(res | {"steps": t.state.step, "n_latents": m.sae.n_latents}, fh, indent=1)
-        t.tracker.log_artifacts(export_dir, "sae")
-        t.tracker.finish()
-        results.append(res | {"n_latents": m.sae.n_latents, "export_dir": export_dir, "history": t.history})
+    results = []
+    for job in jobs:
+        results.append(finish(job, heldout, fit_s, job.trainer.state.tokens))
+        job.tracker.finish()
     return results
 
 

@@ -15,9 +15,10 @@ import time
 from typing import Any
 
 from sae_dist.config import Config, ConfigError
-from sae_dist.pipeline.launch import init_ray, start_producers
+from sae_dist.pipeline.launch import build_stream_source, init_ray, start_producers
 from sae_dist.pipeline.resources import check_cluster, describe, local_node
 from sae_dist.pipeline.stream import PipelineTimeoutError
+from sae_dist.preempt import PreemptedError
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +48,19 @@ class TrainerWorker:
 
         return ray.util.get_node_ip_address() in ("127.0.0.1", socket.gethostbyname("localhost"))
 
-    def run(self, cfg: Config, master: tuple[str, int], threads: int = 1) -> dict[str, Any]:
+    def run(self, cfg: Config, master: tuple[str, int], threads: int = 1, producers: list[Any] | None = None) -> dict[str, Any]:
+        """This rank's part of the job (sae_dist.run.train), fed by `producers` when given (else the
+        configured source in this actor)."""
         import torch
 
-        from sae_dist.run import train
+        from sae_dist.run import train  # torch and the model code load in the actor, not in the driver
 
         torch.set_num_threads(threads)
         os.environ.update(
             RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK="0",
             MASTER_ADDR=master[0], MASTER_PORT=str(master[1]),
         )
-        return train(cfg)
+        return train(cfg, source=build_stream_source(cfg, producers) if producers else None)
 
 
 def trainer_gpus(device: str, cluster_gpus: float, world: int) -> int:
@@ -104,18 +107,19 @@ def run_trainer_group(cfg: Config) -> dict[str, Any]:
     try:
         while True:
             try:
-                results = _run_group_once(cfg, world, attempt, gpus)
+                results = _run_group_once(cfg, world, attempt, gpus, producers)
                 if cfg.cluster.cache_url:
                     _finish_cache(cfg)
                 return results | {"group_restarts": attempt}
-            except ray.exceptions.RayActorError as err:
+            except (ray.exceptions.RayActorError, PreemptedError) as err:  # a dead or preempted rank
                 if attempt >= cfg.cluster.trainer_restarts:
                     raise RuntimeError(
                         f"trainer group failed {attempt + 1} times (cluster.trainer_restarts="
                         f"{cfg.cluster.trainer_restarts}); last error: {err}"
                     ) from err
                 attempt += 1
-                log.warning("a trainer actor died (%s); restarting the group from the last checkpoint", err)
+                log.warning("a trainer actor died or was preempted (%s); restarting the group from the last "
+                            "checkpoint", err)
                 ck = dataclasses.replace(cfg.checkpoint, resume_from="latest")
                 cfg = dataclasses.replace(cfg, checkpoint=ck)
     finally:
@@ -123,7 +127,7 @@ def run_trainer_group(cfg: Config) -> dict[str, Any]:
             ray.kill(p, no_restart=True)
 
 
-def _run_group_once(cfg: Config, world: int, attempt: int, gpus: int = 0) -> dict[str, Any]:
+def _run_group_once(cfg: Config, world: int, attempt: int, gpus: int = 0, producers: list[Any] | None = None) -> dict[str, Any]:
     import ray
 
     actor = ray.remote(num_cpus=cfg.cluster.trainer_cpus, num_gpus=gpus, max_restarts=0)(TrainerWorker)
@@ -132,7 +136,7 @@ def _run_group_once(cfg: Config, world: int, attempt: int, gpus: int = 0) -> dic
         _await_placement(cfg, workers, gpus)
         master = _get(workers[0].address.remote(), cfg, "rank 0's rendezvous address")
         threads = max(1, int(cfg.cluster.trainer_cpus))
-        refs = [w.run.remote(cfg, master, threads) for w in workers]
+        refs = [w.run.remote(cfg, master, threads, producers) for w in workers]
         pending, results = list(refs), {}
         t0 = time.monotonic()
         while pending:  # surface the first failure at once instead of waiting on the survivors' collectives
