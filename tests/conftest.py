@@ -1,6 +1,12 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -20,6 +26,32 @@ from sae_dist.config import (  # noqa: E402
     TrainerConfig,
     sae_config,
 )
+
+
+def start_moto(log_path) -> tuple[subprocess.Popen, str]:
+    """A moto S3 server on a free local port, logging to `log_path`, once it answers HTTP (polled with a
+    growing interval; an error if it dies or stays silent for 60 s) -> (process, endpoint)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    endpoint, deadline, delay = f"http://127.0.0.1:{port}", time.monotonic() + 60, 0.05
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=2).close()
+            return proc, endpoint
+        except urllib.error.HTTPError:
+            return proc, endpoint  # any HTTP answer means the server is up
+        except OSError as err:
+            if proc.poll() is not None:
+                raise RuntimeError(f"moto_server exited ({proc.returncode}): {open(log_path).read()[-2000:]}") from err
+            if time.monotonic() + delay > deadline:
+                proc.kill()
+                raise TimeoutError(f"moto_server at {endpoint} did not answer within 60 s") from err
+            time.sleep(delay)
+            delay = min(2 * delay, 1.0)
 
 
 def synthetic_config(tmp_path, **overrides) -> Config:

@@ -18,14 +18,11 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
 from checkpoint_worker import run_job
-from conftest import synthetic_config
+from conftest import start_moto, synthetic_config
 from safetensors.torch import load, load_file
 
 s3fs = pytest.importorskip("s3fs")
@@ -45,24 +42,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_until_answering(endpoint: str, proc: subprocess.Popen, log_path: str, timeout_s: float = 60.0) -> None:
-    """Polls the endpoint with a growing interval until it answers HTTP, the server dies, or timeout_s."""
-    deadline, delay = time.monotonic() + timeout_s, 0.05
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=2).close()
-            return
-        except urllib.error.HTTPError:
-            return  # any HTTP answer means the server is up
-        except OSError as err:
-            if proc.poll() is not None:
-                raise RuntimeError(f"moto_server exited ({proc.returncode}): {open(log_path).read()[-2000:]}") from err
-            if time.monotonic() + delay > deadline:
-                raise TimeoutError(f"moto_server at {endpoint} did not answer within {timeout_s}s") from err
-            time.sleep(delay)
-            delay = min(2 * delay, 1.0)
-
-
 class Moto:
     def __init__(self, proc: subprocess.Popen, endpoint: str) -> None:
         self.proc, self.endpoint = proc, endpoint
@@ -78,14 +57,8 @@ class Moto:
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server with one bucket, and the standard AWS variables pointing at it."""
-    port = _free_port()
-    log_path = str(tmp_path_factory.mktemp("moto") / "moto.log")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
+    proc, endpoint = start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
     try:
-        _wait_until_answering(endpoint, proc, log_path)
         with pytest.MonkeyPatch.context() as mp:
             for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
                                "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",

@@ -94,12 +94,58 @@ def test_fanout_members_equal_training_each_alone(tmp_path):
     assert members[1]["fvu"] == pytest.approx(alone["fvu"], rel=1e-6)
 
 
-def test_dead_trainer_actor_restarts_the_group_from_the_last_checkpoint(ray_cluster, tmp_path):
-    import threading
+def test_fanout_export_and_results_carry_what_a_single_run_writes(tmp_path):
+    """One lifecycle: a fan-out member's cfg.json and results.json have the single run's fields and, for
+    the same SAE, the same values (the fan-out once dropped context_size, so dashboards assumed 128)."""
+    import dataclasses
+    import os
 
     from conftest import synthetic_config
 
+    from sae_dist.pipeline.fanout import train_fanout
+
+    over = {"trainer": {"total_tokens": 256 * 6}, "checkpoint": {"every_steps": 0}}
+    cfg = synthetic_config(tmp_path, **over, model={"d_model": 32, "context_size": 48})
+    cfg = dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, fanout_n_latents=[128]))
+    member = train_fanout(cfg)[0]
+    alone = train(synthetic_config(tmp_path / "alone", **over, model={"d_model": 32, "context_size": 48},
+                                   sae={"n_latents": 128}))
+    read = lambda run, name: json.loads(open(os.path.join(run, name)).read())  # noqa: E731
+    fan_cfg, one_cfg = read(member["export_dir"], "cfg.json"), read(alone["export_dir"], "cfg.json")
+    assert fan_cfg == one_cfg and fan_cfg["context_size"] == 48
+    fan_res = read(os.path.dirname(member["export_dir"]), "results.json")
+    one_res = read(os.path.dirname(alone["export_dir"]), "results.json")
+    assert fan_res.keys() == one_res.keys()
+    timing = {"train_s", "train_tokens_per_s"}
+    assert {k: v for k, v in fan_res.items() if k not in timing} == {k: v for k, v in one_res.items() if k not in timing}
+
+
+def _after_first_checkpoint(cfg, action):
+    """A thread that runs `action` once the run's first checkpoint is complete (polled every 0.1 s for at
+    most ~120 s) -> (thread, event set when it ran)."""
+    import threading
+
     from sae_dist.checkpoint import Checkpointer
+
+    ck, done = Checkpointer(cfg), threading.Event()
+
+    def watch():
+        for _ in range(1200):
+            if ck.complete_steps():
+                action()
+                done.set()
+                return
+            threading.Event().wait(0.1)
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    return thread, done
+
+
+def test_dead_trainer_actor_restarts_the_group_from_the_last_checkpoint(ray_cluster, tmp_path):
+
+    from conftest import synthetic_config
+
     from sae_dist.pipeline.group import trainer_name
 
     cfg = synthetic_config(
@@ -107,19 +153,7 @@ def test_dead_trainer_actor_restarts_the_group_from_the_last_checkpoint(ray_clus
         checkpoint={"every_steps": 50, "async_upload": False},
         cluster={"trainer_cpus": 0.5, "timeout_s": 120.0},
     )
-    ck = Checkpointer(cfg)
-    killed = threading.Event()
-
-    def kill_after_first_checkpoint():
-        for _ in range(1200):  # bounded: at most ~120 s
-            if ck.complete_steps():
-                ray.kill(ray.get_actor(trainer_name(0, 1)))
-                killed.set()
-                return
-            threading.Event().wait(0.1)
-
-    killer = threading.Thread(target=kill_after_first_checkpoint)
-    killer.start()
+    killer, killed = _after_first_checkpoint(cfg, lambda: ray.kill(ray.get_actor(trainer_name(0, 1))))
     out = run_trainer_group(cfg)
     killer.join()
     assert killed.is_set()
@@ -127,6 +161,38 @@ def test_dead_trainer_actor_restarts_the_group_from_the_last_checkpoint(ray_clus
     assert out["steps"] == 3000
     # the second attempt resumed: it trained fewer than all 3000 steps itself
     assert 0 < len(out["history"]) < 3000
+
+
+def test_sigterm_to_a_trainer_actor_checkpoints_its_step_and_the_group_resumes_from_it(ray_cluster, tmp_path, caplog):
+    """A drained node: SIGTERM reaches one trainer actor's process; both ranks stop after the same step,
+    checkpoint it, and the group restarts from that step (not from the last periodic checkpoint)."""
+    import logging
+    import re
+    import signal
+
+    psutil = pytest.importorskip("psutil")
+    from conftest import synthetic_config
+
+
+    cfg = synthetic_config(
+        tmp_path, parallel={"fp": 2}, trainer={"total_tokens": 256 * 1200, "log_every": 100},
+        checkpoint={"every_steps": 400, "async_upload": False},
+        cluster={"trainer_cpus": 0.5, "timeout_s": 120.0},
+    )
+
+    def sigterm_one_rank():
+        ranks = [p for p in psutil.process_iter(["cmdline"]) if "TrainerWorker.run" in " ".join(p.info["cmdline"] or [])]
+        ranks[-1].send_signal(signal.SIGTERM)
+
+    term, sent = _after_first_checkpoint(cfg, sigterm_one_rank)
+    with caplog.at_level(logging.WARNING, logger="sae_dist.pipeline.group"):
+        out = run_trainer_group(cfg)
+    term.join()
+    assert sent.is_set()
+    assert out["group_restarts"] == 1 and out["steps"] == 1200
+    stopped = [int(m) for m in re.findall(r"stopped by SIGTERM after step (\d+)", caplog.text)]
+    assert len(stopped) == 1 and 400 < stopped[0] < 1200
+    assert len(out["history"]) == 1200 - stopped[0]  # the restart resumed from the preemption checkpoint
 
 
 def test_dp2_trainer_group_trains_with_zero_by_default(ray_cluster, tmp_path):

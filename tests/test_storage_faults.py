@@ -15,11 +15,9 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
-from conftest import synthetic_config
+from conftest import start_moto, synthetic_config
 
 from sae_dist.checkpoint import CheckpointError, check_storage
 from sae_dist.config import CheckpointConfig
@@ -43,25 +41,8 @@ def moto(tmp_path_factory):
     """The endpoint of a moto S3 server holding one bucket."""
     pytest.importorskip("moto")
     s3fs = pytest.importorskip("s3fs")
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
+    proc, endpoint = start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
     try:
-        deadline, delay = time.monotonic() + 60, 0.05
-        while True:  # polls with a growing interval until it answers HTTP
-            try:
-                urllib.request.urlopen(endpoint, timeout=2).close()
-                break
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                assert proc.poll() is None, log_path.read_text()[-2000:]
-                assert time.monotonic() + delay < deadline, f"moto_server at {endpoint} never answered"
-                time.sleep(delay)
-                delay = min(2 * delay, 1.0)
         s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=endpoint, skip_instance_cache=True).mkdir(BUCKET)
         yield endpoint
     finally:
