@@ -119,8 +119,19 @@ def test_sigterm_during_an_upload_waits_for_it_then_checkpoints_the_current_step
     proc.send_signal(signal.SIGTERM)
     assert _finish(proc) == PREEMPTED_EXIT
     step = _json(tmp_path / "preempted-rank0.json")["step"]
-    assert 20 < step < 400
+    assert 20 <= step < 400  # 20: the signal came before the step ended; its upload is awaited
     assert 20 in _complete(tmp_path) and _complete(tmp_path)[-1] == step
+
+
+def test_sigterm_to_an_fp2_group_during_an_upload_waits_for_it_then_checkpoints_the_current_step(tmp_path):
+    ranks = _group(tmp_path, "--steps", "400", "--stall-upload-at", "20")
+    _until(ranks[0], "STALLED")
+    for proc in ranks:  # a pod's containers all get the signal
+        proc.send_signal(signal.SIGTERM)
+    assert [_finish(p) for p in ranks] == [PREEMPTED_EXIT, PREEMPTED_EXIT]
+    step = _json(tmp_path / "preempted-rank0.json")["step"]
+    assert _json(tmp_path / "preempted-rank1.json")["step"] == step and 20 <= step < 400
+    assert 20 in _complete(tmp_path, fp=2) and _complete(tmp_path, fp=2)[-1] == step
 
 
 def test_sigkill_during_the_preemption_checkpoint_leaves_the_one_before_loadable(tmp_path):
