@@ -113,7 +113,9 @@ def test_refused_connection_fails_the_check_within_its_timeout_naming_the_endpoi
     endpoint = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     message, took = _check_s3(tmp_path, f"s3://{BUCKET}/refused", endpoint)
     assert took < 15, took
-    assert f"checkpoint.endpoint_url ('{endpoint}')" in message and "Could not connect" in message
+    assert f"checkpoint.endpoint_url ('{endpoint}')" in message
+    # the refusal itself, or (on a loaded machine) the last attempt cut short by the probe's deadline
+    assert "Could not connect" in message or "no answer within" in message, message
     assert "checkpoint.probe_timeout_s" in message
 
 
