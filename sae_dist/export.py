@@ -109,14 +109,26 @@ def load_saelens(path: str) -> tuple[SparseAutoencoder, dict[str, Any]]:
     family = archs.get(arch)
     fields = {"arch": arch, "n_latents": cfg["d_sae"], "k": min(32, cfg["d_sae"] - 1)} | family.config_from_export(cfg)
     sae = SparseAutoencoder(archs.build_config(fields), cfg["d_in"])
-    w = {name: w[family.export_renames.get(name, name)] for name in (*_SHARED, *family.export_per_latent)}
+    load_exported(sae, w)
+    return sae.eval(), cfg
+
+
+def load_exported(sae: SparseAutoencoder, tensors: dict[str, torch.Tensor]) -> None:
+    """Copies tensors in the SAELens layout (`export_tensors`'s names) into the SAE, in place."""
+    w = {name: tensors[sae.arch.export_renames.get(name, name)] for name in (*_SHARED, *sae.arch.export_per_latent)}
     with torch.no_grad():
         sae.W_enc.copy_(w["W_enc"].t())
         sae.b_enc.copy_(w["b_enc"])
         sae.W_dec.copy_(w["W_dec"])
         sae.b_dec.copy_(w["b_dec"])
         sae.arch.load_exported(sae, w)
-    return sae.eval(), cfg
+
+
+def fold_scale_(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
+    """Turns the SAE (or feature shard) in place into its export: the same float32 values the export
+    file holds, on raw activations. Evaluating it gives what evaluating the loaded export gives."""
+    load_exported(sae, export_tensors(sae, scale))
+    return sae
 
 
 _SHARED = ("W_enc", "b_enc", "W_dec", "b_dec")

@@ -25,6 +25,9 @@ from sae_dist import kernels
 from sae_dist.checkpoint import Checkpointer, check_storage
 from sae_dist.config import Config, flatten
 from sae_dist.data import BatchStream, Source
+from sae_dist.data.heldout import KEY as HELDOUT_KEY
+from sae_dist.data.heldout import covering, heldout_spec
+from sae_dist.export import fold_scale_
 from sae_dist.metrics import evaluate
 from sae_dist.parallel import Mesh, ReplicaSource, apply_feature_parallel
 from sae_dist.parallel.dims import resolve_device
@@ -164,27 +167,33 @@ def fit(job: Job, preemption: Preemption | None = None) -> tuple[float, int]:
 
 
 def export_meta(cfg: Config) -> dict[str, Any]:
-    """What the export records of where the activations came from (dashboards and SAELens read it)."""
-    return {"hook_name": cfg.model.hook_point, "model_name": cfg.model.name, "context_size": cfg.model.context_size}
+    """What the export records of where the activations came from (dashboards and SAELens read it) and
+    of its held-out set (`sae-dist eval` reads it)."""
+    return {"hook_name": cfg.model.hook_point, "model_name": cfg.model.name, "context_size": cfg.model.context_size,
+            HELDOUT_KEY: heldout_spec(cfg)}
 
 
 def finish(job: Job, heldout: Iterable[Tensor], fit_s: float, tokens: int) -> dict[str, Any]:
-    """Held-out metrics, the SAELens export, results.json, the training plot and the tracked artifacts
-    (every rank calls this) -> the results, with the export folder."""
+    """The SAELens export, then the held-out metrics of that export (the SAE folded into the export's
+    float32 values, in place, so that `sae-dist eval` of the export prints the same figures), results.json,
+    the training plot and the tracked artifacts (every rank calls this) -> the results, with the export
+    folder. The trainer's SAE is in raw-activation units afterwards: nothing trains it again."""
     cfg, mesh, trainer, tracker = job.cfg, job.mesh, job.trainer, job.tracker
     state, sae = trainer.state, job.sae
     if cfg.trainer.param_dtype != "fp32":  # evaluate and export the fp32 masters
         sae.float().load_state_dict(trainer.engine.weight_tensors())
-    results = evaluate(sae, iter(heldout), state.scale, cfg.trainer.eval_tokens)
-    tracker.log_metrics({f"eval/{k}": v for k, v in results.items()}, state.step)
     export_dir = os.path.join(cfg.output_dir, "sae")
     export_on_mesh(sae, mesh, state.scale, export_dir, export_meta(cfg))
+    results = evaluate(fold_scale_(sae, state.scale), covering(heldout, cfg.trainer.eval_tokens), 1.0,
+                       cfg.trainer.eval_tokens)
+    tracker.log_metrics({f"eval/{k}": v for k, v in results.items()}, state.step)
     if mesh.is_main:
         with open(os.path.join(cfg.output_dir, "results.json"), "w") as fh:
             json.dump(results | {"steps": state.step, "train_tokens": state.tokens, "n_latents": cfg.sae.n_latents,
                                  "train_s": round(fit_s, 2),
                                  # end to end over this process's training: data, steps, checkpoints
-                                 "train_tokens_per_s": round(tokens / max(fit_s, 1e-9), 1)}, fh, indent=1)
+                                 "train_tokens_per_s": round(tokens / max(fit_s, 1e-9), 1),
+                                 "heldout": heldout_spec(cfg)}, fh, indent=1)
         plots_dir = os.path.join(cfg.output_dir, "plots")
         os.makedirs(plots_dir, exist_ok=True)
         if plot_training(trainer.logged, os.path.join(plots_dir, "training.png")):

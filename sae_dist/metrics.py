@@ -1,57 +1,126 @@
-"""Held-out evaluation with the metric definitions of docs/design.md §2, used everywhere.
+"""Held-out metrics in one streaming pass: the project's FVU/L0/dead figures and SAEBench's core set
+(docs/eval.md gives each formula and how it relates to SAEBench's code).
 
-FVU = sum||x - x^||^2 / sum||x - mean(x)||^2 over all evaluated tokens (special tokens never reach the
-SAE); L0 = mean active latents per token; dead fraction = latents that never fired on the whole set.
+`HeldoutMeter` takes, batch by batch, the activations x, the SAE's codes and its reconstruction x^, and
+counts only the held-out set's first `tokens` rows (sae_dist.data.heldout). Callers encode whole LM
+batches, the last one included, so that the end-of-training evaluation and `sae-dist eval` (which
+encodes inside the spliced forward pass) put the same shapes through the same kernels and print the
+same figures. Sums are float64; per-latent firing counts stay on the SAE's device (n,), so memory is
+O(n + batch x k) whatever the number of tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
 from sae_dist.sae import SparseAutoencoder
 
+TOKEN_SUMS = ("err", "x2", "legacy_ev", "cossim", "norm_in", "norm_out", "ratio", "xhat2", "dot")
+
+
+class HeldoutMeter:
+    def __init__(self, sae: SparseAutoencoder, tokens: int) -> None:
+        self.sae, self.tokens = sae, tokens
+        self.count = 0
+        self.sums = dict.fromkeys(TOKEN_SUMS, 0.0)
+        self.l0 = self.l1 = 0.0
+        self.x_sum = torch.zeros(sae.d_model, dtype=torch.float64, device=sae.b_dec.device)
+        self.fired = torch.zeros(sae.n_local, dtype=torch.long, device=sae.b_dec.device)
+
+    @property
+    def full(self) -> bool:
+        return self.count >= self.tokens
+
+    @torch.no_grad()
+    def add(self, x: Tensor, vals: Tensor, idx: Tensor, x_hat: Tensor) -> None:
+        """One batch: x and x^ (N, d), this rank's codes vals/idx (N, k). Rows past the held-out set's
+        `tokens` are left out."""
+        rows = min(x.shape[0], self.tokens - self.count)
+        if rows <= 0:
+            return
+        x, x_hat = x[:rows].double(), x_hat[:rows].double()
+        vals, idx = vals[:rows], idx[:rows]
+        s, comm = self.sums, self.sae.comm
+        err = (x - x_hat).pow(2).sum(1)
+        norm_in, norm_out = x.norm(dim=1), x_hat.norm(dim=1)
+        s["err"] += float(err.sum())
+        s["x2"] += float(x.pow(2).sum())
+        self.x_sum += x.sum(0)
+        s["legacy_ev"] += float((1 - err / (x - x.mean(0)).pow(2).sum(1)).sum())
+        s["cossim"] += float(((x / norm_in[:, None]) * (x_hat / norm_out[:, None])).sum())
+        s["norm_in"] += float(norm_in.sum())
+        s["norm_out"] += float(norm_out.sum())
+        s["ratio"] += float((norm_out / torch.where(norm_in.abs() < 1e-4, 1.0, norm_in)).sum())
+        s["xhat2"] += float(norm_out.pow(2).sum())
+        s["dot"] += float((x * x_hat).sum())
+        active = vals > 0
+        self.l0 += float(comm.sum_scalar(active.sum().float()))
+        self.l1 += float(comm.sum_scalar((vals * active).double().sum()))
+        self.fired.index_add_(0, idx[active], torch.ones_like(idx[active]))
+        self.count += rows
+
+    def result(self) -> dict[str, float]:
+        """The metrics over the rows counted; every rank returns the same figures."""
+        n, s, sae, comm = self.count, self.sums, self.sae, self.sae.comm
+        if n == 0:
+            raise RuntimeError("held-out evaluation got no tokens: the held-out source is empty")
+        total_var = s["x2"] - float(self.x_sum.pow(2).sum()) / n
+        freq = self.fired.double() / n
+
+        def share(mask: Tensor) -> float:  # fraction of all latents, over every feature shard
+            return float(comm.sum_scalar(mask.sum().double())) / sae.n_latents
+
+        fired_total = float(comm.sum_scalar(freq.sum()))
+        dead = share(self.fired == 0)
+        fvu = s["err"] / total_var
+        return {
+            "fvu": fvu,
+            "explained_variance": 1 - fvu,
+            "explained_variance_legacy": s["legacy_ev"] / n,
+            "mse": s["err"] / n / sae.d_model,
+            "cossim": s["cossim"] / n,
+            "l2_norm_in": s["norm_in"] / n,
+            "l2_norm_out": s["norm_out"] / n,
+            "l2_ratio": s["ratio"] / n,
+            "relative_reconstruction_bias": s["xhat2"] / s["dot"],
+            "l0": self.l0 / n,
+            "l1": self.l1 / n,
+            "dead_fraction": dead,
+            "frac_alive": 1 - dead,
+            "freq_over_1_percent": share(freq > 0.01),
+            "freq_over_10_percent": share(freq > 0.1),
+            "dense_fraction": share(freq > 0.1),
+            "normalized_freq_over_1_percent": float(comm.sum_scalar(freq[freq > 0.01].sum())) / fired_total
+            if fired_total else 0.0,
+            "normalized_freq_over_10_percent": float(comm.sum_scalar(freq[freq > 0.1].sum())) / fired_total
+            if fired_total else 0.0,
+            "tokens": float(n),
+        }
+
 
 @torch.no_grad()
-def evaluate(sae: SparseAutoencoder, batches: Iterator[Tensor], scale: float, tokens: int) -> dict[str, float]:
-    """Metrics over `tokens` held-out tokens of unscaled activations (moved to the SAE's device)."""
+def evaluate(sae: SparseAutoencoder, batches: Iterable[Tensor], scale: float, tokens: int) -> dict[str, float]:
+    """Metrics over the first `tokens` rows of `batches` (activations, moved to the SAE's device and
+    multiplied by `scale`); each batch is encoded whole."""
+    return evaluate_meter(sae, batches, scale, tokens).result()
+
+
+@torch.no_grad()
+def evaluate_meter(sae: SparseAutoencoder, batches: Iterable[Tensor], scale: float, tokens: int) -> HeldoutMeter:
     device = sae.b_dec.device
     was_training = sae.training
     sae.eval()
-    err = sum_x = sum_x2 = l0 = 0.0
-    count = 0
-    mean_acc: Tensor | None = None
-    fired = torch.zeros(sae.n_local, dtype=torch.long, device=device)
+    meter = HeldoutMeter(sae, tokens)
     for x in batches:
-        x = x[: tokens - count].to(device, non_blocking=True) * scale
-        if x.shape[0] == 0:
-            break
+        x = x.to(device, non_blocking=True)
+        if scale != 1.0:
+            x = x * scale
         vals, idx = sae.encode_sparse(x)
-        x_hat = sae.decode_sparse(vals, idx)
-        err += float((x - x_hat).double().pow(2).sum())
-        sum_x2 += float(x.double().pow(2).sum())
-        s = x.double().sum(0)
-        mean_acc = s if mean_acc is None else mean_acc + s
-        active = vals > 0
-        l0 += float(sae.comm.sum_scalar(active.sum().float()))
-        fired.index_add_(0, idx[active], torch.ones_like(idx[active]))
-        count += x.shape[0]
-        if count >= tokens:
+        meter.add(x, vals, idx, sae.decode_sparse(vals, idx))
+        if meter.full:
             break
     sae.train(was_training)
-    if count == 0 or mean_acc is None:
-        raise RuntimeError("held-out evaluation got no tokens: the held-out source is empty")
-    sum_x = float(mean_acc.pow(2).sum()) / count
-    total_var = sum_x2 - sum_x
-    dead = float(sae.comm.sum_scalar((fired == 0).sum().float()))
-    freq = fired.float() / count
-    return {
-        "fvu": err / total_var,
-        "mse": err / count / sae.d_model,
-        "l0": l0 / count,
-        "dead_fraction": dead / sae.n_latents,
-        "dense_fraction": float(sae.comm.sum_scalar((freq > 0.1).sum().float())) / sae.n_latents,
-        "tokens": float(count),
-    }
+    return meter

@@ -37,6 +37,18 @@ def test_default_job_small_budget_tracks_in_mlflow(tmp_path):
     assert artifacts == {"sae/cfg.json", "sae/sae_weights.safetensors"}
     assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/training.png"]
 
+    # one held-out set: `sae-dist eval` of the run prints the figures the training printed
+    proc = subprocess.run([sys.executable, "-m", "sae_dist", "eval", str(run_dir)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = json.loads((run_dir / "results.json").read_text())
+    evaluated = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    shared = [k for k, v in trained.items() if isinstance(v, float) and k in evaluated]
+    assert {"fvu", "l0", "dead_fraction", "explained_variance", "cossim", "l2_ratio", "tokens"} <= set(shared)
+    assert trained["tokens"] == 4096
+    for key in shared:
+        assert abs(trained[key] - evaluated[key]) <= 1e-9, (key, trained[key], evaluated[key])
+
 
 def test_tracking_can_be_switched_off(tmp_path):
     proc = subprocess.run(

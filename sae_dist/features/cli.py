@@ -1,6 +1,6 @@
 """Entry points of `sae-dist eval | dashboard | steer` (argparse; `sae_dist.cli` dispatches here).
 
-    sae-dist eval outputs/2026-01-01/12-00-00 --tokens 32768
+    sae-dist eval outputs/2026-01-01/12-00-00
     sae-dist dashboard build outputs/2026-01-01/12-00-00 --features 256 --out /tmp/dash
     sae-dist dashboard serve /tmp/dash --port 8000
     sae-dist steer /path/to/run --feature 12 --value 8 --mode clamp --prompt "The"
@@ -33,8 +33,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 def eval_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="sae-dist eval", description="held-out metrics with the SAE spliced in")
     _common(p)
-    p.add_argument("--tokens", type=int, default=32768, help="held-out tokens to read")
-    p.add_argument("--batch-contexts", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=0,
+                   help="held-out tokens to read (default: the run's trainer.eval_tokens, as its training evaluated)")
+    p.add_argument("--batch-contexts", type=int, default=0,
+                   help="contexts per LM forward pass (default: the run's model.batch_contexts)")
     p.add_argument("--out", default="", help="output folder (default: <run>/eval)")
     a = p.parse_args(argv)
     from sae_dist.features.evaluate import run_eval

@@ -15,31 +15,31 @@ from tqdm import tqdm
 
 from sae_dist.features.source import FeatureSetup
 from sae_dist.features.splice import SpliceMeter
-from sae_dist.metrics import evaluate
+from sae_dist.metrics import HeldoutMeter
 
 log = logging.getLogger(__name__)
 
 
-def evaluate_setup(setup: FeatureSetup, tokens: int, batch_contexts: int = 16, corpus: str = "",
+def evaluate_setup(setup: FeatureSetup, tokens: int = 0, batch_contexts: int = 0, corpus: str = "",
                    split: str = "heldout") -> tuple[dict[str, Any], torch.Tensor]:
-    """Metrics over about `tokens` non-special tokens of `split`, and firings per latent (n,)."""
-    meter = SpliceMeter(setup.model, setup.module, setup.sae, setup.causal)
+    """Metrics over the run's held-out set (sae_dist.data.heldout; `tokens`, `batch_contexts` and
+    `corpus` override its own), and firings per latent (n,). The reconstruction metrics read exactly
+    its first `tokens` tokens, as the end-of-training evaluation does; the spliced-model metrics read
+    the contexts those tokens come from."""
+    tokens = tokens or int(setup.settings["tokens"])
+    batch_contexts = batch_contexts or int(setup.settings["batch_contexts"])
+    heldout = HeldoutMeter(setup.sae.eval(), tokens)
+    meter = SpliceMeter(setup.model, setup.module, setup.sae, setup.causal, heldout)
     special = setup.special_ids()
-    acts: list[torch.Tensor] = []
-    seen = 0
     with tqdm(total=tokens, desc="eval", unit="tok", disable=None) as bar:
         for ids in setup.context_batches(split, batch_contexts, corpus):
-            keep = ~torch.isin(ids, special)
-            acts.append(meter.add(ids, keep))
-            seen += int(keep.sum())
-            bar.update(int(keep.sum()))
-            if seen >= tokens:
+            meter.add(ids, ~torch.isin(ids, special))
+            bar.update(int(heldout.count) - bar.n)
+            if heldout.full:
                 break
-    if seen < tokens:
-        log.warning("the %s split has only %d tokens (asked for %d)", split, seen, tokens)
-    results: dict[str, Any] = evaluate(setup.sae, iter(acts), 1.0, seen)
-    results |= meter.result()
-    return results, meter.fired
+    if not heldout.full:
+        log.warning("the %s split has only %d tokens (asked for %d)", split, heldout.count, tokens)
+    return heldout.result() | meter.result(), heldout.fired
 
 
 def save_density_plot(fired: torch.Tensor, tokens: int, path: str) -> bool:
@@ -65,7 +65,7 @@ def save_density_plot(fired: torch.Tensor, tokens: int, path: str) -> bool:
     return True
 
 
-def run_eval(setup: FeatureSetup, out_dir: str, tokens: int, batch_contexts: int = 16,
+def run_eval(setup: FeatureSetup, out_dir: str, tokens: int = 0, batch_contexts: int = 0,
              corpus: str = "") -> dict[str, Any]:
     os.makedirs(out_dir, exist_ok=True)
     results, fired = evaluate_setup(setup, tokens, batch_contexts, corpus)

@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 from sae_dist.config import ConfigError
 from sae_dist.data.corpus import load_split
+from sae_dist.data.heldout import DEFAULTS as HELDOUT_DEFAULTS
+from sae_dist.data.heldout import KEY as HELDOUT_KEY
 from sae_dist.data.lm import ContextPacker, find_module, resolve_model_path
 from sae_dist.export import load_saelens
 from sae_dist.sae import SparseAutoencoder
@@ -29,17 +31,23 @@ def find_export(path: str) -> str:
     raise ConfigError(f"{path!r} holds no SAE export (cfg.json); give a run folder or its sae/ folder")
 
 
-def run_settings(export_dir: str) -> dict[str, Any]:
-    """Corpus settings of the run that wrote the export (its Hydra config), or the defaults."""
-    settings: dict[str, Any] = {"corpus": "python-docs", "heldout_fraction": 0.02, "text_field": "text"}
+def run_settings(export_dir: str, export_cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The held-out set of the run that wrote the export (sae_dist.data.heldout): as its cfg.json
+    records it, else as the run's Hydra config implies, else the defaults."""
+    settings = dict(HELDOUT_DEFAULTS)
     hydra_cfg = os.path.join(os.path.dirname(os.path.abspath(export_dir)), ".hydra", "config.yaml")
     if os.path.isfile(hydra_cfg):
         from omegaconf import OmegaConf
 
         saved = OmegaConf.to_container(OmegaConf.load(hydra_cfg))
-        data = saved.get("data", {}) if isinstance(saved, dict) else {}
-        settings.update({k: data[k] for k in settings if k in data})
-    return settings
+        saved = saved if isinstance(saved, dict) else {}
+        for section, keys in (("data", ("source", "corpus", "heldout_fraction", "text_field")),
+                              ("model", ("context_size", "batch_contexts")), ("trainer", ("eval_tokens",))):
+            part = saved.get(section) or {}
+            settings.update({k.removeprefix("eval_"): part[k] for k in keys if k in part})
+    if export_cfg and "context_size" in export_cfg:
+        settings["context_size"] = export_cfg["context_size"]
+    return settings | ((export_cfg or {}).get(HELDOUT_KEY) or {})
 
 
 def is_causal(model: Any) -> bool:
@@ -49,8 +57,9 @@ def is_causal(model: Any) -> bool:
     ))
 
 
-def load_lm(name: str, device: str = "cpu") -> tuple[Any, Any]:
-    """The model with its LM head when its checkpoint is a causal LM, else the bare encoder."""
+def load_lm(name: str, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
+    """The model with its LM head when its checkpoint is a causal LM, else the bare encoder, with its
+    weights in `dtype` (float32 or bfloat16: the held-out set's LM precision)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name)
@@ -61,7 +70,7 @@ def load_lm(name: str, device: str = "cpu") -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as err:
         raise ConfigError(f"model_name ({name!r}) could not be loaded ({err}); give a local model folder") from err
-    return model.to(device).eval(), tokenizer
+    return model.to(device=device, dtype=getattr(torch, dtype)).eval(), tokenizer
 
 
 def resolve_hook(model: nn.Module, hook_point: str) -> str:
@@ -87,6 +96,7 @@ class FeatureSetup:
     hook_name: str
     """The hook module's name in `model`; its output (B, T, d) is what the SAE reads."""
     settings: dict[str, Any]
+    """The run's held-out set (sae_dist.data.heldout): corpus, split, context size, batch, tokens, LM dtype."""
 
     @property
     def module(self) -> nn.Module:
@@ -103,7 +113,7 @@ class FeatureSetup:
         """(C, T) token ids of packed contexts of the run's text, `split` train or heldout."""
         s = self.settings
         docs = load_split(corpus or s["corpus"], split, s["heldout_fraction"], s["text_field"])
-        packer = ContextPacker(self.tokenizer, docs, int(self.cfg.get("context_size", 128)))
+        packer = ContextPacker(self.tokenizer, docs, int(s["context_size"]))
         batch: list[list[int]] = []
         for ctx in packer:
             batch.append(ctx)
@@ -120,6 +130,7 @@ def load_setup(path: str, device: str = "cpu") -> FeatureSetup:
     for key in ("model_name", "hook_name"):
         if not cfg.get(key):
             raise ConfigError(f"{export_dir}/cfg.json has no {key}; re-export with sae_dist.export.export_saelens")
-    model, tokenizer = load_lm(cfg["model_name"], device)
+    settings = run_settings(export_dir, cfg)
+    model, tokenizer = load_lm(cfg["model_name"], device, settings["lm_dtype"])
     hook_name = resolve_hook(model, cfg["hook_name"])
-    return FeatureSetup(sae.to(device), cfg, model, tokenizer, hook_name, run_settings(export_dir))
+    return FeatureSetup(sae.to(device), cfg, model, tokenizer, hook_name, settings)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sae_dist.metrics import HeldoutMeter
 from sae_dist.sae import SparseAutoencoder
 
 HiddenFn = Callable[[Tensor], Tensor]
@@ -44,29 +45,17 @@ def replace_output(module: nn.Module, fn: HiddenFn, keep: Tensor | None = None) 
         handle.remove()
 
 
-@contextmanager
-def capture_output(module: nn.Module, into: list[Tensor]) -> Iterator[None]:
-    """Appends the module's output (B, T, d) to `into` on every forward, changing nothing."""
-
-    def hook(_mod: nn.Module, _inp: object, out: object) -> None:
-        into.append(out[0] if isinstance(out, tuple) else out)  # type: ignore[arg-type,index]
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def sae_reconstruction(sae: SparseAutoencoder, fired: Tensor | None = None) -> HiddenFn:
-    """x -> x^ of the (exported, raw-activation) SAE; counts firings per latent into `fired`."""
+def sae_reconstruction(sae: SparseAutoencoder, meter: HeldoutMeter | None = None) -> HiddenFn:
+    """x -> x^ of the (exported, raw-activation) SAE; feeds x, the codes and x^ to `meter` (the
+    held-out metrics, computed on the very tensors spliced in)."""
 
     def fn(x: Tensor) -> Tensor:
-        vals, idx = sae.encode_sparse(x.float())  # (N, k)
-        if fired is not None:
-            active = vals > 0
-            fired.index_add_(0, idx[active], torch.ones_like(idx[active]))
-        return sae.decode_sparse(vals, idx)
+        x = x.float()
+        vals, idx = sae.encode_sparse(x)  # (N, k)
+        x_hat = sae.decode_sparse(vals, idx)
+        if meter is not None:
+            meter.add(x, vals, idx, x_hat)
+        return x_hat
 
     return fn
 
@@ -75,10 +64,17 @@ def zero_ablation(x: Tensor) -> Tensor:
     return torch.zeros_like(x)
 
 
-def _next_token_ce(model: nn.Module, ids: Tensor) -> Tensor:
-    """Summed next-token cross-entropy over the batch (scalar, float64)."""
-    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits  # (B, T, V)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum").double()
+def _next_token_ce(model: nn.Module, ids: Tensor, ref: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Summed next-token cross-entropy over the batch (scalar, float64), and with `ref` (the clean
+    pass's log-probabilities) the summed KL(clean || this pass) over every position (scalar, float64);
+    without it, this pass's log-probabilities (B, T, V)."""
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()  # (B, T, V)
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").double()
+    logp = logits.log_softmax(-1)
+    del logits
+    if ref is None:
+        return ce, logp
+    return ce, (ref.exp() * (ref - logp)).sum(-1).double().sum()
 
 
 def _pooled_embedding(model: nn.Module, ids: Tensor) -> Tensor:
@@ -89,47 +85,51 @@ def _pooled_embedding(model: nn.Module, ids: Tensor) -> Tensor:
 class SpliceMeter:
     """Accumulates clean / SAE-spliced / zero-ablated outputs over batches of contexts."""
 
-    def __init__(self, model: nn.Module, module: nn.Module, sae: SparseAutoencoder, causal: bool) -> None:
-        self.model, self.module, self.sae, self.causal = model, module, sae, causal
-        self.fired = torch.zeros(sae.n_local, dtype=torch.long)
-        self.sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "mse_sae": 0.0, "mse_zero": 0.0}
-        self.count = 0
+    def __init__(self, model: nn.Module, module: nn.Module, sae: SparseAutoencoder, causal: bool,
+                 heldout: HeldoutMeter | None = None) -> None:
+        self.model, self.module, self.sae, self.causal, self.heldout = model, module, sae, causal, heldout
+        self.sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "mse_sae": 0.0, "mse_zero": 0.0, "kl_sae": 0.0,
+                     "kl_zero": 0.0}
+        self.count = self.positions = 0
 
     @torch.no_grad()
-    def add(self, ids: Tensor, keep: Tensor) -> Tensor:
-        """One batch of contexts (C, T) and its non-special mask; returns the clean hook activations
-        at the kept tokens (N, d), for the reconstruction metrics."""
-        captured: list[Tensor] = []
-        run = _next_token_ce if self.causal else _pooled_embedding
-        with capture_output(self.module, captured):
-            clean = run(self.model, ids)
-        with replace_output(self.module, sae_reconstruction(self.sae, self.fired), keep):
-            spliced = run(self.model, ids)
-        with replace_output(self.module, zero_ablation, keep):
-            ablated = run(self.model, ids)
-        s = self.sums
+    def add(self, ids: Tensor, keep: Tensor) -> None:
+        """One batch of contexts (C, T) and its non-special mask."""
+        s, sae_fn = self.sums, sae_reconstruction(self.sae, self.heldout)
         if self.causal:
-            s["clean"] += float(clean)
-            s["sae"] += float(spliced)
-            s["zero"] += float(ablated)
+            ce, ref = _next_token_ce(self.model, ids)
+            s["clean"] += float(ce)
+            for name, fn in (("sae", sae_fn), ("zero", zero_ablation)):
+                with replace_output(self.module, fn, keep):
+                    ce, kl = _next_token_ce(self.model, ids, ref)
+                s[name] += float(ce)
+                s[f"kl_{name}"] += float(kl)
             self.count += ids.shape[0] * (ids.shape[1] - 1)
-        else:
-            s["sae"] += float((1 - F.cosine_similarity(spliced, clean, dim=1)).sum())
-            s["zero"] += float((1 - F.cosine_similarity(ablated, clean, dim=1)).sum())
-            s["mse_sae"] += float((spliced - clean).pow(2).sum())
-            s["mse_zero"] += float((ablated - clean).pow(2).sum())
-            self.count += ids.shape[0]
-        return captured[0][keep].float()
+            self.positions += ids.numel()
+            return
+        clean = _pooled_embedding(self.model, ids)
+        with replace_output(self.module, sae_fn, keep):
+            spliced = _pooled_embedding(self.model, ids)
+        with replace_output(self.module, zero_ablation, keep):
+            ablated = _pooled_embedding(self.model, ids)
+        s["sae"] += float((1 - F.cosine_similarity(spliced, clean, dim=1)).sum())
+        s["zero"] += float((1 - F.cosine_similarity(ablated, clean, dim=1)).sum())
+        s["mse_sae"] += float((spliced - clean).pow(2).sum())
+        s["mse_zero"] += float((ablated - clean).pow(2).sum())
+        self.count += ids.shape[0]
 
     def result(self) -> dict[str, float]:
         s, n = self.sums, max(self.count, 1)
         if self.causal:
-            gap = s["zero"] - s["clean"]
+            gap, p = s["zero"] - s["clean"], max(self.positions, 1)
             return {
                 "ce_clean": s["clean"] / n,
                 "ce_sae": s["sae"] / n,
                 "ce_zero_ablate": s["zero"] / n,
                 "lm_loss_recovered": (s["zero"] - s["sae"]) / gap if gap else float("nan"),
+                "kl_div_with_sae": s["kl_sae"] / p,
+                "kl_div_with_ablation": s["kl_zero"] / p,
+                "kl_div_score": (s["kl_zero"] - s["kl_sae"]) / s["kl_zero"] if s["kl_zero"] else float("nan"),
             }
         return {
             "embedding_cos_distance_sae": s["sae"] / n,

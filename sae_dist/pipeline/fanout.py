@@ -14,13 +14,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
-
-from torch import Tensor
 
 from sae_dist.config import Config, ConfigError
 from sae_dist.data import BatchStream, Source, build_source, heldout_batches
+from sae_dist.data.heldout import covering
 from sae_dist.lifecycle import build, finish, prepare, resume_or_initialise
 from sae_dist.parallel import single_process
 from sae_dist.pipeline.launch import build_stream_source
@@ -67,19 +65,10 @@ def train_fanout(cfg: Config, source: Source | None = None) -> list[dict[str, An
         for job in jobs:
             job.trainer.train_step(x)
     fit_s = time.perf_counter() - t0  # every member's, together
-    heldout = _first_tokens(heldout_batches(cfg), cfg.trainer.eval_tokens)  # read (and run the LM) once
+    heldout = list(covering(heldout_batches(cfg), cfg.trainer.eval_tokens))  # read (and run the LM) once
     results = []
     for job in jobs:
         results.append(finish(job, heldout, fit_s, job.trainer.state.tokens))
         job.tracker.finish()
     return results
 
-
-def _first_tokens(chunks: Iterator[Tensor], tokens: int) -> list[Tensor]:
-    out, have = [], 0
-    for acts in chunks:
-        out.append(acts[: tokens - have])
-        have += out[-1].shape[0]
-        if have >= tokens:
-            break
-    return out
