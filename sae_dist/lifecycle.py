@@ -28,7 +28,7 @@ from sae_dist.data import BatchStream, Source
 from sae_dist.data.heldout import KEY as HELDOUT_KEY
 from sae_dist.data.heldout import covering, heldout_spec
 from sae_dist.export import fold_scale_
-from sae_dist.metrics import evaluate
+from sae_dist.metrics import evaluate, weight_metrics
 from sae_dist.parallel import Mesh, ReplicaSource, apply_feature_parallel
 from sae_dist.parallel.dims import resolve_device
 from sae_dist.parallel.engine import build_engine, check_supported
@@ -185,7 +185,7 @@ def finish(job: Job, heldout: Iterable[Tensor], fit_s: float, tokens: int) -> di
     export_dir = os.path.join(cfg.output_dir, "sae")
     export_on_mesh(sae, mesh, state.scale, export_dir, export_meta(cfg))
     results = evaluate(fold_scale_(sae, state.scale), covering(heldout, cfg.trainer.eval_tokens), 1.0,
-                       cfg.trainer.eval_tokens)
+                       cfg.trainer.eval_tokens) | weight_metrics(sae)
     tracker.log_metrics({f"eval/{k}": v for k, v in results.items()}, state.step)
     if mesh.is_main:
         with open(os.path.join(cfg.output_dir, "results.json"), "w") as fh:

@@ -11,7 +11,9 @@ O(n + batch x k) whatever the number of tokens.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -124,3 +126,54 @@ def evaluate_meter(sae: SparseAutoencoder, batches: Iterable[Tensor], scale: flo
             break
     sae.train(was_training)
     return meter
+
+
+@torch.no_grad()
+def max_cosine_similarity(vectors: Tensor, queries: Tensor, comm: Any = None, offset: int = 0,
+                          query_block: int = 1024, key_block: int = 8192) -> Tensor:
+    """For each latent i in `queries` (global ids), max over j != i of cos(v_i, v_j), where v are the
+    rows of `vectors` (n, d): encoder or decoder directions. On a feature shard, `vectors` holds global
+    rows [offset, offset + n_local) and `comm` combines the shards (every rank gets the result).
+    Blocked: the largest buffers are query_block x key_block and len(queries) x d, never n x n."""
+    unit = torch.nn.functional.normalize(vectors.float(), dim=1)
+    queries = queries.to(unit.device)
+    local = queries - offset
+    mine = (local >= 0) & (local < unit.shape[0])
+    q_unit = torch.zeros(len(queries), unit.shape[1], device=unit.device)
+    q_unit[mine] = unit[local[mine]]
+    if comm is not None:
+        q_unit = comm.sum_scalar(q_unit)  # every rank holds every query's direction
+    best = torch.full((len(queries),), -float("inf"), device=unit.device)
+    for q0 in range(0, len(queries), query_block):
+        ids, top = local[q0 : q0 + query_block], best[q0 : q0 + query_block]
+        q = q_unit[q0 : q0 + query_block]
+        for k0 in range(0, unit.shape[0], key_block):
+            sims = q @ unit[k0 : k0 + key_block].t()  # (query_block, key_block)
+            own = (ids >= k0) & (ids < k0 + sims.shape[1])
+            sims[own.nonzero().squeeze(1), ids[own] - k0] = -float("inf")
+            torch.maximum(top, sims.max(1).values, out=top)
+    return best if comm is None else -comm.min_scalar(-best)
+
+
+MAX_COS_LATENTS = 16384
+"""Latents whose max cosine similarity is computed exactly; above it a seeded uniform sample this size."""
+
+
+def weight_metrics(sae: SparseAutoencoder, max_cos_latents: int = MAX_COS_LATENTS, seed: int = 0) -> dict[str, float]:
+    """Average over latents of the max cosine similarity with any other latent, for encoder and decoder
+    directions; above `max_cos_latents` latents (0 = never) over a uniform sample of that many, each
+    compared with all n, with the sample's standard error. Every feature shard takes part."""
+    n = sae.n_latents
+    queries = torch.arange(n)
+    if 0 < max_cos_latents < n:
+        queries = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_cos_latents].sort().values
+    comm = sae.comm if sae.comm.n_shards > 1 else None
+    offset = getattr(sae.comm, "latent_offset", 0)
+    out = {"max_cos_latents": float(len(queries))}
+    for name, vectors in (("encoder", sae.W_enc), ("decoder", sae.W_dec)):
+        best = max_cosine_similarity(vectors.detach(), queries, comm, offset).double()
+        out[f"average_max_{name}_cosine_sim"] = float(best.mean())
+        sampled = len(queries) < n  # standard error of a sample drawn without replacement
+        out[f"average_max_{name}_cosine_sim_stderr"] = float(
+            best.std() / math.sqrt(len(best)) * math.sqrt(1 - len(best) / n)) if sampled else 0.0
+    return out

@@ -37,17 +37,23 @@ def eval_main(argv: list[str]) -> None:
                    help="held-out tokens to read (default: the run's trainer.eval_tokens, as its training evaluated)")
     p.add_argument("--batch-contexts", type=int, default=0,
                    help="contexts per LM forward pass (default: the run's model.batch_contexts)")
+    p.add_argument("--max-cos-latents", type=int, default=16384,
+                   help="latents whose max cosine similarity is computed; above it a uniform sample (0 = all)")
     p.add_argument("--out", default="", help="output folder (default: <run>/eval)")
     a = p.parse_args(argv)
+    if a.tokens < 0 or a.batch_contexts < 0 or a.max_cos_latents < 0:
+        raise ConfigError(f"--tokens ({a.tokens}), --batch-contexts ({a.batch_contexts}) and --max-cos-latents "
+                          f"({a.max_cos_latents}) must be >= 0 (0 = the run's own / all)")
     from sae_dist.features.evaluate import run_eval
     from sae_dist.features.source import find_export
 
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(find_export(a.path))), "eval")
-    results = run_eval(_setup(a.path, a.device), out, a.tokens, a.batch_contexts, a.corpus)
+    results = run_eval(_setup(a.path, a.device), out, a.tokens, a.batch_contexts, a.corpus, a.max_cos_latents)
     spliced = ("lm_loss_recovered", "LM loss recovered") if "lm_loss_recovered" in results else (
         "embedding_recovered", "embedding recovered")
     print(f"held-out: FVU {results['fvu']:.4f}  L0 {results['l0']:.1f}  dead {results['dead_fraction']:.2%}  "  # noqa: T201
-          f"dense {results['dense_fraction']:.2%}  {spliced[1]} {results[spliced[0]]:.2%}")
+          f"dense {results['dense_fraction']:.2%}  {spliced[1]} {results[spliced[0]]:.2%}  "
+          f"({int(results['tokens'])} tokens; SAEBench core: {out}/core.json)")
     print(json.dumps(results))  # noqa: T201
 
 

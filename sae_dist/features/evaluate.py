@@ -13,17 +13,18 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from sae_dist.features.core import core_result
 from sae_dist.features.source import FeatureSetup
 from sae_dist.features.splice import SpliceMeter
-from sae_dist.metrics import HeldoutMeter
+from sae_dist.metrics import MAX_COS_LATENTS, HeldoutMeter, weight_metrics
 
 log = logging.getLogger(__name__)
 
 
 def evaluate_setup(setup: FeatureSetup, tokens: int = 0, batch_contexts: int = 0, corpus: str = "",
-                   split: str = "heldout") -> tuple[dict[str, Any], torch.Tensor]:
+                   split: str = "heldout") -> tuple[dict[str, Any], HeldoutMeter, SpliceMeter]:
     """Metrics over the run's held-out set (sae_dist.data.heldout; `tokens`, `batch_contexts` and
-    `corpus` override its own), and firings per latent (n,). The reconstruction metrics read exactly
+    `corpus` override its own), with the two meters (firings per latent, batches read). The reconstruction metrics read exactly
     its first `tokens` tokens, as the end-of-training evaluation does; the spliced-model metrics read
     the contexts those tokens come from."""
     tokens = tokens or int(setup.settings["tokens"])
@@ -39,7 +40,7 @@ def evaluate_setup(setup: FeatureSetup, tokens: int = 0, batch_contexts: int = 0
                 break
     if not heldout.full:
         log.warning("the %s split has only %d tokens (asked for %d)", split, heldout.count, tokens)
-    return heldout.result() | meter.result(), heldout.fired
+    return heldout.result() | meter.result(), heldout, meter
 
 
 def save_density_plot(fired: torch.Tensor, tokens: int, path: str) -> bool:
@@ -66,14 +67,33 @@ def save_density_plot(fired: torch.Tensor, tokens: int, path: str) -> bool:
 
 
 def run_eval(setup: FeatureSetup, out_dir: str, tokens: int = 0, batch_contexts: int = 0,
-             corpus: str = "") -> dict[str, Any]:
+             corpus: str = "", max_cos_latents: int = MAX_COS_LATENTS) -> dict[str, Any]:
+    """Writes <out_dir>/metrics.json (the flat figures), core.json (SAEBench's core result) and
+    feature_density.png; returns the flat figures."""
     os.makedirs(out_dir, exist_ok=True)
-    results, fired = evaluate_setup(setup, tokens, batch_contexts, corpus)
+    results, heldout, splice = evaluate_setup(setup, tokens, batch_contexts, corpus)
     n = int(results["tokens"])
-    if save_density_plot(fired, n, os.path.join(out_dir, "feature_density.png")):
+    weights = weight_metrics(setup.sae, max_cos_latents)
+    results |= weights
+    settings = setup.settings | {"tokens": tokens or setup.settings["tokens"], "corpus": corpus or setup.settings["corpus"],
+                                 "batch_contexts": batch_contexts or setup.settings["batch_contexts"]}
+    core = core_result(results, weights, settings, setup.cfg, splice.batches, splice.positions)
+    _write_json(os.path.join(out_dir, "core.json"), core)
+    if save_density_plot(heldout.fired, n, os.path.join(out_dir, "feature_density.png")):
         results["density_plot"] = os.path.join(out_dir, "feature_density.png")
     results["model_name"], results["hook_name"] = setup.cfg["model_name"], setup.cfg["hook_name"]
-    with open(os.path.join(out_dir, "metrics.json"), "w") as fh:
-        json.dump({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results.items()}, fh,
-                  indent=1)
+    _write_json(os.path.join(out_dir, "metrics.json"), results)
     return results
+
+
+def _write_json(path: str, obj: Any) -> None:
+    """JSON with NaN written as null (the standard has no NaN)."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and math.isnan(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return [clean(x) for x in v] if isinstance(v, list) else v
+
+    with open(path, "w") as fh:
+        json.dump(clean(obj), fh, indent=1)

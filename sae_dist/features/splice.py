@@ -90,12 +90,14 @@ class SpliceMeter:
         self.model, self.module, self.sae, self.causal, self.heldout = model, module, sae, causal, heldout
         self.sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "mse_sae": 0.0, "mse_zero": 0.0, "kl_sae": 0.0,
                      "kl_zero": 0.0}
-        self.count = self.positions = 0
+        self.count = self.positions = self.batches = 0
 
     @torch.no_grad()
     def add(self, ids: Tensor, keep: Tensor) -> None:
         """One batch of contexts (C, T) and its non-special mask."""
         s, sae_fn = self.sums, sae_reconstruction(self.sae, self.heldout)
+        self.batches += 1
+        self.positions += ids.numel()
         if self.causal:
             ce, ref = _next_token_ce(self.model, ids)
             s["clean"] += float(ce)
@@ -105,7 +107,6 @@ class SpliceMeter:
                 s[name] += float(ce)
                 s[f"kl_{name}"] += float(kl)
             self.count += ids.shape[0] * (ids.shape[1] - 1)
-            self.positions += ids.numel()
             return
         clean = _pooled_embedding(self.model, ids)
         with replace_output(self.module, sae_fn, keep):
