@@ -114,7 +114,11 @@ def test_causal_identity_sae_recovers_all_lm_loss_and_zero_sae_none(tiny_gpt2):
     assert abs(ident["ce_zero_ablate"] - ident["ce_clean"]) > 1e-3  # the ablation reaches the output
     assert ident["ce_sae"] == pytest.approx(ident["ce_clean"], abs=1e-6)
     assert ident["lm_loss_recovered"] == pytest.approx(1.0, abs=1e-3)
-    assert _recovered(model, module, zero_sae(64), True, ids, keep)["lm_loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+    assert ident["kl_div_with_ablation"] > 1e-3 and ident["kl_div_with_sae"] == pytest.approx(0.0, abs=1e-6)
+    assert ident["kl_div_score"] == pytest.approx(1.0, abs=1e-4)
+    zero = _recovered(model, module, zero_sae(64), True, ids, keep)
+    assert zero["lm_loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+    assert zero["kl_div_score"] == pytest.approx(0.0, abs=1e-6)
     half = _recovered(model, module, identity_sae(64, scale=0.5**0.5), True, ids, keep)  # x^ = x / 2
     assert half["lm_loss_recovered"] < 0.99  # a lossy SAE costs loss: the spliced output is used
 
@@ -141,7 +145,20 @@ def test_eval_cli_on_a_run_folder_writes_metrics_and_density_plot(tmp_path, tiny
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["fvu"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["lm_loss_recovered"] == pytest.approx(1.0, abs=1e-3)
-    assert metrics["l0"] <= 64 and metrics["tokens"] >= 256
+    assert metrics["l0"] <= 64 and metrics["tokens"] == 256  # exactly the tokens asked for
+    assert metrics["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["kl_div_score"] == pytest.approx(1.0, abs=1e-3)
+    assert metrics["average_max_decoder_cosine_sim"] == pytest.approx(0.0, abs=1e-6)  # +-e_i: cos 0 or -1
+    core = json.loads((tmp_path / "eval" / "core.json").read_text())
+    assert core["eval_type_id"] == "core" and core["eval_config"]["batch_size_prompts"] == 4
+    m = core["eval_result_metrics"]
+    assert set(m) == {"model_behavior_preservation", "model_performance_preservation", "reconstruction_quality",
+                      "shrinkage", "sparsity", "token_stats", "misc_metrics"}
+    assert m["model_performance_preservation"]["ce_loss_score"] == metrics["lm_loss_recovered"]
+    assert m["reconstruction_quality"]["explained_variance"] == metrics["explained_variance"]
+    assert m["token_stats"]["total_tokens_eval_sparsity_variance"] == 256
+    assert m["misc_metrics"]["frac_alive"] == 1 - metrics["dead_fraction"]
+    assert core["sae_cfg_dict"]["d_sae"] == 128
     pytest.importorskip("matplotlib")
     assert (tmp_path / "eval" / "feature_density.png").stat().st_size > 1000
     assert "LM loss recovered 100.00%" in capsys.readouterr().out

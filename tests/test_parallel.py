@@ -28,6 +28,7 @@ from sae_dist.config import ConfigError, ParallelConfig
 from sae_dist.data.stream import BatchStream
 from sae_dist.data.synthetic import SyntheticSource
 from sae_dist.export import export_saelens
+from sae_dist.metrics import evaluate, weight_metrics
 from sae_dist.parallel import (
     ParallelDims,
     ReplicaSource,
@@ -173,7 +174,18 @@ def _job_world2(rank, tmp):
         cfg = _cfg(tmp, "matryoshka", n=n, fp=2, batch=16, dead_tokens=1, prefixes=prefixes)
         out[f"count-matryoshka-{n}"] = _train(cfg, _mesh(cfg), _batches(16, 4), count_at=(2, 3))["counts"]
     out["export_sharded"] = _export_both_ways(tmp, rank)
+    out["heldout"] = _heldout_metrics(tmp, fp=2)
     return out
+
+
+def _heldout_metrics(tmp, fp):
+    """The held-out metrics (SAEBench's core token set) and the max-cosine weight metrics, sampled, of one
+    SAE on a feature-parallel mesh or in one process."""
+    cfg = _cfg(tmp, "topk", fp=fp)
+    sae = SparseAutoencoder(cfg.sae, D, encoder_chunk=32, generator=torch.Generator().manual_seed(3))
+    sae = apply_feature_parallel(sae, _mesh(cfg)) if fp > 1 else sae
+    held = _batches(B, 3)
+    return evaluate(sae, held, 1.3, 2 * B + 5) | weight_metrics(sae, max_cos_latents=N // 2, seed=4)
 
 
 def _export_both_ways(tmp, rank):
@@ -271,6 +283,7 @@ def reference(tmp_path_factory):
            for arch in ARCHS for cfg in [_cfg(tmp, arch)]}
     cfg = _cfg(tmp, "topk", batch=2 * B)
     out["double"] = _train(cfg, single_process(cfg.parallel, N), _batches(2 * B))
+    out["heldout"] = _heldout_metrics(tmp, fp=1)
     return out
 
 
@@ -469,6 +482,17 @@ def test_engine_auto_is_deepspeed_with_data_replicas_only(tmp_path):
     assert engine_name(synthetic_config(tmp_path, parallel={"dp": 2})) == "deepspeed"
     assert engine_name(synthetic_config(tmp_path, parallel={"dp": 1})) == "torch"
     assert engine_name(synthetic_config(tmp_path, parallel={"dp": 2, "engine": "torch"})) == "torch"
+
+
+def test_fp2_heldout_and_weight_metrics_equal_one_process(world2, reference):
+    """Every held-out figure (sums over shards) and the sampled max cosines (query directions summed,
+    maxima reduced over shards) equal the one-process ones."""
+    want = reference["heldout"]
+    assert want["tokens"] == 2 * B + 5 and want["max_cos_latents"] == N // 2 and 0 < want["fvu"] < 2
+    for r in world2:
+        assert set(r["heldout"]) == set(want)
+        for key, value in want.items():
+            assert r["heldout"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
 
 def test_fp2_export_written_shard_by_shard_equals_the_gathered_one(world2):
