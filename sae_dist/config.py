@@ -276,6 +276,15 @@ class TrackingConfig:
     """MLflow tracking URI; empty = sqlite:///<output dir>/mlflow.db (no server)."""
     experiment: str = "sae-dist"
     """MLflow experiment name."""
+    frontier: str = "fvu"
+    """The held-out metric a sweep report's frontier plot puts against L0: fvu, or one of SAEBench's
+    core metrics the training logs (sae_dist.sweep_report.FRONTIER_METRICS; docs/eval.md)."""
+
+    def __post_init__(self) -> None:
+        from sae_dist.sweep_report import FRONTIER_METRICS
+
+        _require(self.frontier in FRONTIER_METRICS,
+                 f"tracking.frontier ({self.frontier!r}) must be one of {', '.join(FRONTIER_METRICS)}; use fvu")
 
 
 @dataclass

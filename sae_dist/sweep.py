@@ -112,7 +112,7 @@ class SweepCallback(Callback):
         parent = record["parent_run_id"]
         rows = collect_rows(client, parent)
         report_dir = os.path.join(sweep_dir, "report")
-        write_report(rows, report_dir, record["swept_keys"])
+        write_report(rows, report_dir, record["swept_keys"], str(config.tracking.get("frontier", "fvu")))
         client.log_artifacts(parent, report_dir, "report")
         if rows:
             client.log_metric(parent, "sweep.best_fvu", min(r["fvu"] for r in rows))

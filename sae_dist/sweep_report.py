@@ -1,5 +1,6 @@
-"""The sweep report: FVU against n_latents, the FVU/L0 frontier and the dead fraction, as PNG plots
-(matplotlib, the `plots` extra) and a table (CSV + markdown). `SweepCallback` writes it at the end of
+"""The sweep report: FVU against n_latents, the L0 frontier of FVU or of any held-out core metric
+(tracking.frontier) and the dead fraction, as PNG plots (matplotlib, the `plots` extra) and a table
+(CSV + markdown) with SAEBench's core metrics as the members' MLflow runs logged them. `SweepCallback` writes it at the end of
 a sweep and logs it on the parent MLflow run; from a finished sweep's store:
 
     python -c "from sae_dist.sweep_report import report_from_store as r; r('sqlite:///multirun/x/mlflow.db', '<parent run id>', 'out')"
@@ -17,6 +18,15 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 COLUMNS = ("member", "run_name", "n_latents", "k", "arch", "fvu", "l0", "dead_fraction", "train_tokens", "run_id")
+CORE_COLUMNS = ("explained_variance", "mse", "cossim", "l2_ratio", "relative_reconstruction_bias", "l1", "frac_alive",
+                "freq_over_1_percent", "freq_over_10_percent", "average_max_encoder_cosine_sim",
+                "average_max_decoder_cosine_sim")
+"""SAEBench core metrics of the held-out set that each member's run logs at the end of training."""
+HIGHER_IS_BETTER = ("explained_variance", "explained_variance_legacy", "cossim", "frac_alive")
+FRONTIER_METRICS = ("fvu", "explained_variance", "explained_variance_legacy", "mse", "cossim", "l2_ratio",
+                    "relative_reconstruction_bias", "l1", "frac_alive", "dead_fraction", "freq_over_1_percent",
+                    "freq_over_10_percent", "average_max_encoder_cosine_sim", "average_max_decoder_cosine_sim")
+"""What the frontier plot can put against L0 (tracking.frontier)."""
 
 
 def collect_rows(client: Any, parent_run_id: str) -> list[dict[str, Any]]:
@@ -39,17 +49,17 @@ def collect_rows(client: Any, parent_run_id: str) -> list[dict[str, Any]]:
             "l0": m.get("eval.l0", float("nan")), "dead_fraction": m.get("eval.dead_fraction", float("nan")),
             "train_tokens": int(p.get("trainer.total_tokens", 0)), "run_id": run.info.run_id,
             "swept": json.loads(run.data.tags.get(SWEPT_TAG, "{}")),
-        })
+        } | {k: m.get(f"eval.{k}", float("nan")) for k in FRONTIER_METRICS if k not in ("fvu", "dead_fraction")})
     return rows
 
 
-def write_report(rows: list[dict[str, Any]], out_dir: str, swept_keys: list[str]) -> list[str]:
-    """sweep_report.csv / .md and, with matplotlib, fvu_vs_n_latents.png, fvu_l0_frontier.png,
+def write_report(rows: list[dict[str, Any]], out_dir: str, swept_keys: list[str], frontier: str = "fvu") -> list[str]:
+    """sweep_report.csv / .md and, with matplotlib, fvu_vs_n_latents.png, <frontier>_l0_frontier.png,
     dead_fraction.png. Returns the files written."""
     os.makedirs(out_dir, exist_ok=True)
     rows = sorted(rows, key=lambda r: (r["n_latents"], r["member"]))
     extra = [k for k in swept_keys if k != "sae.n_latents"]
-    header = list(COLUMNS[:2]) + extra + list(COLUMNS[2:])
+    header = list(COLUMNS[:2]) + extra + list(COLUMNS[2:-1]) + list(CORE_COLUMNS) + [COLUMNS[-1]]
     table = [[r.get(c, r["swept"].get(c, "")) for c in header] for r in rows]
     written = [os.path.join(out_dir, "sweep_report.csv"), os.path.join(out_dir, "sweep_report.md")]
     with open(written[0], "w", newline="") as fh:
@@ -80,23 +90,25 @@ def write_report(rows: list[dict[str, Any]], out_dir: str, swept_keys: list[str]
             ax.legend(fontsize=7)
         written.append(_save(fig, out_dir, name))
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.scatter([r["l0"] for r in rows], [r["fvu"] for r in rows])
+    ax.scatter([r["l0"] for r in rows], [r[frontier] for r in rows])
     for r in rows:
-        ax.annotate(r["run_name"], (r["l0"], r["fvu"]), fontsize=6)
-    front = pareto_frontier(rows)
-    ax.plot([r["l0"] for r in front], [r["fvu"] for r in front], "rx--", label="frontier")
+        ax.annotate(r["run_name"], (r["l0"], r[frontier]), fontsize=6)
+    front = pareto_frontier(rows, frontier)
+    ax.plot([r["l0"] for r in front], [r[frontier] for r in front], "rx--", label="frontier")
     ax.set_xlabel("L0 (active latents per token)")
-    ax.set_ylabel("held-out FVU")
+    ax.set_ylabel(f"held-out {frontier}")
     ax.legend(fontsize=7)
-    written.append(_save(fig, out_dir, "fvu_l0_frontier"))
+    written.append(_save(fig, out_dir, f"{frontier}_l0_frontier"))
     return written
 
 
-def pareto_frontier(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Members no other member beats on both L0 and FVU (lower is better for both), by L0."""
+def pareto_frontier(rows: list[dict[str, Any]], metric: str = "fvu") -> list[dict[str, Any]]:
+    """Members no other member beats on both L0 (lower is better) and `metric` (lower is better, or
+    higher for HIGHER_IS_BETTER), by L0."""
+    sign = -1.0 if metric in HIGHER_IS_BETTER else 1.0
     front: list[dict[str, Any]] = []
-    for r in sorted(rows, key=lambda r: (r["l0"], r["fvu"])):
-        if not front or r["fvu"] < front[-1]["fvu"]:
+    for r in sorted(rows, key=lambda r: (r["l0"], sign * r[metric])):
+        if not front or sign * r[metric] < sign * front[-1][metric]:
             front.append(r)
     return front
 
@@ -111,10 +123,10 @@ def _save(fig: Any, out_dir: str, name: str) -> str:
     return path
 
 
-def report_from_store(uri: str, parent_run_id: str, out_dir: str) -> list[str]:
+def report_from_store(uri: str, parent_run_id: str, out_dir: str, frontier: str = "fvu") -> list[str]:
     """The report of a sweep already in an MLflow store, written to a local folder."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     keys = client.get_run(parent_run_id).data.tags.get("sae_dist.swept_keys", "")
-    return write_report(collect_rows(client, parent_run_id), out_dir, [k for k in keys.split(",") if k])
+    return write_report(collect_rows(client, parent_run_id), out_dir, [k for k in keys.split(",") if k], frontier)

@@ -3,6 +3,7 @@ parent; the same command again skips finished members."""
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ def test_three_member_sweep_leaves_parent_and_child_runs_with_plots_and_reruns_a
 
     db = f"sqlite:///{tmp_path}/mlflow.db"
     cmd = [sys.executable, "-m", "sae_dist", "-m", *TINY, "sae.n_latents=64,128,256", f"tracking.uri={db}",
-           f"hydra.sweep.dir={tmp_path}/sweep"]
+           "tracking.frontier=explained_variance", f"hydra.sweep.dir={tmp_path}/sweep"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
 
@@ -33,7 +34,12 @@ def test_three_member_sweep_leaves_parent_and_child_runs_with_plots_and_reruns_a
     assert all(r.info.status == "FINISHED" and "eval.fvu" in r.data.metrics for r in children)
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert report == {f"report/{f}" for f in ("sweep_report.csv", "sweep_report.md", "fvu_vs_n_latents.png",
-                                              "fvu_l0_frontier.png", "dead_fraction.png")}
+                                              "explained_variance_l0_frontier.png", "dead_fraction.png")}
+    table = list(csv.DictReader((tmp_path / "sweep" / "report" / "sweep_report.csv").open()))
+    for row in table:  # SAEBench's core metrics, as each member's run logged them
+        assert float(row["explained_variance"]) == pytest.approx(1 - float(row["fvu"]), abs=1e-9)
+        assert 0 < float(row["cossim"]) <= 1 and 0 < float(row["frac_alive"]) <= 1
+        assert -1 <= float(row["average_max_decoder_cosine_sim"]) <= 1
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.name[0].isdigit()) == [
         "0_sae.n_latents=64", "1_sae.n_latents=128", "2_sae.n_latents=256"]
 
@@ -52,6 +58,16 @@ def _row(name, n, l0, fvu, dead=0.0, **swept):
 def test_pareto_frontier_keeps_members_no_other_beats_on_l0_and_fvu():
     rows = [_row("a", 64, 8, 0.30), _row("b", 64, 16, 0.20), _row("c", 64, 16, 0.25), _row("d", 64, 32, 0.22)]
     assert [r["member"] for r in pareto_frontier(rows)] == ["a", "b"]
+    for r in rows:  # a metric where higher is better
+        r["explained_variance"] = 1 - r["fvu"]
+    assert [r["member"] for r in pareto_frontier(rows, "explained_variance")] == ["a", "b"]
+
+
+def test_an_unknown_frontier_metric_is_refused_before_any_work(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sae_dist", *TINY, "tracking.frontier=accuracy",
+                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "tracking.frontier ('accuracy') must be one of fvu" in proc.stderr
+    assert not (tmp_path / "sae").exists()
 
 
 def test_report_table_has_a_column_per_swept_key(tmp_path):
