@@ -20,14 +20,17 @@ from torch import Tensor
 
 from sae_dist.sae import SparseAutoencoder
 
-TOKEN_SUMS = ("err", "x2", "legacy_ev", "cossim", "norm_in", "norm_out", "ratio", "xhat2", "dot")
+TOKEN_SUMS = ("err", "x2", "legacy_ev", "cossim", "norm_in", "norm_out", "ratio")
+BATCH_SUMS = ("rrb", "sb_mse", "sb_x2", "sb_err")
+"""Sums over batches of per-batch means: the relative reconstruction bias (both peers average it per
+batch) and SAEBench 0.6.0's own mse and explained variance (docs/eval.md)."""
 
 
 class HeldoutMeter:
     def __init__(self, sae: SparseAutoencoder, tokens: int) -> None:
         self.sae, self.tokens = sae, tokens
-        self.count = 0
-        self.sums = dict.fromkeys(TOKEN_SUMS, 0.0)
+        self.count = self.batches = 0
+        self.sums = dict.fromkeys(TOKEN_SUMS + BATCH_SUMS, 0.0)
         self.l0 = self.l1 = 0.0
         self.x_sum = torch.zeros(sae.d_model, dtype=torch.float64, device=sae.b_dec.device)
         self.fired = torch.zeros(sae.n_local, dtype=torch.long, device=sae.b_dec.device)
@@ -56,8 +59,11 @@ class HeldoutMeter:
         s["norm_in"] += float(norm_in.sum())
         s["norm_out"] += float(norm_out.sum())
         s["ratio"] += float((norm_out / torch.where(norm_in.abs() < 1e-4, 1.0, norm_in)).sum())
-        s["xhat2"] += float(norm_out.pow(2).sum())
-        s["dot"] += float((x * x_hat).sum())
+        s["rrb"] += float(norm_out.pow(2).mean() / (x * x_hat).sum(1).mean())
+        s["sb_mse"] += float(err.sum()) / rows
+        s["sb_x2"] += float(x.pow(2).sum(1).mean())
+        s["sb_err"] += float(err.mean())
+        self.batches += 1
         active = vals > 0
         self.l0 += float(comm.sum_scalar(active.sum().float()))
         self.l1 += float(comm.sum_scalar((vals * active).double().sum()))
@@ -78,16 +84,17 @@ class HeldoutMeter:
         fired_total = float(comm.sum_scalar(freq.sum()))
         dead = share(self.fired == 0)
         fvu = s["err"] / total_var
+        sb_x2 = s["sb_x2"] / self.batches
         return {
             "fvu": fvu,
             "explained_variance": 1 - fvu,
             "explained_variance_legacy": s["legacy_ev"] / n,
-            "mse": s["err"] / n / sae.d_model,
+            "mse": s["err"] / n,
             "cossim": s["cossim"] / n,
             "l2_norm_in": s["norm_in"] / n,
             "l2_norm_out": s["norm_out"] / n,
             "l2_ratio": s["ratio"] / n,
-            "relative_reconstruction_bias": s["xhat2"] / s["dot"],
+            "relative_reconstruction_bias": s["rrb"] / self.batches,
             "l0": self.l0 / n,
             "l1": self.l1 / n,
             "dead_fraction": dead,
@@ -100,6 +107,9 @@ class HeldoutMeter:
             "normalized_freq_over_10_percent": float(comm.sum_scalar(freq[freq > 0.1].sum())) / fired_total
             if fired_total else 0.0,
             "tokens": float(n),
+            # SAEBench 0.6.0's own copies of these two (docs/eval.md: why they differ)
+            "mse_saebench": s["sb_mse"] / n,
+            "explained_variance_saebench": 1 - (s["sb_err"] / self.batches) / (sb_x2 - (sb_x2 / sae.d_model) ** 2),
         }
 
 

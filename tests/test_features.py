@@ -116,7 +116,8 @@ def test_causal_identity_sae_recovers_all_lm_loss_and_zero_sae_none(tiny_gpt2):
     assert ident["lm_loss_recovered"] == pytest.approx(1.0, abs=1e-3)
     assert ident["kl_div_with_ablation"] > 1e-3 and ident["kl_div_with_sae"] == pytest.approx(0.0, abs=1e-6)
     assert ident["kl_div_score"] == pytest.approx(1.0, abs=1e-4)
-    zero = _recovered(model, module, zero_sae(64), True, ids, keep)
+    everywhere = torch.ones_like(keep)  # the ablation zeroes special positions too: a zero SAE spliced
+    zero = _recovered(model, module, zero_sae(64), True, ids, everywhere)  # everywhere equals it
     assert zero["lm_loss_recovered"] == pytest.approx(0.0, abs=1e-6)
     assert zero["kl_div_score"] == pytest.approx(0.0, abs=1e-6)
     half = _recovered(model, module, identity_sae(64, scale=0.5**0.5), True, ids, keep)  # x^ = x / 2
@@ -131,7 +132,7 @@ def test_encoder_identity_sae_recovers_the_embedding_and_zero_sae_none(minilm, m
     assert ident["embedding_cos_distance_zero_ablate"] > 1e-2
     assert ident["embedding_recovered"] == pytest.approx(1.0, abs=1e-4)
     assert ident["embedding_mse_recovered"] == pytest.approx(1.0, abs=1e-4)
-    zero = _recovered(model, module, zero_sae(384), False, ids, keep)
+    zero = _recovered(model, module, zero_sae(384), False, ids, torch.ones_like(keep))  # zeroed everywhere
     assert zero["embedding_recovered"] == pytest.approx(0.0, abs=1e-6)
     half = _recovered(model, module, identity_sae(384, scale=0.5**0.5), False, ids, keep)
     assert half["embedding_recovered"] < 0.99

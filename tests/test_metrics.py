@@ -38,12 +38,16 @@ def test_heldout_metrics_equal_their_formulas_over_exactly_the_first_tokens():
     legacy = torch.cat([1 - err[i : i + 100] / (x[i : i + 100] - x[i : i + 100].mean(0)).pow(2).sum(1)
                         for i in range(0, counted, 100)]).mean()
     density = (f > 0).double().mean(0)
+    cuts = [slice(i, min(i + 100, counted)) for i in range(0, counted, 100)]  # the batches as counted
+    rrb = torch.stack([x_hat[c].pow(2).sum(1).mean() / (x[c] * x_hat[c]).sum(1).mean() for c in cuts]).mean()
+    sb_x2 = torch.stack([x[c].pow(2).sum(1).mean() for c in cuts]).mean()
+    sb_err = torch.stack([err[c].mean() for c in cuts]).mean()
     want = {
         "fvu": fvu, "explained_variance": 1 - fvu, "explained_variance_legacy": legacy,
-        "mse": err.mean() / 16, "cossim": torch.nn.functional.cosine_similarity(x, x_hat, dim=1, eps=0).mean(),
+        "mse": err.mean(), "cossim": torch.nn.functional.cosine_similarity(x, x_hat, dim=1, eps=0).mean(),
         "l2_norm_in": x.norm(dim=1).mean(), "l2_norm_out": x_hat.norm(dim=1).mean(),
         "l2_ratio": (x_hat.norm(dim=1) / x.norm(dim=1)).mean(),
-        "relative_reconstruction_bias": x_hat.pow(2).sum() / (x * x_hat).sum(),
+        "relative_reconstruction_bias": rrb,
         "l0": (f > 0).double().sum(1).mean(), "l1": f.sum(1).mean(),
         "dead_fraction": (density == 0).double().mean(), "frac_alive": (density > 0).double().mean(),
         "freq_over_1_percent": (density > 0.01).double().mean(), "freq_over_10_percent": (density > 0.1).double().mean(),
@@ -51,6 +55,8 @@ def test_heldout_metrics_equal_their_formulas_over_exactly_the_first_tokens():
         "normalized_freq_over_1_percent": density[density > 0.01].sum() / density.sum(),
         "normalized_freq_over_10_percent": density[density > 0.1].sum() / density.sum(),
         "tokens": torch.tensor(250.0),
+        "mse_saebench": torch.cat([err[c] / len(err[c]) for c in cuts]).mean(),
+        "explained_variance_saebench": 1 - sb_err / (sb_x2 - (sb_x2 / 16) ** 2),
     }
     assert set(got) == set(want)
     for key, value in want.items():

@@ -42,6 +42,8 @@ def core_result(results: dict[str, Any], weights: dict[str, Any], settings: dict
         "heldout": settings,
         "fvu": results["fvu"],
         "dead_fraction": results["dead_fraction"],
+        "saebench_0_6_0": {  # SAEBench 0.6.0's own formulas for these two, for its published tables
+            "mse": results["mse_saebench"], "explained_variance": results["explained_variance_saebench"]},
         "max_cos_latents": weights["max_cos_latents"],
         "average_max_encoder_cosine_sim_stderr": weights["average_max_encoder_cosine_sim_stderr"],
         "average_max_decoder_cosine_sim_stderr": weights["average_max_decoder_cosine_sim_stderr"],

@@ -1,10 +1,11 @@
 """The SAE spliced into the LM forward pass, and what it costs the model's output (docs/eval.md).
 
-Splicing replaces the hook module's output at every non-special token by a function of it: the SAE
-reconstruction, or zeros (the ablation baseline). Special tokens (BOS/CLS/SEP) keep their clean value:
-the SAE never saw them in training (docs/design.md §2).
+Splicing replaces the hook module's output at every non-special token by the SAE reconstruction;
+special tokens (BOS/CLS/SEP) keep their clean value, as the SAE never saw them in training
+(docs/design.md §2). The ablation baseline zeroes the output at every position, as SAEBench's does.
 
-- causal LMs: LM loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean), next-token CE.
+- causal LMs: LM loss recovered (SAEBench's ce_loss_score) = (CE_zero - CE_sae) / (CE_zero - CE_clean),
+  next-token CE at the positions whose input token is not special; the KL-divergence score likewise.
 - encoders without an LM head: embedding recovered = 1 - D(sae) / D(zero), where D is the mean
   cosine distance between the spliced and the clean mean-pooled output embedding.
 """
@@ -64,17 +65,18 @@ def zero_ablation(x: Tensor) -> Tensor:
     return torch.zeros_like(x)
 
 
-def _next_token_ce(model: nn.Module, ids: Tensor, ref: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Summed next-token cross-entropy over the batch (scalar, float64), and with `ref` (the clean
-    pass's log-probabilities) the summed KL(clean || this pass) over every position (scalar, float64);
-    without it, this pass's log-probabilities (B, T, V)."""
+def _next_token_ce(model: nn.Module, ids: Tensor, keep: Tensor, ref: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Next-token cross-entropy summed over the positions whose input token is kept (scalar, float64),
+    and with `ref` (the clean pass's log-probabilities) KL(clean || this pass) summed over the kept
+    positions (scalar, float64); without it, this pass's log-probabilities (B, T, V)."""
     logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()  # (B, T, V)
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").double()
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
+    ce = ce[keep[:, :-1]].double().sum()
     logp = logits.log_softmax(-1)
     del logits
     if ref is None:
         return ce, logp
-    return ce, (ref.exp() * (ref - logp)).sum(-1).double().sum()
+    return ce, (ref.exp() * (ref - logp)).sum(-1)[keep].double().sum()
 
 
 def _pooled_embedding(model: nn.Module, ids: Tensor) -> Tensor:
@@ -90,28 +92,31 @@ class SpliceMeter:
         self.model, self.module, self.sae, self.causal, self.heldout = model, module, sae, causal, heldout
         self.sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "mse_sae": 0.0, "mse_zero": 0.0, "kl_sae": 0.0,
                      "kl_zero": 0.0}
-        self.count = self.positions = self.batches = 0
+        self.count = self.kl_count = self.positions = self.batches = 0
 
     @torch.no_grad()
     def add(self, ids: Tensor, keep: Tensor) -> None:
-        """One batch of contexts (C, T) and its non-special mask."""
+        """One batch of contexts (C, T) and its non-special mask. The SAE replaces the kept positions;
+        the ablation zeroes every position (as SAEBench's does); the loss and the KL divergences are
+        averaged over the positions whose input token is kept."""
         s, sae_fn = self.sums, sae_reconstruction(self.sae, self.heldout)
         self.batches += 1
         self.positions += ids.numel()
         if self.causal:
-            ce, ref = _next_token_ce(self.model, ids)
+            ce, ref = _next_token_ce(self.model, ids, keep)
             s["clean"] += float(ce)
-            for name, fn in (("sae", sae_fn), ("zero", zero_ablation)):
-                with replace_output(self.module, fn, keep):
-                    ce, kl = _next_token_ce(self.model, ids, ref)
+            for name, fn, where in (("sae", sae_fn, keep), ("zero", zero_ablation, None)):
+                with replace_output(self.module, fn, where):
+                    ce, kl = _next_token_ce(self.model, ids, keep, ref)
                 s[name] += float(ce)
                 s[f"kl_{name}"] += float(kl)
-            self.count += ids.shape[0] * (ids.shape[1] - 1)
+            self.count += int(keep[:, :-1].sum())
+            self.kl_count += int(keep.sum())
             return
         clean = _pooled_embedding(self.model, ids)
         with replace_output(self.module, sae_fn, keep):
             spliced = _pooled_embedding(self.model, ids)
-        with replace_output(self.module, zero_ablation, keep):
+        with replace_output(self.module, zero_ablation):
             ablated = _pooled_embedding(self.model, ids)
         s["sae"] += float((1 - F.cosine_similarity(spliced, clean, dim=1)).sum())
         s["zero"] += float((1 - F.cosine_similarity(ablated, clean, dim=1)).sum())
@@ -122,7 +127,7 @@ class SpliceMeter:
     def result(self) -> dict[str, float]:
         s, n = self.sums, max(self.count, 1)
         if self.causal:
-            gap, p = s["zero"] - s["clean"], max(self.positions, 1)
+            gap, p = s["zero"] - s["clean"], max(self.kl_count, 1)
             return {
                 "ce_clean": s["clean"] / n,
                 "ce_sae": s["sae"] / n,
