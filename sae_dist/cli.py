@@ -8,7 +8,7 @@
     sae-dist cache data.cache_dir=/tmp/acts trainer.total_tokens=1000000   # fill an activation cache
     sae-dist data=cache data.cache_dir=/tmp/acts                         # train from it
     sae-dist checkpoint.resume_from=latest hydra.run.dir=outputs/myrun   # resume a killed or preempted run
-    sae-dist eval outputs/<date>/<time>                                  # metrics, LM loss recovered
+    sae-dist eval outputs/<date>/<time>                                  # held-out metrics, eval/core.json
     sae-dist dashboard build outputs/<date>/<time> --features 256        # feature dashboards
     sae-dist dashboard serve outputs/<date>/<time>/dashboard
     sae-dist steer <causal-LM run> --feature 12 --value 8 --prompt "The"  # steering

@@ -27,6 +27,10 @@ def evaluate_setup(setup: FeatureSetup, tokens: int = 0, batch_contexts: int = 0
     `corpus` override its own), with the two meters (firings per latent, batches read). The reconstruction metrics read exactly
     its first `tokens` tokens, as the end-of-training evaluation does; the spliced-model metrics read
     the contexts those tokens come from."""
+    if setup.settings.get("source", "lm") != "lm":
+        log.warning("the run trained on data.source=%s; sae-dist eval reads the held-out documents through the LM, "
+                    "so its figures match the training's only if that source held the same activations",
+                    setup.settings["source"])
     tokens = tokens or int(setup.settings["tokens"])
     batch_contexts = batch_contexts or int(setup.settings["batch_contexts"])
     heldout = HeldoutMeter(setup.sae.eval(), tokens)
