@@ -10,8 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=${1:-.venv-peer}
+rm -f "$DEST/READY"
 PY=${PYTHON:-python3}
 $PY -m venv "$DEST"
 "$DEST/bin/python" -m pip install -q -c constraints/cpu.txt torch==2.13.0 sae-bench==0.6.0 sae-lens==6.54.12
 "$DEST/bin/python" -m pip uninstall -q -y torchvision || true
 "$DEST/bin/python" -c "import sae_lens, sae_bench.evals.core.main; print('peer venv:', '$DEST', 'sae-lens', sae_lens.__version__)"
+touch "$DEST/READY"  # tests/test_peer_metrics.py uses the venv only once this exists
