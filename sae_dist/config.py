@@ -18,6 +18,7 @@ from sae_dist import archs
 from sae_dist.archs.base import SaeConfig
 from sae_dist.errors import ConfigError
 from sae_dist.errors import require as _require
+from sae_dist.optim import OPTIMIZERS
 
 
 def sae_config(**fields: Any) -> SaeConfig:
@@ -99,14 +100,26 @@ class TrainerConfig:
     """Training tokens."""
     batch_tokens: int = 1024
     """Tokens per optimizer step (per data-parallel replica)."""
+    optimizer: str = "adam"
+    """The update rule (sae_dist/optim.py), on the torch engine (parallel.engine=torch):
+    adam: Adam (betas 0.9, 0.999), as Gao et al. (2024) train TopK SAEs; the DeepSpeed engine runs it too.
+    signum_sf: sign descent under schedule-free averaging (Defazio et al. 2024), EleutherAI sparsify's
+    default (its SignSGD in the schedulefree package's wrapper, momentum 0.95): the weights evaluated,
+    exported and checkpointed are the running average of the iterates, so the learning rate needs no
+    decay (decay_fraction is not applied; warm-up is). Its state (the base iterate z and step counters)
+    is as large as Adam's and is resharded across parallel.fp the same way."""
     lr: float = 0.0
-    """Adam learning rate; 0 picks 2e-4 / sqrt(n_latents / 2**14) x lr_scale (Gao et al.)."""
+    """Learning rate; 0 picks the optimizer's own rule. adam: 2e-4 / sqrt(n_latents / 2**14) x lr_scale
+    (Gao et al.). signum_sf: 5e-3 / sqrt(n_latents / 2**14), sparsify's rule for it (no lr_scale), 25x
+    Adam's unscaled rate: the base iterate takes these large sign steps, but the weights in use are its
+    running average, which moves far less per step and averages the steps' noise away."""
     lr_scale: float = 4.0
-    """Multiplier on the automatic learning rate (short runs like a higher one)."""
+    """Multiplier on Adam's automatic learning rate (short runs like a higher one)."""
     warmup_steps: int = 50
     """Linear warm-up steps."""
     decay_fraction: float = 0.2
-    """Final fraction of steps over which the learning rate decays linearly to zero."""
+    """Final fraction of steps over which the learning rate decays linearly to zero (adam only:
+    signum_sf's averaging takes its place)."""
     grad_clip: float = 1.0
     """Max global gradient norm (0 = off)."""
     log_every: int = 25
@@ -142,6 +155,10 @@ class TrainerConfig:
         _require(self.total_tokens >= 1, f"trainer.total_tokens ({self.total_tokens}) must be positive")
         _require(self.batch_tokens >= 1, f"trainer.batch_tokens ({self.batch_tokens}) must be positive")
         _require(self.lr >= 0, f"trainer.lr ({self.lr}) must be >= 0 (0 = automatic)")
+        _require(
+            self.optimizer in OPTIMIZERS,
+            f"trainer.optimizer ({self.optimizer!r}) must be one of {', '.join(OPTIMIZERS)}",
+        )
         _require(
             0 <= self.decay_fraction <= 1, f"trainer.decay_fraction ({self.decay_fraction}) must be in [0, 1]"
         )

@@ -18,6 +18,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from sae_dist.config import Config
+from sae_dist.optim import SignumScheduleFree, build_optimizer, check_state_keys, optimizer_name, reset_rows
 from sae_dist.sae import SaeOutput, SparseAutoencoder
 from sae_dist.snapshot import load_optimizer_tensors, optimizer_tensors
 from sae_dist.tracking import NullTracker, Tracker
@@ -44,8 +45,11 @@ class TrainState:
 
 
 def auto_lr(cfg: Config) -> float:
+    """trainer.lr, or the optimizer's own rule when it is 0 (config.py's TrainerConfig.lr says whose)."""
     if cfg.trainer.lr > 0:
         return cfg.trainer.lr
+    if cfg.trainer.optimizer == "signum_sf":
+        return 5e-3 / math.sqrt(cfg.sae.n_latents / 2**14)
     return 2e-4 / math.sqrt(cfg.sae.n_latents / 2**14) * cfg.trainer.lr_scale
 
 
@@ -97,15 +101,23 @@ def clip_grad_norm(sae: SparseAutoencoder, max_norm: float) -> Tensor:
 
 
 class TorchEngine:
-    """Adam on this rank's parameters. With data replicas, `data.reduce(params, fired)` averages the
-    gradients and ORs the fired masks over them (a fixed few collectives) before clipping."""
+    """trainer.optimizer (`kind`: adam or signum_sf, sae_dist/optim.py) on this rank's parameters. With data
+    replicas, `data.reduce(params, fired)` averages the gradients and ORs the fired masks over them (a
+    fixed few collectives) before clipping."""
 
     def __init__(
-        self, sae: SparseAutoencoder, lr: float, optimizer: torch.optim.Optimizer | None = None, data: Any = None
+        self, sae: SparseAutoencoder, lr: float, optimizer: torch.optim.Optimizer | None = None, data: Any = None,
+        kind: str = "adam",
     ) -> None:
         self.sae, self.data = sae, data
-        self.optimizer = optimizer or torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+        unit_rows = (sae.W_dec,) if sae.unit_norm_decoder else ()
+        self.optimizer = optimizer or build_optimizer(kind, list(sae.parameters()), lr, unit_rows)
         self.data_replicas = data.size if data is not None else 1
+
+    def before_forward(self) -> None:
+        """Schedule-free: the weights move from the average to the point the gradient is taken at."""
+        if isinstance(self.optimizer, SignumScheduleFree):
+            self.optimizer.gradient_point()
 
     def step(self, loss: Tensor, fired: Tensor | None, grad_clip: float) -> tuple[Tensor, Tensor | None]:
         """Backward, gradient reduction, clipping, update, decoder renormalisation -> (grad norm, fired
@@ -121,7 +133,8 @@ class TorchEngine:
         return norm, fired
 
     def params_changed(self) -> None:
-        """The weights were written outside the optimizer (nothing to do: Adam updates them in place)."""
+        """The weights were written outside the optimizer (nothing to do: both optimizers update them in
+        place, and signum_sf starts its state from them at its first step)."""
 
     def weight_tensors(self) -> dict[str, Tensor]:
         """The module's state (live references)."""
@@ -131,10 +144,11 @@ class TorchEngine:
         self.sae.load_state_dict(tensors)
 
     def state_tensors(self) -> dict[str, Tensor]:
-        """Adam's state of this rank's parameters as `<param>.<key>` -> tensor (live references)."""
+        """The optimizer's state of this rank's parameters as `<param>.<key>` -> tensor (live references)."""
         return optimizer_tensors(self.sae, self.optimizer)
 
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        check_state_keys(optimizer_name(self.optimizer), tensors)
         load_optimizer_tensors(self.sae, self.optimizer, tensors)
 
 
@@ -155,7 +169,9 @@ class Trainer:
         self.tracker = tracker or NullTracker()
         self.checkpointer = checkpointer
         self.base_lr = auto_lr(cfg)
-        self.engine = engine or TorchEngine(sae, self.base_lr, optimizer)
+        self.engine = engine or TorchEngine(sae, self.base_lr, optimizer, kind=cfg.trainer.optimizer)
+        self.decay_fraction = 0.0 if cfg.trainer.optimizer == "signum_sf" else cfg.trainer.decay_fraction
+        """Schedule-free averaging takes the place of a decay."""
         self.optimizer = self.engine.optimizer
         self.data_replicas: int = self.engine.data_replicas
         """Each step trains on batch_tokens from every data replica."""
@@ -181,11 +197,12 @@ class Trainer:
         self.sae.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(
-                self.state.step, self.total_steps, self.base_lr, self.cfg.trainer.warmup_steps, self.cfg.trainer.decay_fraction
+                self.state.step, self.total_steps, self.base_lr, self.cfg.trainer.warmup_steps, self.decay_fraction
             )
         if self.state.step == 0:
             self.sae.init_from_batch(x)
             self.engine.params_changed()
+        self.engine.before_forward()
         out = self.sae(x, self.dead_mask())
         if not torch.isfinite(out.loss):
             raise NonFiniteError(
@@ -210,7 +227,7 @@ class Trainer:
     @torch.no_grad()
     def resample_dead(self, x: Tensor) -> int:
         """Anthropic (2023): dead latents get an input with high reconstruction error as their
-        decoder direction, and a scaled copy as their encoder row; their Adam state is reset."""
+        decoder direction, and a scaled copy as their encoder row; their optimizer state is reset."""
         dead = self.dead_mask().nonzero().squeeze(1)
         if not float(self.sae.comm.sum_scalar(torch.tensor(float(dead.numel()), device=x.device))):
             return 0  # every shard agrees, so the forward below runs on all of them or none
@@ -229,10 +246,7 @@ class Trainer:
         sae.W_enc[dead] = v * enc_norm * 0.2
         sae.b_enc[dead] = 0.0
         for p in (sae.W_dec, sae.W_enc, sae.b_enc):
-            st = self.optimizer.state.get(p, {})
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in st:
-                    st[key][dead] = 0.0
+            reset_rows(self.optimizer, p, dead)
         self.tokens_since_fired[dead] = 0
         return int(dead.numel())
 

@@ -26,8 +26,18 @@ def engine_name(cfg: Config) -> str:
 
 def check_supported(cfg: Config, device: torch.device) -> None:
     """Refuses, before any work, what this process cannot run (`device` is trainer.device resolved)."""
-    p = cfg.parallel
+    p, t = cfg.parallel, cfg.trainer
     resolve_backend(p.backend, device)
+    if t.optimizer != "adam" and engine_name(cfg) == "deepspeed":
+        fix = ("set trainer.param_dtype=fp32 and parallel.engine=torch" if t.param_dtype == "bf16" else
+               "set parallel.engine=torch (fp32 weights, the optimizer state replicated over dp)")
+        why = ("parallel.engine is deepspeed" if p.engine == "deepspeed" else
+               f"parallel.engine ({p.engine}) picks deepspeed for parallel.dp ({p.dp}) / trainer.param_dtype "
+               f"({t.param_dtype})")
+        raise ConfigError(
+            f"trainer.optimizer ({t.optimizer}) runs on the torch engine only, but {why}, whose ZeRO optimizer is "
+            f"Adam; {fix}, or set trainer.optimizer=adam"
+        )
     if engine_name(cfg) == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(
             f"parallel.engine ({p.engine}) is deepspeed for parallel.dp ({p.dp}) / trainer.param_dtype "
@@ -39,4 +49,4 @@ def check_supported(cfg: Config, device: torch.device) -> None:
 def build_engine(cfg: Config, sae: SparseAutoencoder, mesh: Mesh, lr: float) -> Any:
     if engine_name(cfg) == "deepspeed":
         return DeepSpeedEngine(sae, lr, cfg, mesh)
-    return TorchEngine(sae, lr, data=DataParallel(mesh) if mesh.dp > 1 else None)
+    return TorchEngine(sae, lr, data=DataParallel(mesh) if mesh.dp > 1 else None, kind=cfg.trainer.optimizer)

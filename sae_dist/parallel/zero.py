@@ -155,6 +155,9 @@ class DeepSpeedEngine:
         for row, view in pieces:
             view.div_(norm[row : row + view.shape[0], None].to(view.device))
 
+    def before_forward(self) -> None:
+        """Nothing to move: Adam takes its gradient at the weights it updates."""
+
     def params_changed(self) -> None:
         """Weights written outside the optimizer (b_dec's initialisation) are copied into ZeRO's fp32
         master partitions, which the next step would otherwise restore."""
