@@ -13,7 +13,8 @@ training) into a temporary run folder, then times, each `--repeats` times, as wh
              the default corpus, 50,300, at 64 contexts per batch), SAEBench's core metrics in the same
              pass, and the max-cosine weight metrics (a 16384-latent sample above 16384 latents)
   core@32k   the same on 32768 tokens and 16 contexts per batch, the baseline's own reading
-Prints the medians and the ratios to the baseline, and the same as JSON. Name the CPU with the figures.
+Prints the medians, the ratios to the baseline and each command's peak RSS, and the same as JSON. Name
+the CPU with the figures.
 """
 
 from __future__ import annotations
@@ -50,12 +51,20 @@ def baseline_tree(rev: str, where: str) -> str:
     return where
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> float:
+PEAK = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+        "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+"""Runs the command as this wrapper's only child, so the children's peak RSS is the command's."""
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(seconds, peak RSS in GB) of one run of the command."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", PEAK, *cmd], capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - t0
+    kb = next(int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB"))
+    return seconds, kb / 2**20
 
 
 def main() -> None:
@@ -78,21 +87,25 @@ def main() -> None:
                               "16", "--out", os.path.join(tmp, "e2")], env),
             }
             seconds: dict[str, list[float]] = {name: [] for name in variants}
+            peak: dict[str, float] = dict.fromkeys(variants, 0.0)
             for _ in range(a.repeats):  # interleaved, so drift in the machine's load hits every variant
                 for name, (cmd, e) in variants.items():
-                    seconds[name].append(timed(cmd, e))
+                    s, gb = timed(cmd, e)
+                    seconds[name].append(s)
+                    peak[name] = max(peak[name], gb)
             tokens = {name: json.load(open(os.path.join(tmp, d, "metrics.json")))["tokens"]
                       for name, d in (("baseline", "e0"), ("core", "e1"), ("core@32k", "e2"))}
         finally:
             subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", tree], capture_output=True)
     base = statistics.median(seconds["baseline"])
     print(f"sae-dist eval, MiniLM layer 3, TopK n={a.n} k={a.k}, median of {a.repeats} (seconds, whole command)")
-    print(f"{'variant':<10} {'tokens':>7} {'median s':>9} {'x baseline':>11}")
+    print(f"{'variant':<10} {'tokens':>7} {'median s':>9} {'x baseline':>11} {'peak RSS GB':>12}")
     out = {"n": a.n, "k": a.k, "repeats": a.repeats, "baseline_rev": a.baseline_rev, "variants": {}}
     for name, times in seconds.items():
         med = statistics.median(times)
-        print(f"{name:<10} {int(tokens[name]):>7} {med:>9.1f} {med / base:>11.2f}")
-        out["variants"][name] = {"tokens": tokens[name], "seconds": times, "median_s": med, "ratio": med / base}
+        print(f"{name:<10} {int(tokens[name]):>7} {med:>9.1f} {med / base:>11.2f} {peak[name]:>12.2f}")
+        out["variants"][name] = {"tokens": tokens[name], "seconds": times, "median_s": med, "ratio": med / base,
+                                 "peak_rss_gb": peak[name]}
     print(json.dumps(out))
 
 
