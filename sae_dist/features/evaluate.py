@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 def evaluate_setup(setup: FeatureSetup, tokens: int = 0, batch_contexts: int = 0, corpus: str = "",
                    split: str = "heldout") -> tuple[dict[str, Any], HeldoutMeter, SpliceMeter]:
     """Metrics over the run's held-out set (sae_dist.data.heldout; `tokens`, `batch_contexts` and
-    `corpus` override its own), with the two meters (firings per latent, batches read). The reconstruction metrics read exactly
-    its first `tokens` tokens, as the end-of-training evaluation does; the spliced-model metrics read
-    the contexts those tokens come from."""
+    `corpus` override its own), with the two meters (firings per latent, batches read). The held-out
+    metrics count exactly its first `tokens` tokens, as the end-of-training evaluation does; the
+    spliced-model metrics read the contexts those tokens come from."""
     if setup.settings.get("source", "lm") != "lm":
         log.warning("the run trained on data.source=%s; sae-dist eval reads the held-out documents through the LM, "
                     "so its figures match the training's only if that source held the same activations",
