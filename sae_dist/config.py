@@ -106,8 +106,9 @@ class TrainerConfig:
     signum_sf: sign descent under schedule-free averaging (Defazio et al. 2024), EleutherAI sparsify's
     default (its SignSGD in the schedulefree package's wrapper, momentum 0.95): the weights evaluated,
     exported and checkpointed are the running average of the iterates, so the learning rate needs no
-    decay (decay_fraction is not applied; warm-up is). Its state (the base iterate z and step counters)
-    is as large as Adam's and is resharded across parallel.fp the same way."""
+    decay (decay_fraction is not applied; warm-up is). Its saved state (the base iterate z and step
+    counters) is half of Adam's, resharded across parallel.fp the same way; a copy of the weights kept
+    during each step brings its peak to Adam's."""
     lr: float = 0.0
     """Learning rate; 0 picks the optimizer's own rule. adam: 2e-4 / sqrt(n_latents / 2**14) x lr_scale
     (Gao et al.). signum_sf: 5e-3 / sqrt(n_latents / 2**14), sparsify's rule for it (no lr_scale), 25x
