@@ -56,10 +56,11 @@ PEAK = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).ret
 """Runs the command as this wrapper's only child, so the children's peak RSS is the command's."""
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """(seconds, peak RSS in GB) of one run of the command."""
+def timed(cmd: list[str], env: dict[str, str], cwd: str) -> tuple[float, float]:
+    """(seconds, peak RSS in GB) of one run of the command, started in `cwd` (`python -m` imports from
+    there first, so the baseline runs from its worktree and the others from outside this checkout)."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", PEAK, *cmd], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", PEAK, *cmd], capture_output=True, text=True, env=env, cwd=cwd)
     seconds = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -81,20 +82,23 @@ def main() -> None:
             env = dict(os.environ, TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
             old_env = env | {"PYTHONPATH": tree}
             variants = {
-                "baseline": ([sys.executable, "-m", "sae_dist", "eval", run, "--out", os.path.join(tmp, "e0")], old_env),
-                "core": ([sys.executable, "-m", "sae_dist", "eval", run, "--out", os.path.join(tmp, "e1")], env),
+                "baseline": ([sys.executable, "-m", "sae_dist", "eval", run, "--out", os.path.join(tmp, "e0")], old_env,
+                             tree),
+                "core": ([sys.executable, "-m", "sae_dist", "eval", run, "--out", os.path.join(tmp, "e1")], env, tmp),
                 "core@32k": ([sys.executable, "-m", "sae_dist", "eval", run, "--tokens", "32768", "--batch-contexts",
-                              "16", "--out", os.path.join(tmp, "e2")], env),
+                              "16", "--out", os.path.join(tmp, "e2")], env, tmp),
             }
             seconds: dict[str, list[float]] = {name: [] for name in variants}
             peak: dict[str, float] = dict.fromkeys(variants, 0.0)
             for _ in range(a.repeats):  # interleaved, so drift in the machine's load hits every variant
-                for name, (cmd, e) in variants.items():
-                    s, gb = timed(cmd, e)
+                for name, (cmd, e, cwd) in variants.items():
+                    s, gb = timed(cmd, e, cwd)
                     seconds[name].append(s)
                     peak[name] = max(peak[name], gb)
             tokens = {name: json.load(open(os.path.join(tmp, d, "metrics.json")))["tokens"]
                       for name, d in (("baseline", "e0"), ("core", "e1"), ("core@32k", "e2"))}
+            if os.path.exists(os.path.join(tmp, "e0", "core.json")):
+                raise RuntimeError(f"the baseline wrote core.json: it ran this checkout's code, not {a.baseline_rev}'s")
         finally:
             subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", tree], capture_output=True)
     base = statistics.median(seconds["baseline"])
