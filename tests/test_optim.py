@@ -108,6 +108,16 @@ def test_adam_checkpoint_does_not_seed_signum_sf(tmp_path):
         train(_cfg(tmp_path, resume_from="latest"))
 
 
+def test_signum_sf_checkpoint_does_not_seed_deepspeed_adam(tmp_path):
+    pytest.importorskip("deepspeed")
+    train(_cfg(tmp_path))
+    cfg = _cfg(tmp_path, optimizer="adam", resume_from="latest")
+    cfg.parallel.engine = "deepspeed"
+    with pytest.raises(ConfigError, match=r"holds signum_sf state .* trainer\.optimizer is adam; resume with "
+                                          r"trainer\.optimizer=signum_sf"):
+        train(cfg)
+
+
 @pytest.mark.parametrize(("parallel", "fix"), [
     ({"engine": "deepspeed"}, r"parallel\.engine is deepspeed, .*set parallel\.engine=torch"),
     ({"engine": "auto", "dp": 2}, r"parallel\.engine \(auto\) picks deepspeed for parallel\.dp \(2\)"),

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from sae_dist.config import Config, ConfigError
+from sae_dist.optim import check_state_keys
 from sae_dist.parallel.dims import Mesh
 from sae_dist.parallel.dp import DataParallel
 from sae_dist.sae import SparseAutoencoder
@@ -207,6 +208,7 @@ class DeepSpeedEngine:
 
         if not tensors:
             return
+        check_state_keys("adam", tensors)  # a signum_sf checkpoint cannot seed ZeRO's Adam
         zero, base = self.optimizer, self.optimizer.optimizer
         step = next(v for k, v in tensors.items() if k.endswith(".step"))
         for hp in zero.single_partition_of_fp32_groups:  # create the state the first step would create
