@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
-from conftest import pydoc_jsonl
+from conftest import pydoc_jsonl, synthetic_config
 
 from sae_dist.config import DataConfig, ModelConfig
+from sae_dist.data import heldout_batches
 from sae_dist.data.cache import CachedSource, write_cache
 from sae_dist.data.corpus import is_heldout, load_split
 from sae_dist.data.lm import LMActivationSource
@@ -80,3 +83,12 @@ def test_cache_roundtrip_gives_the_same_activations(tmp_path):
     cached = CachedSource(str(tmp_path / "c" / "train"))
     for i, (acts, pos) in zip(range(12), cached.chunks()):
         assert pos == i + 1 and torch.equal(acts, src.chunk(i % 10))  # one shard per chunk, then cycles
+
+
+def test_a_cached_heldout_split_is_read_once_not_cycled(tmp_path):
+    src = SyntheticSource(16, 64, 3, seed=2, chunk_tokens=100)
+    write_cache(src.chunks(), str(tmp_path / "c" / "heldout"), 250, {})
+    cfg = synthetic_config(tmp_path, data={"source": "cache", "cache_dir": str(tmp_path / "c")})
+    chunks = list(itertools.islice(heldout_batches(cfg), 5))
+    assert [int(c.shape[0]) for c in chunks] == [100, 100, 100]  # evaluation counts each token once
+    assert all(torch.equal(c, src.chunk(i)) for i, c in enumerate(chunks))

@@ -25,7 +25,7 @@ def build_source(cfg: Config, split: str = "train") -> Source:
     if cfg.data.source == "cache":
         from sae_dist.data.cache import CachedSource
 
-        return CachedSource(cfg.data.cache_dir.rstrip("/") + "/" + split)
+        return CachedSource(cfg.data.cache_dir.rstrip("/") + "/" + split, cycle=split != "heldout")
     from sae_dist.data.lm import LMActivationSource
 
     return LMActivationSource(cfg.model, cfg.data, split)

@@ -100,10 +100,11 @@ def write_cache(chunks: Iterator[tuple[Tensor, int]], url: str, total_tokens: in
 
 
 class CachedSource:
-    """Position = chunks consumed; cycles over the cache like the LM source cycles over its corpus."""
+    """Position = chunks consumed; cycles over the cache like the LM source cycles over its corpus, or, with
+    `cycle=False` (the held-out split), ends after the last shard so that evaluation counts each token once."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
+    def __init__(self, url: str, cycle: bool = True) -> None:
+        self.url, self.cycle = url, cycle
         self.fs, self.root = fsspec.core.url_to_fs(url)
         index_path = _join(self.root, "index.json")
         if not self.fs.exists(index_path):
@@ -120,7 +121,7 @@ class CachedSource:
     def chunks(self, start: int = 0) -> Iterator[tuple[Tensor, int]]:
         shards = self.index["shards"]
         pos = start
-        while True:
+        while self.cycle or pos < len(shards):
             entry = shards[pos % len(shards)]
             with self.fs.open(_join(self.root, entry["file"]), "rb") as fh:
                 acts = self._verified(entry, fh.read()).float()
