@@ -1,19 +1,28 @@
 """The optimizers the torch engine runs, chosen by `trainer.optimizer` (config.py says where each comes
-from): `adam` (torch's Adam) and `signum_sf` (`SignumScheduleFree`, below). Both keep their state per
-parameter element, so a feature shard's rows carry their own state and checkpoints reshard it with the
-weights (`snapshot.optimizer_tensors`).
+from): `adam` (torch's Adam), `signum_sf` (`SignumScheduleFree`) and `muon` (`Muon`), both below. Each
+keeps its state per parameter element, so a feature shard's rows carry their own state and checkpoints
+reshard it with the weights (`snapshot.optimizer_tensors`).
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from sae_dist.errors import ConfigError
 
-OPTIMIZERS = ("adam", "signum_sf")
-STATE_KEYS = {"adam": {"step", "exp_avg", "exp_avg_sq"}, "signum_sf": {"step", "z", "lr_max", "weight_sum"}}
-"""What each optimizer keeps per parameter (a checkpoint's `<param>.<key>` names)."""
+OPTIMIZERS = ("adam", "signum_sf", "muon")
+STATE_KEYS = {
+    "adam": {"step", "exp_avg", "exp_avg_sq"},
+    "signum_sf": {"step", "z", "lr_max", "weight_sum"},
+    "muon": {"momentum_buffer", "step", "exp_avg", "exp_avg_sq"},
+}
+"""What each optimizer keeps per parameter (a checkpoint's `<param>.<key>` names). muon's include Adam's
+(its vectors train with Adam), so a checkpoint is told apart by the smallest set that holds its keys."""
 
 
 class SignumScheduleFree(torch.optim.Optimizer):
@@ -98,37 +107,205 @@ class SignumScheduleFree(torch.optim.Optimizer):
             st["z"][rows] = p[rows]
 
 
-def build_optimizer(name: str, params: list[Tensor], lr: float, unit_rows: tuple[Tensor, ...] = ()) -> torch.optim.Optimizer:
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+"""Keller Jordan's quintic: the largest slope at zero for which the iteration still settles the singular
+values in a band around 1 (about [0.7, 1.2]) within 5 steps, rather than converging to exactly 1."""
+
+
+def newton_schulz(
+    G: Tensor, steps: int = 5, sum_over_shards: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """G (..., rows, d) with its singular values pushed into NS_COEFFICIENTS' band around 1: close to
+    U V^T for G = U S V^T. Written on the (d, d) Gram matrix A = X^T X:
+
+        X <- X / ||X||_F,    then `steps` times    X <- a X + X (b A + c A A)
+
+    A is a sum over row blocks, so with the rows split over shards `sum_over_shards` (the SAE comm's)
+    all-reduces it and the rest is local to the shard: `steps` collectives of (..., d, d), the first
+    of which also gives the Frobenius norm (its trace). Without it the rows are all here."""
+    total = sum_over_shards or (lambda t: t)
+    a, b, c = NS_COEFFICIENTS
+    X = G
+    A = total(X.mT @ X)  # (..., d, d)
+    inv_norm = 1 / (A.diagonal(dim1=-2, dim2=-1).sum(-1).sqrt() + 1e-7)  # (...,)
+    X = X * inv_norm[..., None, None]
+    A = A * inv_norm[..., None, None].square()
+    for i in range(steps):
+        if i:
+            A = total(X.mT @ X)
+        X = a * X + X @ (b * A + c * A @ A)
+    return X
+
+
+class ShardComm(Protocol):
+    """What Muon needs of the SAE's comm (sae.LocalComm, or parallel.fp's FeatureParallelComm)."""
+
+    n_shards: int
+
+    def sum_over_shards(self, t: Tensor) -> Tensor: ...
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Keller Jordan et al. 2024, "Muon: an optimizer for hidden layers"): momentum SGD whose update
+    for a matrix is orthogonalised by `newton_schulz`; parameters of other shapes (the biases, an
+    architecture's per-latent vectors) train with Adam (betas 0.9, 0.999) at the same learning rate.
+    Per matrix W (rows, d) with gradient g:
+
+        m <- beta m + (1 - beta) g                    momentum 0.95
+        u  = beta m + (1 - beta) g                    Nesterov
+        W <- W - lr 0.2 sqrt(max(rows, d)) NS(u)
+
+    NS(u) has min(rows, d) singular values near 1, so its entries have RMS about 1 / sqrt(max(rows, d));
+    the factor 0.2 sqrt(max(rows, d)) (Liu et al. 2025, "Muon is Scalable for LLM Training") makes the
+    step's RMS 0.2 lr, about Adam's steady-state update RMS, so one lr serves both parts. `rows` is the
+    whole matrix's: every shard's step is its rows of the unsharded step.
+
+    Why SAEs: the orthogonalised update moves the weights by about the same amount along every singular
+    direction of the gradient, however small its singular value. Latents that rarely fire have small
+    gradients, which sit mostly in the small singular directions; an update that follows the raw or
+    elementwise-normalised gradient moves them little next to the dominant directions, and in short,
+    large-batch runs (few steps) such latents learn too slowly and die. Muon moves them at the rate of
+    the rest.
+
+    EleutherAI's sparsify offers it as `--optimizer muon` (sparsify 1.3.3, trainer.py and muon.py): Muon
+    on every parameter with two or more dims (encoder and decoder weights), torch Adam on the others,
+    both at lr 2e-3 whatever the number of latents; momentum 0.95 with Nesterov, 5 quintic steps with
+    the coefficients above in bf16, the same 0.2 sqrt(max(rows, cols)) factor, decoupled weight decay
+    0.1 on the matrices; no warm-up for the Muon part, warm-up for Adam, both decaying linearly to zero.
+    Under DDP it splits whole matrices across ranks (each orthogonalises some and all-gathers the
+    updates) and refuses model parallelism. Here a matrix's rows are split across feature shards
+    instead; the iteration runs in the weights' dtype (shards then agree to float rounding), without
+    weight decay (as this project's Adam), under the trainer's warm-up and decay for both parts.
+
+    `comm` sums the Gram matrices of the `sharded` matrices over feature shards; a matrix not in
+    `sharded` (replicated) is whole on every shard, gets the same gradient there, and so the same update.
+    Sharded matrices of one shape are orthogonalised together: `ns_steps` collectives per step in all.
+    Saved state: `momentum_buffer` per matrix; Adam's step, exp_avg, exp_avg_sq per other parameter.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        comm: ShardComm,
+        sharded: tuple[Tensor, ...] = (),
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum ({momentum}) must be in [0, 1)")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, betas=betas, eps=eps)
+        super().__init__(params, defaults)
+        self.comm = comm
+        self.sharded = {id(p) for p in sharded}
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:  # type: ignore[override]
+        if closure is not None:
+            raise ValueError("Muon takes no closure")
+        for group in self.param_groups:
+            batches: dict[tuple[torch.Size, bool], list[tuple[Tensor, Tensor]]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.ndim != 2:
+                    self._adam(p, group)
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["momentum_buffer"] = torch.zeros_like(p)
+                m = st["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
+                u = p.grad.lerp(m, group["momentum"]) if group["nesterov"] else m
+                batches.setdefault((p.shape, id(p) in self.sharded), []).append((p, u))
+            for (shape, sharded), pairs in batches.items():
+                reduce = self.comm.sum_over_shards if sharded else None
+                update = newton_schulz(torch.stack([u for _, u in pairs]), group["ns_steps"], reduce)
+                rows = shape[0] * (self.comm.n_shards if sharded else 1)
+                scale = 0.2 * math.sqrt(max(rows, shape[1]))
+                for (p, _), o in zip(pairs, update):
+                    p.add_(o, alpha=-group["lr"] * scale)
+
+    def _adam(self, p: Tensor, group: dict) -> None:
+        """torch Adam's update (no weight decay) of one parameter."""
+        st, g = self.state[p], p.grad
+        beta1, beta2 = group["betas"]
+        if not st:
+            st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        st["step"] += 1
+        t = float(st["step"])
+        st["exp_avg"].lerp_(g, 1 - beta1)
+        st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
+        p.addcdiv_(st["exp_avg"], denom, value=-group["lr"] / (1 - beta1**t))
+
+
+def muon_lr(n_latents: int, batch_tokens: int) -> float:
+    """trainer.lr=0 for muon: 2e-2 for both parts, whatever n_latents and batch_tokens.
+
+    Flat in n_latents as sparsify's rule is: Muon's 0.2 sqrt(max(rows, d)) factor already sizes the step
+    to the matrix. Ten times sparsify's 2e-3: that value assumes Adam's steady-state update RMS (about 0.2
+    lr), but early in a run Adam's updates are nearly sign steps (RMS about lr), and the short runs this
+    project's defaults make are mostly early; on MiniLM layer 3 (n 6144, 64 steps of 4096 tokens) a sweep
+    over 2e-3, 6e-3, 2e-2 and 6e-2 was best at 2e-2, with 2e-3 well behind Adam's automatic rate.
+    batch_tokens does not change it yet: that sweep tried one batch size."""
+    return 2e-2
+
+
+def build_optimizer(
+    name: str,
+    params: list[Tensor],
+    lr: float,
+    unit_rows: tuple[Tensor, ...] = (),
+    comm: ShardComm | None = None,
+    sharded: tuple[Tensor, ...] = (),
+) -> torch.optim.Optimizer:
     """`trainer.optimizer` over `params`; `unit_rows` as for SignumScheduleFree (Adam's engine renormalises
-    the parameter alone: its update has no second iterate)."""
+    the parameter alone: its update has no second iterate, nor has Muon's); `comm` and `sharded` as for
+    Muon (the SAE's comm and its parameters split across feature shards)."""
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
     if name == "signum_sf":
         return SignumScheduleFree(params, lr=lr, momentum=0.95, unit_rows=unit_rows)
+    if name == "muon":
+        if comm is None:
+            raise ValueError("muon needs the SAE's comm (sae.comm): Newton-Schulz sums over feature shards")
+        return Muon(params, lr=lr, comm=comm, sharded=sharded)
     raise ValueError(f"trainer.optimizer ({name!r}) must be one of {', '.join(OPTIMIZERS)}")
 
 
 def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
-    return "signum_sf" if isinstance(optimizer, SignumScheduleFree) else "adam"
+    if isinstance(optimizer, SignumScheduleFree):
+        return "signum_sf"
+    return "muon" if isinstance(optimizer, Muon) else "adam"
 
 
 def reset_rows(optimizer: torch.optim.Optimizer, p: Tensor, rows: Tensor) -> None:
-    """Forget the optimizer's history of `rows` of `p` (Adam: zero moments; signum_sf: z = x)."""
+    """Forget the optimizer's history of `rows` of `p` (Adam, and muon: zero moments; signum_sf: z = x)."""
     if isinstance(optimizer, SignumScheduleFree):
         optimizer.reset_rows(p, rows)
         return
     st = optimizer.state.get(p, {})
-    for key in ("exp_avg", "exp_avg_sq"):
+    for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
         if key in st:
             st[key][rows] = 0.0
 
 
+def saved_optimizer(keys: set[str]) -> str | None:
+    """The optimizer whose state a checkpoint's keys are: the one with the fewest keys that holds them."""
+    fits = [name for name, want in STATE_KEYS.items() if keys <= want]
+    return min(fits, key=lambda name: len(STATE_KEYS[name]), default=None)
+
+
 def check_state_keys(name: str, tensors: dict[str, Tensor]) -> None:
     """A checkpoint's optimizer state must be the configured optimizer's: Adam moments cannot seed
-    signum_sf's z, nor the reverse."""
+    signum_sf's z or muon's momentum, nor the reverse."""
     keys = {k.rsplit(".", 1)[1] for k in tensors}
-    if keys and not keys <= STATE_KEYS[name]:
-        saved = next((other for other, want in STATE_KEYS.items() if keys <= want), "another optimizer")
+    saved = saved_optimizer(keys)
+    if keys and saved != name:
+        saved = saved or "another optimizer"
         raise ConfigError(
             f"the checkpoint holds {saved} state ({', '.join(sorted(keys))}) but trainer.optimizer is {name}; "
             f"resume with trainer.optimizer={saved}, or start a fresh run"

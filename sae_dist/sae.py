@@ -56,6 +56,10 @@ class LocalComm:
         """Minimum over shards of a per-shard statistic."""
         return value
 
+    def sum_over_shards(self, t: Tensor) -> Tensor:
+        """Sum over shards of a small per-shard tensor, outside autograd (Muon's Gram matrices)."""
+        return t
+
     def shard_input(self, x: Tensor) -> Tensor:
         """The input every shard encodes: identity forward; backward sums its gradient over shards."""
         return x

@@ -101,9 +101,9 @@ def clip_grad_norm(sae: SparseAutoencoder, max_norm: float) -> Tensor:
 
 
 class TorchEngine:
-    """trainer.optimizer (`kind`: adam or signum_sf, sae_dist/optim.py) on this rank's parameters. With data
-    replicas, `data.reduce(params, fired)` averages the gradients and ORs the fired masks over them (a
-    fixed few collectives) before clipping."""
+    """trainer.optimizer (`kind`: adam, signum_sf or muon, sae_dist/optim.py) on this rank's parameters. With
+    data replicas, `data.reduce(params, fired)` averages the gradients and ORs the fired masks over them (a
+    fixed few collectives) before clipping. muon sums over feature shards through `sae.comm`."""
 
     def __init__(
         self, sae: SparseAutoencoder, lr: float, optimizer: torch.optim.Optimizer | None = None, data: Any = None,
@@ -111,7 +111,10 @@ class TorchEngine:
     ) -> None:
         self.sae, self.data = sae, data
         unit_rows = (sae.W_dec,) if sae.unit_norm_decoder else ()
-        self.optimizer = optimizer or build_optimizer(kind, list(sae.parameters()), lr, unit_rows)
+        sharded, _ = sharded_params(sae)
+        self.optimizer = optimizer or build_optimizer(
+            kind, list(sae.parameters()), lr, unit_rows, comm=sae.comm, sharded=tuple(sharded)
+        )
         self.data_replicas = data.size if data is not None else 1
 
     def before_forward(self) -> None:
@@ -133,7 +136,7 @@ class TorchEngine:
         return norm, fired
 
     def params_changed(self) -> None:
-        """The weights were written outside the optimizer (nothing to do: both optimizers update them in
+        """The weights were written outside the optimizer (nothing to do: every optimizer updates them in
         place, and signum_sf starts its state from them at its first step)."""
 
     def weight_tensors(self) -> dict[str, Tensor]:

@@ -1,6 +1,7 @@
-"""The optimizers of `trainer.optimizer`: signum_sf's update rule against a hand computation, fp=2 against
-fp=1 with real gloo processes, exact resume (and resharding its state from fp=2 to fp=1), and the
-DeepSpeed engine refusing it.
+"""The optimizers of `trainer.optimizer`: signum_sf's update rule and muon's Newton-Schulz against hand
+computations, the sharded Newton-Schulz and fp=2 training against fp=1 with real gloo processes, exact
+resume (and resharding the state from fp=2 to fp=1), and checkpoints or engines of another optimizer
+refusing them.
 
     python -m pytest -q tests/test_optim.py
 """
@@ -13,14 +14,17 @@ import socket
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import synthetic_config
 from safetensors.torch import load_file
 
 from sae_dist.checkpoint import Checkpointer, step_name
-from sae_dist.config import ConfigError
-from sae_dist.optim import SignumScheduleFree
+from sae_dist.config import ConfigError, ParallelConfig
+from sae_dist.optim import NS_COEFFICIENTS, Muon, SignumScheduleFree, newton_schulz, reset_rows
+from sae_dist.parallel.dims import init_distributed
 from sae_dist.parallel.engine import check_supported
+from sae_dist.parallel.fp import FeatureParallelComm
 from sae_dist.run import train
 from sae_dist.tracking import NullTracker
 
@@ -73,6 +77,54 @@ def test_signum_sf_keeps_unit_rows_of_z_and_refuses_a_step_without_gradient_poin
         opt.step()
 
 
+def test_newton_schulz_maps_each_singular_value_through_the_quintic():
+    """NS(G) = U f(S / ||S||) V^T for G = U S V^T, f the quintic iterated 5 times, computed here on the
+    singular values alone; for a tall random matrix every f(s) lands in the band around 1."""
+    G = torch.randn(257, 24, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    a, b, c = NS_COEFFICIENTS
+    s = S / S.norm()
+    for _ in range(5):
+        s = a * s + b * s**3 + c * s**5
+    assert torch.allclose(newton_schulz(G), U @ torch.diag(s) @ Vh, atol=1e-10)
+    assert 0.68 < float(s.min()) and float(s.max()) < 1.21, s
+    assert float(s.max() - s.min()) > 0.05  # not U V^T: the iteration stops in a band, not at 1
+
+
+class _MirroredShard:
+    """Shard 0 of 2 whose other shard holds the same rows: the sum over shards is twice this one's."""
+
+    n_shards = 2
+
+    def sum_over_shards(self, t):  # type: ignore[no-untyped-def]
+        return 2 * t
+
+
+def test_muon_steps_a_shard_as_its_rows_of_the_whole_matrix_and_vectors_as_adam():
+    """One step: the matrix moves by lr 0.2 sqrt(max(rows, d)) NS(g) with the whole matrix's rows (Nesterov
+    momentum's u is a multiple of g, and NS ignores scale), the vector exactly as torch Adam moves it;
+    reset_rows zeroes the momentum of the rows given."""
+    gen = torch.Generator().manual_seed(1)
+    W, gW = torch.randn(40, 8, generator=gen), torch.randn(40, 8, generator=gen)
+    b, gb = torch.randn(40, generator=gen), torch.randn(40, generator=gen)
+    shard, bias, ref_bias = (torch.nn.Parameter(t.clone()) for t in (W, b, b))
+    opt = Muon([shard, bias], lr=0.01, comm=_MirroredShard(), sharded=(shard,))
+    ref = torch.optim.Adam([ref_bias], lr=0.01)
+    shard.grad, bias.grad, ref_bias.grad = gW.clone(), gb.clone(), gb.clone()
+    opt.step()
+    ref.step()
+    whole = newton_schulz(torch.cat([gW, gW]))[:40]  # the 80 rows both shards make up
+    assert torch.allclose(shard.detach(), W - 0.01 * 0.2 * 80**0.5 * whole, atol=1e-6)
+    assert torch.allclose(bias.detach(), ref_bias.detach(), rtol=0, atol=1e-7)
+    assert set(opt.state[shard]) == {"momentum_buffer"}
+    assert set(opt.state[bias]) == {"step", "exp_avg", "exp_avg_sq"}
+    reset_rows(opt, shard, torch.tensor([3, 7]))
+    reset_rows(opt, bias, torch.tensor([3]))
+    momentum = opt.state[shard]["momentum_buffer"]
+    assert not momentum[[3, 7]].any() and momentum[0].any()
+    assert opt.state[bias]["exp_avg"][3] == 0 and opt.state[bias]["exp_avg_sq"][3] == 0
+
+
 class _StopAt(NullTracker):
     """Ends the job (an exception out of train) when step `step` is logged: a kill after a checkpoint."""
 
@@ -88,47 +140,54 @@ def _export(out: dict) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(out["export_dir"], "sae_weights.safetensors"))
 
 
-def test_signum_sf_resumes_bit_exactly(tmp_path):
-    straight = train(_cfg(tmp_path / "straight"))
+@pytest.mark.parametrize("optimizer", ["signum_sf", "muon"])
+def test_resumes_bit_exactly(tmp_path, optimizer):
+    straight = train(_cfg(tmp_path / "straight", optimizer=optimizer))
     assert len(straight["history"]) == STEPS
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(tmp_path / "broken"), _StopAt(13))
-    steps = [s for s, _ in Checkpointer(_cfg(tmp_path / "broken")).complete_steps()]
+        train(_cfg(tmp_path / "broken", optimizer=optimizer), _StopAt(13))
+    steps = [s for s, _ in Checkpointer(_cfg(tmp_path / "broken", optimizer=optimizer)).complete_steps()]
     assert steps == [10]
-    resumed = train(_cfg(tmp_path / "broken", resume_from="latest"))
+    resumed = train(_cfg(tmp_path / "broken", optimizer=optimizer, resume_from="latest"))
     assert resumed["history"] == straight["history"][10:]
     for name, t in _export(straight).items():
         assert torch.equal(_export(resumed)[name], t), name
 
 
-def test_adam_checkpoint_does_not_seed_signum_sf(tmp_path):
-    train(_cfg(tmp_path, optimizer="adam"))
-    with pytest.raises(ConfigError, match=r"holds adam state .* trainer\.optimizer is signum_sf; resume with "
-                                          r"trainer\.optimizer=adam"):
-        train(_cfg(tmp_path, resume_from="latest"))
+@pytest.mark.parametrize(("saved", "configured"), [("adam", "signum_sf"), ("adam", "muon"), ("muon", "adam")])
+def test_checkpoint_does_not_seed_another_optimizer(tmp_path, saved, configured):
+    """muon's keys include Adam's (its vectors train with Adam): an Adam checkpoint is still told apart."""
+    train(_cfg(tmp_path, optimizer=saved))
+    want = rf"holds {saved} state .* but trainer\.optimizer is {configured}; "
+    want += rf"resume with trainer\.optimizer={saved}"
+    with pytest.raises(ConfigError, match=want):
+        train(_cfg(tmp_path, optimizer=configured, resume_from="latest"))
 
 
-def test_signum_sf_checkpoint_does_not_seed_deepspeed_adam(tmp_path):
+@pytest.mark.parametrize("optimizer", ["signum_sf", "muon"])
+def test_checkpoint_does_not_seed_deepspeed_adam(tmp_path, optimizer):
     pytest.importorskip("deepspeed")
-    train(_cfg(tmp_path))
+    train(_cfg(tmp_path, optimizer=optimizer))
     cfg = _cfg(tmp_path, optimizer="adam", resume_from="latest")
     cfg.parallel.engine = "deepspeed"
-    with pytest.raises(ConfigError, match=r"holds signum_sf state .* trainer\.optimizer is adam; resume with "
-                                          r"trainer\.optimizer=signum_sf"):
+    want = rf"holds {optimizer} state .* is adam; resume with trainer\.optimizer={optimizer},"
+    with pytest.raises(ConfigError, match=want):
         train(cfg)
 
 
+@pytest.mark.parametrize("optimizer", ["signum_sf", "muon"])
 @pytest.mark.parametrize(("parallel", "fix"), [
     ({"engine": "deepspeed"}, r"parallel\.engine is deepspeed, .*set parallel\.engine=torch"),
     ({"engine": "auto", "dp": 2}, r"parallel\.engine \(auto\) picks deepspeed for parallel\.dp \(2\)"),
 ])
-def test_deepspeed_engine_refuses_signum_sf_before_any_work(tmp_path, parallel, fix):
-    cfg = synthetic_config(tmp_path, trainer={"optimizer": "signum_sf"}, parallel=parallel)
-    with pytest.raises(ConfigError, match=r"trainer\.optimizer \(signum_sf\) runs on the torch engine only, but "
-                                          + fix + r".*or set trainer\.optimizer=adam"):
+def test_deepspeed_engine_refuses_other_optimizers_before_any_work(tmp_path, parallel, fix, optimizer):
+    cfg = synthetic_config(tmp_path, trainer={"optimizer": optimizer}, parallel=parallel)
+    want = rf"trainer\.optimizer \({optimizer}\) runs on the torch engine only, but {fix}"
+    want += r".*or set trainer\.optimizer=adam"
+    with pytest.raises(ConfigError, match=want):
         check_supported(cfg, torch.device("cpu"))
     if parallel["engine"] == "deepspeed":
-        with pytest.raises(ConfigError, match=r"trainer\.optimizer \(signum_sf\)"):
+        with pytest.raises(ConfigError, match=rf"trainer\.optimizer \({optimizer}\)"):
             train(cfg)
         assert not (tmp_path / "checkpoints").exists()
 
@@ -145,39 +204,88 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, port: int, tmp: str) -> None:
+def _rank(rank: int, port: int, tmp: str, optimizer: str) -> None:
     """One rank of an fp=2 job through the driver's own path (run.train), as under torchrun."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
-    out = train(_cfg(tmp, fp=2))
+    out = train(_cfg(tmp, fp=2, optimizer=optimizer))
     if rank == 0:
         with open(os.path.join(tmp, "history.json"), "w") as fh:
             json.dump({"history": out["history"], "export_dir": out["export_dir"]}, fh)
 
 
-@pytest.fixture(scope="module")
-def fp2(tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("fp2"))
-    mp.spawn(_rank, args=(_free_port(), tmp), nprocs=2)
+@pytest.fixture(scope="module", params=["signum_sf", "muon"])
+def fp2(tmp_path_factory, request):
+    tmp = str(tmp_path_factory.mktemp(f"fp2-{request.param}"))
+    mp.spawn(_rank, args=(_free_port(), tmp, request.param), nprocs=2)
     with open(os.path.join(tmp, "history.json")) as fh:
-        return json.load(fh) | {"tmp": tmp}
+        return json.load(fh) | {"tmp": tmp, "optimizer": request.param}
 
 
 def test_fp2_matches_fp1_losses_and_weights(fp2, tmp_path):
-    one = train(_cfg(tmp_path))
+    one = train(_cfg(tmp_path, optimizer=fp2["optimizer"]))
     assert torch.allclose(torch.tensor(fp2["history"]), torch.tensor(one["history"]), rtol=1e-5, atol=0)
     sharded, whole = _export(fp2), _export(one)
     assert sharded.keys() == whole.keys()
     for name, t in whole.items():
         assert torch.allclose(sharded[name], t, rtol=1e-5, atol=1e-6), name
+    norms = whole["W_dec"].norm(dim=1)  # unit rows, then scaled by the export's activation scale
+    assert torch.allclose(norms, norms[0].expand_as(norms))
+
+
+def test_fp2_keeps_replicated_parameters_and_their_state_identical_on_both_shards(fp2):
+    step = os.path.join(fp2["tmp"], "checkpoints", "sae", step_name(STEPS))
+    for kind in ("model", "optim"):
+        shards = [load_file(os.path.join(step, f"{kind}-fp{j}of2.safetensors")) for j in range(2)]
+        replicated = [k for k in shards[0] if k.split(".")[0] == "b_dec"]
+        assert replicated, kind
+        for k in replicated:
+            assert torch.equal(shards[0][k], shards[1][k]), k
 
 
 def test_fp2_checkpoint_reshards_onto_fp1(fp2, tmp_path):
-    """The fp=2 run's step-10 state (z rows cut per latent, b_dec's and the counters whole) continues on
-    one process along the fp=2 run's own path."""
-    resumed = train(_cfg(tmp_path, resume_from=os.path.join(fp2["tmp"], "checkpoints", "sae", step_name(10))))
+    """The fp=2 run's step-10 state (per-latent rows cut, b_dec's and the counters whole) continues on one
+    process along the fp=2 run's own path."""
+    step10 = os.path.join(fp2["tmp"], "checkpoints", "sae", step_name(10))
+    resumed = train(_cfg(tmp_path, optimizer=fp2["optimizer"], resume_from=step10))
     assert len(resumed["history"]) == STEPS - 10
     assert torch.allclose(torch.tensor(resumed["history"]), torch.tensor(fp2["history"][10:]), rtol=1e-5, atol=0)
     for name, t in _export(fp2).items():
         assert torch.allclose(_export(resumed)[name], t, rtol=1e-5, atol=1e-6), name
+
+
+NS_ROWS = 96
+
+
+def _newton_schulz_rank(rank: int, port: int, tmp: str) -> None:
+    """Shard `rank` of 2 of the encoder and decoder gradients (2, 96, 24) through FeatureParallelComm,
+    counting the all-reduces."""
+    torch.set_num_threads(1)
+    mesh = init_distributed(rank, 2, "127.0.0.1", port, ParallelConfig(fp=2), NS_ROWS, timeout_s=60)
+    try:
+        G = torch.randn(2, NS_ROWS, 24, generator=torch.Generator().manual_seed(3))
+        rows = slice(mesh.latent_offset, mesh.latent_offset + mesh.dims.n_local)
+        calls, all_reduce = [], dist.all_reduce
+
+        def counted(t, *args, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(t.shape)
+            return all_reduce(t, *args, **kwargs)
+
+        dist.all_reduce = counted
+        try:
+            out = newton_schulz(G[:, rows], 5, FeatureParallelComm(mesh).sum_over_shards)
+        finally:
+            dist.all_reduce = all_reduce
+        torch.save({"out": out, "all_reduces": calls}, os.path.join(tmp, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_newton_schulz_over_gloo_matches_unsharded(tmp_path):
+    mp.spawn(_newton_schulz_rank, args=(_free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    whole = newton_schulz(torch.randn(2, NS_ROWS, 24, generator=torch.Generator().manual_seed(3)))
+    sharded = torch.cat([r["out"] for r in ranks], dim=1)
+    assert torch.allclose(sharded, whole, rtol=1e-5, atol=1e-5 * float(whole.abs().max()))
+    assert ranks[0]["all_reduces"] == [torch.Size([2, 24, 24])] * 5  # one per iteration, the norm included

@@ -5,8 +5,9 @@
 
 Collectives per TopK + AuxK training step, whatever n_latents: one all-gather of candidates and one
 all-reduce of the partial decode per selection (top-k, then AuxK), one all-reduce of the encoder-input
-gradient in backward, and small scalar all-reduces (dead count, L0, gradient norm). Selections are exact:
-the global top-k of a row lies in the union of the shards' local top-k's.
+gradient in backward, and small scalar all-reduces (dead count, L0, gradient norm); trainer.optimizer=muon
+adds 5 all-reduces of a (2, d, d) tensor, the encoder's and decoder's Gram matrices (sae_dist/optim.py).
+Selections are exact: the global top-k of a row lies in the union of the shards' local top-k's.
 """
 
 from __future__ import annotations
@@ -117,6 +118,13 @@ class FeatureParallelComm(LocalComm):
 
     def sum_scalar(self, value: Tensor) -> Tensor:
         return value if self.fp_group is None else _SumForward.apply(value, self.fp_group)
+
+    def sum_over_shards(self, t: Tensor) -> Tensor:
+        if self.fp_group is None:
+            return t
+        out = t.detach().clone()
+        dist.all_reduce(out, group=self.fp_group)
+        return out
 
     def min_scalar(self, value: Tensor) -> Tensor:
         """Minimum over every rank (both axes), so replicated buffers stay identical across replicas."""
