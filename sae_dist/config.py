@@ -101,26 +101,38 @@ class TrainerConfig:
     batch_tokens: int = 1024
     """Tokens per optimizer step (per data-parallel replica)."""
     optimizer: str = "adam"
-    """The update rule (sae_dist/optim.py), on the torch engine (parallel.engine=torch):
+    """The update rule (sae_dist/optim.py; docs/training.md compares them), on the torch engine
+    (parallel.engine=torch):
     adam: Adam (betas 0.9, 0.999), as Gao et al. (2024) train TopK SAEs; the DeepSpeed engine runs it too.
     signum_sf: sign descent under schedule-free averaging (Defazio et al. 2024), EleutherAI sparsify's
     default (its SignSGD in the schedulefree package's wrapper, momentum 0.95): the weights evaluated,
     exported and checkpointed are the running average of the iterates, so the learning rate needs no
     decay (decay_fraction is not applied; warm-up is). Its saved state (the base iterate z and step
     counters) is half of Adam's, resharded across parallel.fp the same way; a copy of the weights kept
-    during each step brings its peak to Adam's."""
+    during each step brings its peak to Adam's.
+    muon: Muon (Jordan et al. 2024), the other optimizer sparsify offers: momentum SGD (0.95, Nesterov)
+    whose update of W_enc and W_dec is orthogonalised by 5 Newton-Schulz steps and scaled by
+    0.2 sqrt(max(n_latents, d_model)), so every latent's direction moves at the same rate; the biases
+    train with Adam at the same lr. With parallel.fp each (d, d) Gram matrix is summed over feature
+    shards (5 all-reduces a step). Its saved state (a momentum per matrix, Adam's for the vectors) is
+    half of Adam's and reshards the same way; its step costs 2-2.5x Adam's at d=384 and batch 4096 on CPU."""
     lr: float = 0.0
-    """Learning rate; 0 picks the optimizer's own rule. adam: 2e-4 / sqrt(n_latents / 2**14) x lr_scale
-    (Gao et al.). signum_sf: 5e-3 / sqrt(n_latents / 2**14), sparsify's rule for it (no lr_scale), 25x
-    Adam's unscaled rate: the base iterate takes these large sign steps, but the weights in use are its
-    running average, which moves far less per step and averages the steps' noise away."""
+    """Learning rate; 0 picks the optimizer's own rule (B = tokens per step over all replicas).
+    adam: 2e-4 / sqrt(n_latents / 2**14) x lr_scale x sqrt(B / 1024): Gao et al.'s rule in n, tuned here at
+    B = 1024, and the square-root scaling in the batch of adaptive optimizers (Malladi et al. 2022): a
+    batch 4x larger averages away half the gradient noise, so each of its 4x fewer steps can be 2x longer.
+    signum_sf: 5e-3 / sqrt(n_latents / 2**14), sparsify's rule for it (no lr_scale), 25x Adam's unscaled
+    rate: the base iterate takes these large sign steps, but the weights in use are its running average,
+    which moves far less per step and averages the steps' noise away.
+    muon: 2e-2 (optim.muon_lr), 10x sparsify's 2e-3, which under-trains runs of about a million tokens."""
     lr_scale: float = 4.0
     """Multiplier on Adam's automatic learning rate (short runs like a higher one)."""
-    warmup_steps: int = 50
-    """Linear warm-up steps."""
+    warmup_tokens: int = 51_200
+    """Linear warm-up over this many training tokens (ceil(warmup_tokens / tokens per step) steps; 0 = none):
+    a token budget, so a larger batch warms up over fewer steps, not over more data."""
     decay_fraction: float = 0.2
-    """Final fraction of steps over which the learning rate decays linearly to zero (adam only:
-    signum_sf's averaging takes its place)."""
+    """Final fraction of the training tokens over which the learning rate decays linearly to zero (adam
+    only: signum_sf's averaging takes its place)."""
     grad_clip: float = 1.0
     """Max global gradient norm (0 = off)."""
     log_every: int = 25
@@ -156,6 +168,7 @@ class TrainerConfig:
         _require(self.total_tokens >= 1, f"trainer.total_tokens ({self.total_tokens}) must be positive")
         _require(self.batch_tokens >= 1, f"trainer.batch_tokens ({self.batch_tokens}) must be positive")
         _require(self.lr >= 0, f"trainer.lr ({self.lr}) must be >= 0 (0 = automatic)")
+        _require(self.warmup_tokens >= 0, f"trainer.warmup_tokens ({self.warmup_tokens}) must be >= 0 (0 = no warm-up)")
         _require(
             self.optimizer in OPTIMIZERS,
             f"trainer.optimizer ({self.optimizer!r}) must be one of {', '.join(OPTIMIZERS)}",

@@ -55,7 +55,8 @@ def collect_rows(client: Any, parent_run_id: str) -> list[dict[str, Any]]:
 
 def write_report(rows: list[dict[str, Any]], out_dir: str, swept_keys: list[str], frontier: str = "fvu") -> list[str]:
     """sweep_report.csv / .md and, with matplotlib, fvu_vs_n_latents.png, <frontier>_l0_frontier.png,
-    dead_fraction.png. Returns the files written."""
+    dead_fraction.png, and fvu_vs_<key>.png for each other swept key with numeric values (e.g.
+    fvu_vs_trainer_lr.png). Returns the files written."""
     os.makedirs(out_dir, exist_ok=True)
     rows = sorted(rows, key=lambda r: (r["n_latents"], r["member"]))
     extra = [k for k in swept_keys if k != "sae.n_latents"]
@@ -89,6 +90,24 @@ def write_report(rows: list[dict[str, Any]], out_dir: str, swept_keys: list[str]
         if len(groups) > 1:
             ax.legend(fontsize=7)
         written.append(_save(fig, out_dir, name))
+    for key in extra:  # FVU against each other numeric swept value (a learning-rate sweep), one line per n
+        by_n: dict[int, list[tuple[float, float]]] = defaultdict(list)
+        for r in rows:
+            value = _number(r["swept"].get(key))
+            if value is not None:
+                by_n[r["n_latents"]].append((value, r["fvu"]))
+        if not by_n:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for n, points in sorted(by_n.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"n={n}")
+        if all(p[0] > 0 for points in by_n.values() for p in points):
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel("held-out FVU")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, out_dir, f"fvu_vs_{key.replace('.', '_')}"))
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.scatter([r["l0"] for r in rows], [r[frontier] for r in rows])
     for r in rows:
@@ -100,6 +119,14 @@ def write_report(rows: list[dict[str, Any]], out_dir: str, swept_keys: list[str]
     ax.legend(fontsize=7)
     written.append(_save(fig, out_dir, f"{frontier}_l0_frontier"))
     return written
+
+
+def _number(value: Any) -> float | None:
+    """A swept value as a number, or None (a name, a list)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def pareto_frontier(rows: list[dict[str, Any]], metric: str = "fvu") -> list[dict[str, Any]]:

@@ -18,7 +18,14 @@ from torch import Tensor
 from tqdm import tqdm
 
 from sae_dist.config import Config
-from sae_dist.optim import SignumScheduleFree, build_optimizer, check_state_keys, optimizer_name, reset_rows
+from sae_dist.optim import (
+    SignumScheduleFree,
+    build_optimizer,
+    check_state_keys,
+    muon_lr,
+    optimizer_name,
+    reset_rows,
+)
 from sae_dist.sae import SaeOutput, SparseAutoencoder
 from sae_dist.snapshot import load_optimizer_tensors, optimizer_tensors
 from sae_dist.tracking import NullTracker, Tracker
@@ -44,13 +51,38 @@ class TrainState:
         return asdict(self)
 
 
+LR_BATCH = 1024
+"""Tokens per step at which Adam's rule was tuned (the default job's batch)."""
+
+
 def auto_lr(cfg: Config) -> float:
     """trainer.lr, or the optimizer's own rule when it is 0 (config.py's TrainerConfig.lr says whose)."""
     if cfg.trainer.lr > 0:
         return cfg.trainer.lr
+    n = cfg.sae.n_latents
     if cfg.trainer.optimizer == "signum_sf":
-        return 5e-3 / math.sqrt(cfg.sae.n_latents / 2**14)
-    return 2e-4 / math.sqrt(cfg.sae.n_latents / 2**14) * cfg.trainer.lr_scale
+        return 5e-3 / math.sqrt(n / 2**14)
+    if cfg.trainer.optimizer == "muon":
+        return muon_lr(n, step_tokens(cfg))
+    return 2e-4 / math.sqrt(n / 2**14) * cfg.trainer.lr_scale * math.sqrt(step_tokens(cfg) / LR_BATCH)
+
+
+def step_tokens(cfg: Config) -> int:
+    """Tokens per optimizer step, over every data replica."""
+    return cfg.trainer.batch_tokens * cfg.parallel.dp
+
+
+DEAD_WINDOW_MAX = 10_000_000
+"""Gao et al. (2024)'s dead-latent window, in tokens."""
+DEAD_WINDOW_FRACTION = 8
+"""The automatic window is the run's tokens over this, so AuxK acts over most of a short run."""
+
+
+def dead_window(cfg: Config) -> int:
+    """sae.dead_tokens, or min(10M, trainer.total_tokens / 8) when it is 0."""
+    if cfg.sae.dead_tokens > 0:
+        return cfg.sae.dead_tokens
+    return max(1, min(DEAD_WINDOW_MAX, cfg.trainer.total_tokens // DEAD_WINDOW_FRACTION))
 
 
 def lr_at(step: int, total_steps: int, base: float, warmup: int, decay_fraction: float) -> float:
@@ -178,9 +210,13 @@ class Trainer:
         self.optimizer = self.engine.optimizer
         self.data_replicas: int = self.engine.data_replicas
         """Each step trains on batch_tokens from every data replica."""
-        self.total_steps = max(1, cfg.trainer.total_tokens // (cfg.trainer.batch_tokens * self.data_replicas))
+        per_step = cfg.trainer.batch_tokens * self.data_replicas
+        self.total_steps = max(1, cfg.trainer.total_tokens // per_step)
+        self.warmup_steps = -(-cfg.trainer.warmup_tokens // per_step)
         self.device = sae.b_dec.device
         """Where the SAE lives; batches are moved here and the firing counters live here."""
+        self.dead_tokens = dead_window(cfg)
+        """Tokens without firing after which a latent counts as dead."""
         self.tokens_since_fired = torch.zeros(sae.n_local, dtype=torch.long, device=self.device)
         self.extra_metrics: Any = None
         """Optional callable returning more metrics to log with the trainer's (e.g. the pipeline's)."""
@@ -192,7 +228,7 @@ class Trainer:
         """fit() ended early because should_stop() said so."""
 
     def dead_mask(self) -> Tensor:
-        return self.tokens_since_fired >= self.cfg.sae.dead_tokens
+        return self.tokens_since_fired >= self.dead_tokens
 
     def train_step(self, x: Tensor) -> SaeOutput:
         """One optimizer step on a batch of scaled activations (B, d), on any device."""
@@ -200,7 +236,7 @@ class Trainer:
         self.sae.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(
-                self.state.step, self.total_steps, self.base_lr, self.cfg.trainer.warmup_steps, self.decay_fraction
+                self.state.step, self.total_steps, self.base_lr, self.warmup_steps, self.decay_fraction
             )
         if self.state.step == 0:
             self.sae.init_from_batch(x)

@@ -60,7 +60,7 @@ def synthetic_config(tmp_path, **overrides) -> Config:
         "model": ModelConfig(d_model=32),
         "data": DataConfig(source="synthetic", synthetic_n_features=128, synthetic_k=3, shuffle_buffer_tokens=2048),
         "sae": sae_config(n_latents=256, k=4, dead_tokens=4096),
-        "trainer": TrainerConfig(total_tokens=256 * 40, batch_tokens=256, warmup_steps=5, log_every=5,
+        "trainer": TrainerConfig(total_tokens=256 * 40, batch_tokens=256, warmup_tokens=256 * 5, log_every=5,
                                  eval_tokens=2048, scale_tokens=1024, encoder_chunk=100),
         "checkpoint": CheckpointConfig(every_steps=10),
         "tracking": TrackingConfig(enabled=False),

@@ -15,7 +15,7 @@ def test_topk_recovers_90_percent_of_true_directions(tmp_path):
         model={"d_model": 64},
         data={"synthetic_n_features": 512, "synthetic_k": 4, "shuffle_buffer_tokens": 8192},
         sae={"n_latents": 1024, "k": 4, "dead_tokens": 20000},
-        trainer={"total_tokens": 1024 * 1200, "batch_tokens": 1024, "lr": 2e-3, "warmup_steps": 50,
+        trainer={"total_tokens": 1024 * 1200, "batch_tokens": 1024, "lr": 2e-3, "warmup_tokens": 1024 * 50,
                  "encoder_chunk": 1024, "log_every": 100},
         checkpoint={"every_steps": 0},
     )

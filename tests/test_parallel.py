@@ -61,7 +61,7 @@ def _cfg(tmp, arch="topk", n=N, dp=1, fp=1, batch=B, engine="torch", zero_stage=
     return synthetic_config(
         tmp,
         sae={"arch": arch, "n_latents": n, "k": K, "dead_tokens": dead_tokens, **sae},
-        trainer={"batch_tokens": batch, "total_tokens": batch * dp * STEPS, "encoder_chunk": 32, "warmup_steps": 5,
+        trainer={"batch_tokens": batch, "total_tokens": batch * dp * STEPS, "encoder_chunk": 32, "warmup_tokens": 5 * batch * dp,
                  "param_dtype": param_dtype},
         parallel={"dp": dp, "fp": fp, "engine": engine, "zero_stage": zero_stage, "offload_optimizer": offload},
     )
@@ -463,7 +463,7 @@ def test_torchrun_fp2_reaches_single_rank_fvu(tmp_path):
            "-m", "sae_dist", "data=synthetic", "model.d_model=64", "data.synthetic_n_features=256",
            "data.synthetic_k=4", "sae.n_latents=512", "sae.k=8", "sae.dead_tokens=20000",
            "trainer.total_tokens=30720", "trainer.batch_tokens=512", "trainer.encoder_chunk=128",
-           "trainer.eval_tokens=2048", "trainer.scale_tokens=1024", "trainer.warmup_steps=5",
+           "trainer.eval_tokens=2048", "trainer.scale_tokens=1024", "trainer.warmup_tokens=2560",
            "data.shuffle_buffer_tokens=2048", "checkpoint.every_steps=0", "tracking=none", "parallel.fp=2",
            "trainer.device=cpu",  # a gloo test on CPU, also where GPUs are present
            f"hydra.run.dir={out}"]

@@ -33,7 +33,7 @@ def _config(out, corpus, **over) -> Config:
         model=ModelConfig(context_size=64, batch_contexts=8),
         data=DataConfig(corpus=corpus, heldout_fraction=0.1, shuffle_buffer_tokens=2048),
         sae=sae_config(n_latents=256, k=8, dead_tokens=4096),
-        trainer=TrainerConfig(total_tokens=512 * 24, batch_tokens=512, warmup_steps=4, log_every=4,
+        trainer=TrainerConfig(total_tokens=512 * 24, batch_tokens=512, warmup_tokens=512 * 4, log_every=4,
                               eval_tokens=2048, scale_tokens=1024, encoder_chunk=128),
         checkpoint=CheckpointConfig(every_steps=0),
         tracking=TrackingConfig(enabled=False),

@@ -23,7 +23,7 @@ pytest.importorskip("ray.dashboard", reason="ray job submission needs ray[defaul
 RAY = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
 SAE_DIST = [sys.executable, "-m", "sae_dist"]
 TINY = ["data=synthetic", "model.d_model=16", "sae.k=4", "trainer.batch_tokens=256", "trainer.eval_tokens=512",
-        "trainer.scale_tokens=256", "trainer.warmup_steps=2", "data.shuffle_buffer_tokens=0"]
+        "trainer.scale_tokens=256", "trainer.warmup_tokens=512", "data.shuffle_buffer_tokens=0"]
 
 
 def _free_ports(n: int) -> list[int]:

@@ -101,7 +101,7 @@ def test_topk_gives_exactly_k_active_and_unit_decoder_after_step(tmp_path):
 )
 def test_every_arch_learns_synthetic_data(tmp_path, arch, sae_over, bound):
     cfg = synthetic_config(tmp_path, sae={"arch": arch, **sae_over},
-                           trainer={"total_tokens": 256 * 150, "lr": 3e-3, "warmup_steps": 10})
+                           trainer={"total_tokens": 256 * 150, "lr": 3e-3, "warmup_tokens": 2560})
     out = train(cfg)
     assert out["fvu"] < bound, out
     assert out["l0"] > 0

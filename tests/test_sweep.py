@@ -12,7 +12,7 @@ import pytest
 from sae_dist.sweep_report import pareto_frontier, write_report
 
 TINY = ["data=synthetic", "model.d_model=16", "sae.k=4", "trainer.total_tokens=2048", "trainer.batch_tokens=256",
-        "trainer.eval_tokens=512", "trainer.scale_tokens=256", "trainer.warmup_steps=2", "data.shuffle_buffer_tokens=0"]
+        "trainer.eval_tokens=512", "trainer.scale_tokens=256", "trainer.warmup_tokens=512", "data.shuffle_buffer_tokens=0"]
 
 
 def test_three_member_sweep_leaves_parent_and_child_runs_with_plots_and_reruns_as_skips(tmp_path):
@@ -77,4 +77,14 @@ def test_report_table_has_a_column_per_swept_key(tmp_path):
     header, first, _ = (tmp_path / "sweep_report.csv").read_text().splitlines()
     assert header.split(",")[:3] == ["member", "run_name", "sae.k"] and first.split(",")[2] == "4"
     assert sorted(f.rsplit("/", 1)[-1] for f in files if f.endswith(".png")) == [
-        "dead_fraction.png", "fvu_l0_frontier.png", "fvu_vs_n_latents.png"]
+        "dead_fraction.png", "fvu_l0_frontier.png", "fvu_vs_n_latents.png", "fvu_vs_sae_k.png"]
+
+
+def test_a_learning_rate_sweep_gets_fvu_against_lr_and_a_named_sweep_does_not(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [_row(str(i), 64, 4, fvu, **{"trainer.lr": lr, "sae.arch": arch})
+            for i, (lr, fvu, arch) in enumerate([("0.001", 0.3, "topk"), ("0.004", 0.2, "batchtopk"), ("0.016", 0.25, "topk")])]
+    files = write_report(rows, str(tmp_path), ["trainer.lr", "sae.arch"])
+    names = sorted(f.rsplit("/", 1)[-1] for f in files if f.endswith(".png"))
+    assert "fvu_vs_trainer_lr.png" in names and "fvu_vs_sae_arch.png" not in names
+    assert (tmp_path / "fvu_vs_trainer_lr.png").stat().st_size > 1000

@@ -36,8 +36,11 @@ class SaeConfig:
     k: int = 32
     """Active latents per token for the top-k families (topk per token, batchtopk and matryoshka on
     average over the batch); the others reach their L0 through a penalty and ignore it."""
-    dead_tokens: int = 10_000_000
-    """A latent is dead after this many training tokens without firing."""
+    dead_tokens: int = 0
+    """A latent counts as dead (AuxK trains it on the residual; resampling families resample it) after
+    this many training tokens without firing. 0 = automatic: trainer.total_tokens / 8, at most 10M (Gao
+    et al.'s window, meant for runs of billions of tokens, under which a short run never calls a latent
+    dead and AuxK never acts)."""
     fanout_n_latents: list[int] = field(default_factory=list)
     """Train one SAE per size listed here from a single activation stream (the LM forward is paid
     once); empty = one SAE of n_latents."""
@@ -48,7 +51,7 @@ class SaeConfig:
             1 <= self.k < self.n_latents,
             f"sae.k ({self.k}) must be in [1, sae.n_latents ({self.n_latents})); lower k or raise n_latents",
         )
-        require(self.dead_tokens >= 1, f"sae.dead_tokens ({self.dead_tokens}) must be positive")
+        require(self.dead_tokens >= 0, f"sae.dead_tokens ({self.dead_tokens}) must be >= 0 (0 = automatic)")
         for n in self.fanout_n_latents:
             require(self.k < n, f"sae.fanout_n_latents has {n}, not above sae.k ({self.k}); drop it or lower k")
 
