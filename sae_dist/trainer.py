@@ -74,12 +74,13 @@ def step_tokens(cfg: Config) -> int:
 
 DEAD_WINDOW_MAX = 10_000_000
 """Gao et al. (2024)'s dead-latent window, in tokens."""
-DEAD_WINDOW_FRACTION = 8
-"""The automatic window is the run's tokens over this, so AuxK acts over most of a short run."""
+DEAD_WINDOW_FRACTION = 32
+"""The automatic window is the run's tokens over this, so AuxK acts over almost all of a short run
+(docs/training.md has the measurements behind 32)."""
 
 
 def dead_window(cfg: Config) -> int:
-    """sae.dead_tokens, or min(10M, trainer.total_tokens / 8) when it is 0."""
+    """sae.dead_tokens, or min(10M, trainer.total_tokens / 32) when it is 0."""
     if cfg.sae.dead_tokens > 0:
         return cfg.sae.dead_tokens
     return max(1, min(DEAD_WINDOW_MAX, cfg.trainer.total_tokens // DEAD_WINDOW_FRACTION))

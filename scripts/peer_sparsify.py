@@ -132,7 +132,10 @@ def evaluate(sae: SparseCoder, x_all: Tensor, batch_tokens: int) -> dict[str, fl
 
 
 def train(args: argparse.Namespace, acts: Tensor, save_dir: str) -> tuple[Trainer, float]:
-    ids = torch.arange(args.tokens).view(-1, args.ctx)  # (tokens / ctx, ctx): cache rows, in order
+    if args.order is not None:  # sae-dist's own order of cache rows (scripts/bench_quality.py writes it)
+        ids = load_file(str(args.order))["rows"].view(-1, args.ctx)
+    else:
+        ids = torch.arange(args.tokens).view(-1, args.ctx)  # (tokens / ctx, ctx): cache rows, in order
     dataset = Dataset.from_dict({"input_ids": ids.tolist()}).with_format("torch")
     cfg = TrainConfig(
         SparseCoderConfig(num_latents=args.n_latents, k=args.k),
@@ -176,6 +179,9 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=256, help="ids per sequence the Trainer sees (no effect on training)")
     p.add_argument("--seed", type=int, default=0, help="sparsify's init seed")
     p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default: all)")
+    p.add_argument("--order", type=Path, default=None,
+                   help="safetensors file with `rows` (int64, --tokens of them): the cache rows to train on, "
+                        "in this order (default: the first --tokens rows in cache order)")
     p.add_argument("--out", type=Path, required=True, help="JSON file for settings and metrics")
     p.add_argument("--save-dir", type=Path, default=None,
                    help="keep sparsify's checkpoint here (<dir>/peer/acts); default: a temporary folder")
@@ -187,7 +193,13 @@ def main() -> None:
         p.error(f"--tokens ({args.tokens}) must be a multiple of --batch-tokens ({args.batch_tokens}): "
                 "sparsify's DataLoader would otherwise end on a short batch")
 
-    acts = read_cache(args.train, args.tokens)
+    if args.order is not None:
+        rows = load_file(str(args.order))["rows"]
+        if rows.numel() != args.tokens:
+            p.error(f"--order {args.order} holds {rows.numel()} rows, not --tokens ({args.tokens})")
+        acts = read_cache(args.train, int(rows.max()) + 1)
+    else:
+        acts = read_cache(args.train, args.tokens)
     heldout = read_cache(args.heldout, args.eval_tokens)
     log.info("train %s rows from %s, held-out %s rows from %s", len(acts), args.train, len(heldout), args.heldout)
     with tempfile.TemporaryDirectory() as tmp:

@@ -289,3 +289,23 @@ def test_sharded_newton_schulz_over_gloo_matches_unsharded(tmp_path):
     sharded = torch.cat([r["out"] for r in ranks], dim=1)
     assert torch.allclose(sharded, whole, rtol=1e-5, atol=1e-5 * float(whole.abs().max()))
     assert ranks[0]["all_reduces"] == [torch.Size([2, 24, 24])] * 5  # one per iteration, the norm included
+
+
+def test_automatic_schedule_scales_with_the_batch_and_the_token_budget(tmp_path):
+    from sae_dist.trainer import Trainer, TrainState, auto_lr, dead_window
+    from sae_dist.sae import SparseAutoencoder
+
+    def cfg(batch, total=1_048_576, dp=1, **trainer):
+        return synthetic_config(tmp_path, sae={"n_latents": 16384, "k": 4, "dead_tokens": 0},
+                                trainer={"batch_tokens": batch, "total_tokens": total, "optimizer": "adam", **trainer},
+                                parallel={"dp": dp})
+
+    base = auto_lr(cfg(1024))
+    assert base == pytest.approx(2e-4 * 4)  # Gao et al.'s rule at n = 2^14, x lr_scale, at the tuned batch
+    assert auto_lr(cfg(4096)) == pytest.approx(2 * base)  # square root of the batch
+    assert auto_lr(cfg(2048, dp=2)) == pytest.approx(2 * base)  # every replica's tokens count
+    assert auto_lr(cfg(4096, lr=1e-3)) == 1e-3
+    assert dead_window(cfg(1024)) == 1_048_576 // 32 and dead_window(cfg(1024, total=10**10)) == 10_000_000
+    c = cfg(4096, warmup_tokens=51_200)
+    trainer = Trainer(c, SparseAutoencoder(c.sae, 32), TrainState())
+    assert trainer.warmup_steps == 13 and trainer.total_steps == 256  # ceil(51200 / 4096) steps of warm-up

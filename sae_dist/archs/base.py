@@ -38,9 +38,10 @@ class SaeConfig:
     average over the batch); the others reach their L0 through a penalty and ignore it."""
     dead_tokens: int = 0
     """A latent counts as dead (AuxK trains it on the residual; resampling families resample it) after
-    this many training tokens without firing. 0 = automatic: trainer.total_tokens / 8, at most 10M (Gao
-    et al.'s window, meant for runs of billions of tokens, under which a short run never calls a latent
-    dead and AuxK never acts)."""
+    this many training tokens without firing. 0 = automatic: trainer.total_tokens / 32, at most 10M, Gao
+    et al.'s window, which is meant for runs of billions of tokens: under it a run of a million never
+    calls a latent dead, AuxK never acts, and a fast learning rate leaves a third of the latents dead
+    (docs/training.md)."""
     fanout_n_latents: list[int] = field(default_factory=list)
     """Train one SAE per size listed here from a single activation stream (the LM forward is paid
     once); empty = one SAE of n_latents."""
