@@ -152,9 +152,10 @@ def fit(job: Job, preemption: Preemption | None = None) -> tuple[float, int]:
     cfg, trainer = job.cfg, job.trainer
     stream = batches(job)
     log.info(
-        "training %s SAE on %s: d=%d n=%d k=%d, %d tokens in %d steps, scale %.4f", cfg.sae.arch,
-        job.sae.b_dec.device, job.sae.d_model, cfg.sae.n_latents, cfg.sae.k, cfg.trainer.total_tokens,
-        trainer.total_steps, trainer.state.scale,
+        "training %s SAE on %s: d=%d n=%d k=%d, %d tokens in %d steps, scale %.4f; %s lr %.3g, dead after %d "
+        "tokens without firing", cfg.sae.arch, job.sae.b_dec.device, job.sae.d_model, cfg.sae.n_latents, cfg.sae.k,
+        cfg.trainer.total_tokens, trainer.total_steps, trainer.state.scale, trainer.optimizer_name, trainer.base_lr,
+        trainer.dead_tokens,
     )
     should_stop = (lambda: job.mesh.any(preemption.requested())) if preemption is not None else None
     t0, tokens0 = time.perf_counter(), trainer.state.tokens

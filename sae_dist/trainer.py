@@ -59,12 +59,31 @@ def auto_lr(cfg: Config) -> float:
     """trainer.lr, or the optimizer's own rule when it is 0 (config.py's TrainerConfig.lr says whose)."""
     if cfg.trainer.lr > 0:
         return cfg.trainer.lr
-    n = cfg.sae.n_latents
-    if cfg.trainer.optimizer == "signum_sf":
+    n, name = cfg.sae.n_latents, optimizer_of(cfg)
+    if name == "signum_sf":
         return 5e-3 / math.sqrt(n / 2**14)
-    if cfg.trainer.optimizer == "muon":
+    if name == "muon":
         return muon_lr(n, step_tokens(cfg))
     return 2e-4 / math.sqrt(n / 2**14) * cfg.trainer.lr_scale * math.sqrt(step_tokens(cfg) / LR_BATCH)
+
+
+AUTO_ADAM_MIN_STEPS = 128
+"""trainer.optimizer=auto picks Adam for runs of at least this many steps, signum_sf for shorter ones."""
+
+
+def optimizer_of(cfg: Config) -> str:
+    """trainer.optimizer resolved: auto is adam on the DeepSpeed engine (its ZeRO optimizer) and for runs
+    of at least AUTO_ADAM_MIN_STEPS steps, signum_sf for shorter ones (docs/training.md: at 64 steps of
+    16384 tokens schedule-free sign descent beats Adam at every learning rate tried; at 256 and 1024
+    steps Adam wins)."""
+    if cfg.trainer.optimizer != "auto":
+        return cfg.trainer.optimizer
+    from sae_dist.parallel.engine import engine_name  # the engine module imports this one
+
+    if engine_name(cfg) == "deepspeed":
+        return "adam"
+    steps = cfg.trainer.total_tokens // step_tokens(cfg)
+    return "adam" if steps >= AUTO_ADAM_MIN_STEPS else "signum_sf"
 
 
 def step_tokens(cfg: Config) -> int:
@@ -205,8 +224,9 @@ class Trainer:
         self.tracker = tracker or NullTracker()
         self.checkpointer = checkpointer
         self.base_lr = auto_lr(cfg)
-        self.engine = engine or TorchEngine(sae, self.base_lr, optimizer, kind=cfg.trainer.optimizer)
-        self.decay_fraction = 0.0 if cfg.trainer.optimizer == "signum_sf" else cfg.trainer.decay_fraction
+        self.optimizer_name = optimizer_of(cfg)
+        self.engine = engine or TorchEngine(sae, self.base_lr, optimizer, kind=self.optimizer_name)
+        self.decay_fraction = 0.0 if self.optimizer_name == "signum_sf" else cfg.trainer.decay_fraction
         """Schedule-free averaging takes the place of a decay."""
         self.optimizer = self.engine.optimizer
         self.data_replicas: int = self.engine.data_replicas

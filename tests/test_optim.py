@@ -292,7 +292,7 @@ def test_sharded_newton_schulz_over_gloo_matches_unsharded(tmp_path):
 
 
 def test_automatic_schedule_scales_with_the_batch_and_the_token_budget(tmp_path):
-    from sae_dist.trainer import Trainer, TrainState, auto_lr, dead_window
+    from sae_dist.trainer import Trainer, TrainState, auto_lr, dead_window, optimizer_of
     from sae_dist.sae import SparseAutoencoder
 
     def cfg(batch, total=1_048_576, dp=1, **trainer):
@@ -301,7 +301,7 @@ def test_automatic_schedule_scales_with_the_batch_and_the_token_budget(tmp_path)
                                 parallel={"dp": dp})
 
     base = auto_lr(cfg(1024))
-    assert base == pytest.approx(2e-4 * 4)  # Gao et al.'s rule at n = 2^14, x lr_scale, at the tuned batch
+    assert base == pytest.approx(2e-4 * 8)  # Gao et al.'s rule at n = 2^14, x lr_scale, at the tuned batch
     assert auto_lr(cfg(4096)) == pytest.approx(2 * base)  # square root of the batch
     assert auto_lr(cfg(2048, dp=2)) == pytest.approx(2 * base)  # every replica's tokens count
     assert auto_lr(cfg(4096, lr=1e-3)) == 1e-3
@@ -309,3 +309,8 @@ def test_automatic_schedule_scales_with_the_batch_and_the_token_budget(tmp_path)
     c = cfg(4096, warmup_tokens=51_200)
     trainer = Trainer(c, SparseAutoencoder(c.sae, 32), TrainState())
     assert trainer.warmup_steps == 13 and trainer.total_steps == 256  # ceil(51200 / 4096) steps of warm-up
+    assert trainer.optimizer_name == "adam"
+    assert optimizer_of(cfg(1024, total=1024 * 127, optimizer="auto")) == "signum_sf"  # fewer than 128 steps
+    assert optimizer_of(cfg(1024, total=1024 * 128, optimizer="auto")) == "adam"
+    assert auto_lr(cfg(1024, total=1024 * 64, optimizer="auto")) == pytest.approx(5e-3)  # signum_sf's own rule
+    assert optimizer_of(cfg(512, total=1024 * 64, dp=2, optimizer="auto", param_dtype="bf16")) == "adam"  # ZeRO

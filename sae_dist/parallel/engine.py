@@ -13,7 +13,7 @@ from sae_dist.parallel.dims import Mesh, resolve_backend
 from sae_dist.parallel.dp import DataParallel
 from sae_dist.parallel.zero import DeepSpeedEngine
 from sae_dist.sae import SparseAutoencoder
-from sae_dist.trainer import TorchEngine
+from sae_dist.trainer import TorchEngine, optimizer_of
 
 
 def engine_name(cfg: Config) -> str:
@@ -28,7 +28,7 @@ def check_supported(cfg: Config, device: torch.device) -> None:
     """Refuses, before any work, what this process cannot run (`device` is trainer.device resolved)."""
     p, t = cfg.parallel, cfg.trainer
     resolve_backend(p.backend, device)
-    if t.optimizer != "adam" and engine_name(cfg) == "deepspeed":
+    if optimizer_of(cfg) != "adam" and engine_name(cfg) == "deepspeed":
         fix = ("set trainer.param_dtype=fp32 and parallel.engine=torch" if t.param_dtype == "bf16" else
                "set parallel.engine=torch (fp32 weights, the optimizer state replicated over dp)")
         why = ("parallel.engine is deepspeed" if p.engine == "deepspeed" else
@@ -49,4 +49,4 @@ def check_supported(cfg: Config, device: torch.device) -> None:
 def build_engine(cfg: Config, sae: SparseAutoencoder, mesh: Mesh, lr: float) -> Any:
     if engine_name(cfg) == "deepspeed":
         return DeepSpeedEngine(sae, lr, cfg, mesh)
-    return TorchEngine(sae, lr, data=DataParallel(mesh) if mesh.dp > 1 else None, kind=cfg.trainer.optimizer)
+    return TorchEngine(sae, lr, data=DataParallel(mesh) if mesh.dp > 1 else None, kind=optimizer_of(cfg))
