@@ -292,8 +292,8 @@ def test_sharded_newton_schulz_over_gloo_matches_unsharded(tmp_path):
 
 
 def test_automatic_schedule_scales_with_the_batch_and_the_token_budget(tmp_path):
-    from sae_dist.trainer import Trainer, TrainState, auto_lr, dead_window, optimizer_of
     from sae_dist.sae import SparseAutoencoder
+    from sae_dist.trainer import Trainer, TrainState, auto_lr, dead_window, optimizer_of
 
     def cfg(batch, total=1_048_576, dp=1, **trainer):
         return synthetic_config(tmp_path, sae={"n_latents": 16384, "k": 4, "dead_tokens": 0},
