@@ -474,7 +474,7 @@ class Checkpointer:
         model = self._read_rows(store, path, manifest, "model", lo, hi)
         trainer.tokens_since_fired.copy_(model.pop("tokens_since_fired"))
         trainer.engine.load_weights(model)  # ZeRO: into its fp32 masters too
-        trainer.engine.load_state_tensors(self._read_rows(store, path, manifest, "optim", lo, hi))
+        trainer.load_optimizer_state(self._read_rows(store, path, manifest, "optim", lo, hi))
         st = trainer.state
         st.step, st.tokens, st.scale, st.seed = state["step"], state["tokens"], state["scale"], state["seed"]
         by_dp = state["data_by_dp"]

@@ -25,6 +25,7 @@ from sae_dist.optim import (
     muon_lr,
     optimizer_name,
     reset_rows,
+    saved_optimizer,
 )
 from sae_dist.sae import SaeOutput, SparseAutoencoder
 from sae_dist.snapshot import load_optimizer_tensors, optimizer_tensors
@@ -55,11 +56,12 @@ LR_BATCH = 1024
 """Tokens per step at which Adam's rule was tuned (the default job's batch)."""
 
 
-def auto_lr(cfg: Config) -> float:
-    """trainer.lr, or the optimizer's own rule when it is 0 (config.py's TrainerConfig.lr says whose)."""
+def auto_lr(cfg: Config, name: str | None = None) -> float:
+    """trainer.lr, or the rule of optimizer `name` (default: optimizer_of(cfg)) when it is 0 (config.py's
+    TrainerConfig.lr says whose)."""
     if cfg.trainer.lr > 0:
         return cfg.trainer.lr
-    n, name = cfg.sae.n_latents, optimizer_of(cfg)
+    n, name = cfg.sae.n_latents, name or optimizer_of(cfg)
     if name == "signum_sf":
         return 5e-3 / math.sqrt(n / 2**14)
     if name == "muon":
@@ -162,12 +164,15 @@ class TorchEngine:
         kind: str = "adam",
     ) -> None:
         self.sae, self.data = sae, data
+        self.optimizer = optimizer or self.build(kind, lr)
+        self.data_replicas = data.size if data is not None else 1
+
+    def build(self, kind: str, lr: float) -> torch.optim.Optimizer:
+        """A fresh optimizer of `kind` over the SAE's parameters."""
+        sae = self.sae
         unit_rows = (sae.W_dec,) if sae.unit_norm_decoder else ()
         sharded, _ = sharded_params(sae)
-        self.optimizer = optimizer or build_optimizer(
-            kind, list(sae.parameters()), lr, unit_rows, comm=sae.comm, sharded=tuple(sharded)
-        )
-        self.data_replicas = data.size if data is not None else 1
+        return build_optimizer(kind, list(sae.parameters()), lr, unit_rows, comm=sae.comm, sharded=tuple(sharded))
 
     def before_forward(self) -> None:
         """Schedule-free: the weights move from the average to the point the gradient is taken at."""
@@ -247,6 +252,19 @@ class Trainer:
         """Loss at every step of this process, for tests and resume checks."""
         self.stopped = False
         """fit() ended early because should_stop() said so."""
+
+    def load_optimizer_state(self, tensors: dict[str, Tensor]) -> None:
+        """A checkpoint's optimizer state. Under trainer.optimizer=auto a run continues with the optimizer
+        its checkpoint holds, whatever the new layout would pick (a ZeRO run's Adam resumed on fewer ranks
+        of the torch engine stays Adam)."""
+        saved = saved_optimizer({k.rsplit(".", 1)[1] for k in tensors})
+        if (self.cfg.trainer.optimizer == "auto" and saved and saved != self.optimizer_name
+                and isinstance(self.engine, TorchEngine)):
+            log.info("trainer.optimizer=auto: the checkpoint holds %s state, so the run continues with %s", saved, saved)
+            self.optimizer_name, self.base_lr = saved, auto_lr(self.cfg, saved)
+            self.engine.optimizer = self.optimizer = self.engine.build(saved, self.base_lr)
+            self.decay_fraction = 0.0 if saved == "signum_sf" else self.cfg.trainer.decay_fraction
+        self.engine.load_state_tensors(tensors)
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.dead_tokens
