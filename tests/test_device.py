@@ -93,7 +93,7 @@ def test_explicit_cpu_device_gives_the_default_losses(tmp_path, monkeypatch):
 @pytest.mark.filterwarnings("ignore:.*meta parameter:UserWarning")
 def test_resumed_state_lands_on_the_parameters_device(tmp_path):
     # the meta device stands in for a GPU: tensors move there without data, so placement is checked on CPU
-    cfg = synthetic_config(tmp_path, trainer={"total_tokens": 256 * 3, "device": "cpu"})
+    cfg = synthetic_config(tmp_path, trainer={"total_tokens": 256 * 3, "device": "cpu", "optimizer": "adam"})
     train(cfg)
     trainer = Trainer(cfg, build_sae(cfg, 32, device="meta"), TrainState())
     ck = Checkpointer(cfg)
