@@ -126,7 +126,8 @@ class TrainerConfig:
     signum_sf: 5e-3 / sqrt(n_latents / 2**14), sparsify's rule for it (no lr_scale), 25x Adam's unscaled
     rate: the base iterate takes these large sign steps, but the weights in use are its running average,
     which moves far less per step and averages the steps' noise away.
-    muon: 2e-2 (optim.muon_lr), 10x sparsify's 2e-3, which under-trains runs of about a million tokens."""
+    muon: 2e-2 (optim.muon_lr), 10x sparsify's 2e-3, best of four rates at 262,144 tokens of batch 4096;
+    over a million tokens it leaves many latents dead (docs/training.md)."""
     lr_scale: float = 8.0
     """Multiplier on Adam's automatic learning rate (short runs like a higher one; 8 measured best with the
     automatic dead window at batch 1024 and 4096, docs/training.md)."""
