@@ -231,8 +231,6 @@ class Trainer:
         self.base_lr = auto_lr(cfg)
         self.optimizer_name = optimizer_of(cfg)
         self.engine = engine or TorchEngine(sae, self.base_lr, optimizer, kind=self.optimizer_name)
-        self.decay_fraction = 0.0 if self.optimizer_name == "signum_sf" else cfg.trainer.decay_fraction
-        """Schedule-free averaging takes the place of a decay."""
         self.optimizer = self.engine.optimizer
         self.data_replicas: int = self.engine.data_replicas
         """Each step trains on batch_tokens from every data replica."""
@@ -263,8 +261,12 @@ class Trainer:
             log.info("trainer.optimizer=auto: the checkpoint holds %s state, so the run continues with %s", saved, saved)
             self.optimizer_name, self.base_lr = saved, auto_lr(self.cfg, saved)
             self.engine.optimizer = self.optimizer = self.engine.build(saved, self.base_lr)
-            self.decay_fraction = 0.0 if saved == "signum_sf" else self.cfg.trainer.decay_fraction
         self.engine.load_state_tensors(tensors)
+
+    @property
+    def decay_fraction(self) -> float:
+        """trainer.decay_fraction; 0 for signum_sf, whose schedule-free averaging takes the place of a decay."""
+        return 0.0 if self.optimizer_name == "signum_sf" else self.cfg.trainer.decay_fraction
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.dead_tokens
