@@ -19,6 +19,11 @@ def test_k_not_below_n_latents_names_both_fields():
         sae_config(n_latents=64, k=64)
 
 
+def test_negative_encoder_scale_names_the_field_and_the_automatic_value():
+    with pytest.raises(ConfigError, match=r"sae\.encoder_scale \(-0\.5\) must be >= 0 \(0 = automatic\)"):
+        sae_config(arch="topk", encoder_scale=-0.5)
+
+
 def test_unknown_arch_lists_the_choices():
     with pytest.raises(ConfigError, match=r"sae\.arch \('topkk'\) must be one of topk, batchtopk"):
         sae_config(arch="topkk")

@@ -205,3 +205,36 @@ def test_matryoshka_smallest_prefix_is_trained_to_reconstruct_alone():
     assert torch.allclose(out.x_hat, plain(x).x_hat)
     assert not torch.allclose(out.terms["fvu_prefix0"], out.terms["fvu"])
     assert not torch.allclose(out.loss, out.terms["fvu"])  # the prefixes' losses count too
+
+
+def test_topk_encoder_starts_at_the_least_squares_scale_of_its_first_reconstruction():
+    """sae.encoder_scale=0 (topk's default) scales the transposed decoder so that on the first batch
+    <x - b_dec, r> = <r, r> for the decoded top-k r: the selection is unchanged (b_enc is 0) and the
+    reconstruction error can only fall. A positive value is taken as it is."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(8, 16, generator=g)
+    x = (torch.randn(512, 8, generator=g) * torch.linspace(3, 0.3, 8)) @ basis + 2.0  # anisotropic, off-centre
+
+    def fresh(**kw) -> SparseAutoencoder:
+        cfg = sae_config(arch="topk", n_latents=96, k=6, **kw)
+        return SparseAutoencoder(cfg, d_model=16, encoder_chunk=32, generator=torch.Generator().manual_seed(1)).double()
+
+    plain, auto = fresh(encoder_scale=1.0), fresh()
+    xd = x.double()
+    with torch.no_grad():
+        W = plain.W_enc.clone()
+        plain.init_from_batch(xd)
+        assert torch.equal(plain.W_enc, W)  # 1.0: Gao et al.'s plain transpose
+        auto.init_from_batch(xd)
+        s = float(auto.W_enc.norm(dim=1).mean())
+        assert 0.2 < s < 0.95 and torch.allclose(auto.W_enc, W * s)  # k correlated directions overshoot
+        vals, idx = auto.encode_sparse(xd)
+        r = auto.decode_sparse(vals, idx) - auto.b_dec
+        xc = xd - auto.b_dec
+        assert float((xc * r).sum() / r.pow(2).sum()) == pytest.approx(1.0, rel=1e-9)
+        assert torch.equal(idx.sort(1).values, plain.encode_sparse(xd)[1].sort(1).values)  # same selection
+        err = lambda sae: float((xd - sae(xd).x_hat).pow(2).sum())  # noqa: E731
+        assert err(auto) < err(plain)
+        half = fresh(encoder_scale=0.5)
+        half.init_from_batch(xd)
+        assert torch.allclose(half.W_enc, W * 0.5)

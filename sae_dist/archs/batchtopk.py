@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 @dataclass
 class BatchTopKConfig(TopKConfig):
     arch: str = "batchtopk"
+    encoder_scale: float = 1.0
+    """As topk's; 1.0 (the plain transpose) here: the automatic scale is measured for topk only so far."""
 
 
 @register

@@ -28,11 +28,17 @@ class TopKConfig(SaeConfig):
     """AuxK: dead latents used to model the residual; 0 means d_model // 2 (Gao et al.)."""
     aux_coef: float = 1.0 / 32
     """Weight of the AuxK loss."""
+    encoder_scale: float = 0.0
+    """The encoder starts as this multiple of the decoder's transpose. 0 = automatic: the least-squares
+    scale of the first batch's reconstruction (`TopK.init_from_batch`), about 0.6 at k = 32, where the
+    plain transpose (1.0, Gao et al.) makes k correlated unit directions overshoot every token
+    (docs/training.md)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.k_aux >= 0, f"sae.k_aux ({self.k_aux}) must be >= 0 (0 = d_model // 2)")
         require(self.aux_coef >= 0, f"sae.aux_coef ({self.aux_coef}) must be >= 0 (0 turns AuxK off)")
+        require(self.encoder_scale >= 0, f"sae.encoder_scale ({self.encoder_scale}) must be >= 0 (0 = automatic)")
 
 
 def encode_with_aux(
@@ -67,6 +73,21 @@ class TopK(Arch):
     config = TopKConfig
     saelens_architecture = "topk"
     uses_dead_mask = True
+
+    def init_from_batch(self, sae: SparseAutoencoder, x: Tensor) -> None:
+        """W_enc times sae.encoder_scale, or when that is 0 times s = <x - b_dec, r> / <r, r> summed over
+        the batch and every data replica, r the batch's decoded top-k at the initial encoder: the
+        scale at which the first reconstruction is least-squares right. b_enc is 0 here, so scaling
+        the encoder leaves every selection as it is."""
+        s = self.cfg.encoder_scale
+        if not s:
+            xc = x - sae.b_dec
+            vals, idx = self.encode_sparse(sae, x)
+            r = sae.comm.sum_partial(kernels.sparse_decode(vals, idx, sae.W_dec))
+            num = sae.comm.mean_over_data((xc * r).sum().double())
+            den = sae.comm.mean_over_data(r.pow(2).sum().double())
+            s = float(num / den) if float(den) > 0 and float(num) > 0 else 1.0
+        sae.W_enc.mul_(s)
 
     def forward(self, sae: SparseAutoencoder, x: Tensor, dead_mask: Tensor | None) -> SaeOutput:
         cfg = self.cfg
