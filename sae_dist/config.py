@@ -128,9 +128,10 @@ class TrainerConfig:
     which moves far less per step and averages the steps' noise away.
     muon: 2e-2 (optim.muon_lr), 10x sparsify's 2e-3, best of four rates at 262,144 tokens of batch 4096;
     over a million tokens it leaves many latents dead (docs/training.md)."""
-    lr_scale: float = 8.0
-    """Multiplier on Adam's automatic learning rate (short runs like a higher one; 8 measured best with the
-    automatic dead window at batch 1024 and 4096, docs/training.md)."""
+    lr_scale: float = 6.0
+    """Multiplier on Adam's automatic learning rate (short runs like a higher one). 6 with topk's
+    automatic encoder scale, best at batch 4096 for FVU with under 5% dead; the plain transposed
+    encoder wanted 8 (docs/training.md)."""
     warmup_tokens: int = 51_200
     """Linear warm-up over this many training tokens (ceil(warmup_tokens / tokens per step) steps; 0 = none):
     a token budget, so a larger batch warms up over fewer steps, not over more data."""

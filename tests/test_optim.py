@@ -301,7 +301,7 @@ def test_automatic_schedule_scales_with_the_batch_and_the_token_budget(tmp_path)
                                 parallel={"dp": dp})
 
     base = auto_lr(cfg(1024))
-    assert base == pytest.approx(2e-4 * 8)  # Gao et al.'s rule at n = 2^14, x lr_scale, at the tuned batch
+    assert base == pytest.approx(2e-4 * 6)  # Gao et al.'s rule at n = 2^14, x lr_scale, at the tuned batch
     assert auto_lr(cfg(4096)) == pytest.approx(2 * base)  # square root of the batch
     assert auto_lr(cfg(2048, dp=2)) == pytest.approx(2 * base)  # every replica's tokens count
     assert auto_lr(cfg(4096, lr=1e-3)) == 1e-3
