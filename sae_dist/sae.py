@@ -128,7 +128,7 @@ class SparseAutoencoder(nn.Module):
             W = W / W.norm(dim=1, keepdim=True)
         W = W * self.arch.decoder_init_scale
         self.W_dec = nn.Parameter(W)
-        self.W_enc = nn.Parameter(W.clone())  # encoder initialised as the decoder's transpose
+        self.W_enc = nn.Parameter(W.clone())  # the decoder's transpose (topk rescales it on the first batch)
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.b_dec = nn.Parameter(torch.zeros(d_model))
         self.arch.add_parameters(self, n)
