@@ -82,8 +82,7 @@ class TopK(Arch):
         s = self.cfg.encoder_scale
         if not s:
             xc = x - sae.b_dec
-            vals, idx = self.encode_sparse(sae, x)
-            r = sae.comm.sum_partial(kernels.sparse_decode(vals, idx, sae.W_dec))
+            r = sae.decode_sparse(*self.encode_sparse(sae, x)) - sae.b_dec
             num = sae.comm.mean_over_data((xc * r).sum().double())
             den = sae.comm.mean_over_data(r.pow(2).sum().double())
             s = float(num / den) if float(den) > 0 and float(num) > 0 else 1.0
