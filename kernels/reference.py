@@ -64,7 +64,8 @@ def topk_encode_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per row of x @ W_enc.T + b_enc: the k largest (values sorted descending, latent ids), and, over
     the latents where aux_mask is True, the k_aux largest (-inf at latent 0 where a row has fewer).
-    Streams over `chunk` latents at a time: the largest temporary is (B, chunk)."""
+    Streams over `chunk` latents at a time: the largest temporaries are a (B, chunk) block and, with
+    aux_mask, its dead latents' columns."""
     k = min(k, W_enc.shape[0])
     want_aux = aux_mask is not None and k_aux > 0
     k_aux = min(k_aux, W_enc.shape[0]) if want_aux else 0
@@ -104,6 +105,7 @@ def _stream_topk(
                 dv = pre.index_select(1, dead)  # (B, n_dead)
                 av, ai = dv.topk(min(k_aux, dead.numel()), dim=1, sorted=False)
                 aux.add(av, dead[ai] + start)
+                del dv  # else it lives on beside the next block's pre: 3 (B, chunk) buffers, not 2
         del pre
     vals, idx = top.result(sort=sel is None)
     aux_vals, aux_idx = aux.result(sort=False) if aux_mask is not None else aux.empty

@@ -3,6 +3,7 @@
     python scripts/memory_plan.py --d 4096 --n 16777216 --gpus 8 16 32        # every layout, what fits
     python scripts/memory_plan.py --d 768 --n 65536 --dp 2 --fp 2 --dtype fp32 # one layout
     python scripts/memory_plan.py --d 4096 --n 16777216 --gpus 32 --markdown   # the tables in docs/memory.md
+    python scripts/memory_plan.py --cpu --d 384 --n 262144 1048576 --fp 1 2 4 --batch 4096  # CPU peak per rank
 
 The model (docs/memory.md explains each term): a rank holds n/fp latents, i.e. P = n/fp * (2d + 1) + d
 parameters (W_enc and W_dec rows, b_enc, the replicated b_dec). Gradients are dense like the weights
@@ -40,9 +41,10 @@ class Plan:
 
 def plan(d: int, n: int, dp: int, fp: int, dtype: str = "fp32", engine: str = "torch", zero_stage: int = 1,
          offload: bool = False, batch: int = 8192, k: int = 32, k_aux: int = 0, chunk: int = 8192,
-         bucket: float = 5e7) -> Plan:
+         bucket: float = 5e7, dead: float = 1.0) -> Plan:
     """Bytes per rank. `batch` tokens per replica, `chunk` latents per encoder block, `bucket` elements
-    per ZeRO reduce/all-gather bucket."""
+    per ZeRO reduce/all-gather bucket, `dead` the largest fraction of a block's latents that AuxK
+    reads (their columns of the block are copied out; 1 plans for the worst case)."""
     if n % fp:
         raise ValueError(f"fp ({fp}) must divide n ({n})")
     k_aux = k_aux or d // 2
@@ -60,11 +62,32 @@ def plan(d: int, n: int, dp: int, fp: int, dtype: str = "fp32", engine: str = "t
     optimizer = 0.0 if offload else state
     buffers = (
         batch * d * 4 * 6  # x, x - b_dec, x_hat, residual, AuxK decode, input gradient
-        + batch * min(chunk, n_local) * 4 * 2  # one encoder block of pre-activations and its top-k scratch
+        + batch * min(chunk, n_local) * 4 * (1 + dead)  # one encoder block's pre-activations + its dead columns
         + batch * (k + k_aux) * 12 * (fp + 1)  # candidates (value + int32 id) and their all-gather
         + (2 * bucket * w if zero else 0)  # ZeRO reduce and all-gather buckets
     )
     return Plan(dp, fp, engine, dtype, offload, weights, grads, optimizer, buffers, host)
+
+
+def cpu_peak(d: int, n: int, fp: int, batch: int = 4096, k: int = 32, k_aux: int = 0, chunk: int = 8192,
+             dead: float = 1.0) -> dict[str, float]:
+    """Peak bytes per rank of fp32 training with Adam on the torch engine on CPU, above the process's
+    runtime (torch, gloo: measured, not modelled). Weights, Adam's moments and the gradients are held
+    throughout a step (the previous step's gradients live until zero_grad, after the forward), on top
+    of the larger of:
+
+    - the forward's buffers (`plan`'s, with `dead` the largest fraction of latents AuxK reads);
+    - the update's temporaries: torch's Adam on CPU runs one parameter at a time (its foreach kernels
+      are GPU-only) and forms sqrt(v), then sqrt(v) / c, as new tensors of the parameter's size, while
+      the loop still holds the previous parameter's quotient: 3 x the largest parameter (W_enc's or
+      W_dec's rows of this shard, the same size, updated one after the other).
+
+    -> the terms and `peak`."""
+    p = plan(d, n, 1, fp, "fp32", "torch", batch=batch, k=k, k_aux=k_aux, chunk=chunk, dead=dead)
+    transient = 3 * (n // fp) * d * 4
+    peak = p.weights + p.optimizer + p.grads + max(p.buffers, transient)
+    return {"weights": p.weights, "grads": p.grads, "optimizer": p.optimizer, "buffers": p.buffers,
+            "transient": transient, "peak": peak}
 
 
 def layouts(gpus: int, n: int) -> list[tuple[int, int]]:
@@ -85,10 +108,12 @@ HEADER = ["dp x fp", "engine", "dtype", "offload", "weights", "grads", "optim", 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--d", type=int, default=4096, help="d_model")
-    ap.add_argument("--n", type=int, default=2**24, help="n_latents")
+    ap.add_argument("--n", type=int, nargs="+", default=[2**24], help="n_latents (several only with --cpu)")
     ap.add_argument("--gpus", type=int, nargs="*", default=[], help="enumerate every dp x fp layout of these")
     ap.add_argument("--dp", type=int, default=1)
-    ap.add_argument("--fp", type=int, default=1)
+    ap.add_argument("--fp", type=int, nargs="+", default=[1], help="feature shards (several only with --cpu)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="peak bytes per rank of fp32 Adam training on CPU (cpu_peak), runtime excluded")
     ap.add_argument("--dtype", choices=sorted(BYTES), default=None, help="default: both")
     ap.add_argument("--batch", type=int, default=8192, help="tokens per replica per step")
     ap.add_argument("--k", type=int, default=32)
@@ -96,6 +121,18 @@ def main() -> None:
     ap.add_argument("--all", action="store_true", help="with --gpus: also the layouts that do not fit")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
+    if args.cpu:
+        print(f"CPU, fp32 Adam, d={args.d}, batch={args.batch}, k={args.k}: GB per rank above the runtime")
+        print("| n | fp | weights | grads | Adam | buffers | update transient | peak |\n|---|---|---|---|---|---|---|---|")
+        for n in args.n:
+            for fp in args.fp:
+                t = cpu_peak(args.d, n, fp, args.batch, args.k)
+                print(f"| {n} | {fp} | " + " | ".join(f"{t[c] / GB:.3f}" for c in
+                      ("weights", "grads", "optimizer", "buffers", "transient", "peak")) + " |")
+        return
+    if len(args.n) > 1 or len(args.fp) > 1:
+        ap.error("several --n or --fp values need --cpu; the GPU tables take one n (and --gpus for layouts)")
+    args.n, args.fp = args.n[0], args.fp[0]
     dtypes = [args.dtype] if args.dtype else ["fp32", "bf16"]
     options = [("torch", 1, False), ("deepspeed", 2, False), ("deepspeed", 2, True)]
     sep = "|" + "---|" * len(HEADER)

@@ -1,0 +1,62 @@
+"""The memory model (scripts/memory_plan.py) against the bytes of the tensors a training step really
+holds, through the same bookkeeping scripts/bench_scaling.py reports with: if the code changes what it
+keeps, the model's table stops matching here, not silently in docs/memory.md."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import bench_scaling  # noqa: E402
+import memory_plan  # noqa: E402
+
+from sae_dist.config import sae_config  # noqa: E402
+from sae_dist.sae import SparseAutoencoder  # noqa: E402
+
+D, N, K, B = 48, 768, 8, 128
+
+
+def _trained(n: int, fp: int) -> bench_scaling.Trainer:
+    """This rank's trainer for a shard of n / fp latents after 3 steps (AuxK acts in the last two)."""
+    args = argparse.Namespace(d=D, k=K, chunk=256)
+    trainer = bench_scaling._trainer(args, n, 1, B)
+    if fp > 1:  # a shard's tensors: n / fp rows and the replicated b_dec (its collectives are not needed here)
+        sae = SparseAutoencoder(trainer.cfg.sae, D, n_local=n // fp, seed=0)
+        trainer = bench_scaling.Trainer(trainer.cfg, sae, bench_scaling.TrainState())
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        trainer.train_step(torch.randn(B, D, generator=g))
+    return trainer
+
+
+@pytest.mark.parametrize("fp", [1, 2, 4])
+def test_weights_gradients_and_adam_state_are_the_bytes_the_model_counts(fp: int) -> None:
+    trainer = _trained(N, fp)
+    measured = bench_scaling.tensor_bytes(trainer.sae, trainer.optimizer)
+    model = memory_plan.plan(D, N, 1, fp, "fp32", "torch", batch=B, k=K)
+    assert trainer.optimizer_name == "adam"
+    assert measured == {"weights": model.weights, "grads": model.grads, "optimizer": model.optimizer}
+    cpu = memory_plan.cpu_peak(D, N, fp, batch=B, k=K)
+    assert {key: cpu[key] for key in measured} == measured
+    # the update's temporaries are counted in units of the largest parameter this rank updates
+    largest = max(p.numel() * p.element_size() for p in trainer.sae.parameters())
+    assert cpu["transient"] == 3 * largest
+    assert cpu["peak"] == sum(measured.values()) + max(cpu["buffers"], 3 * largest)
+
+
+def test_the_forward_buffer_term_grows_with_the_dead_latents_that_auxk_copies_out() -> None:
+    live = memory_plan.plan(D, 4096, 1, 1, batch=B, k=K, chunk=1024, dead=0.0).buffers
+    dead = memory_plan.plan(D, 4096, 1, 1, batch=B, k=K, chunk=1024, dead=1.0).buffers
+    assert dead - live == B * 1024 * 4  # one (B, chunk) fp32 block of dead columns
+
+
+def test_the_scaling_bench_slope_and_fit_check() -> None:
+    assert bench_scaling.slope(1.0, 4.0, 1000, 4000) == pytest.approx(1.0)
+    assert bench_scaling.slope(1.0, 2.0, 1000, 4000) == pytest.approx(0.5)
+    ok, need = bench_scaling.fits(6144, 1, argparse.Namespace(d=384, k=32, batch=4096, chunk=8192))
+    assert ok and 0.6e9 < need < 2e9
