@@ -98,7 +98,7 @@ def _bench(rank: int, fp: int, args: argparse.Namespace, n: int) -> dict:
     # the runtime: a process that has trained a tiny SAE (3 steps, AuxK in the last) has loaded every
     # library and code path the run uses (the first optimizer alone imports ~0.15 GB of torch)
     tiny = _trainer(args, 64 * fp, fp, 64)
-    for step in range(3):
+    for _ in range(3):
         tiny.train_step(torch.randn(64, args.d))
     del tiny
     runtime = rss_bytes()

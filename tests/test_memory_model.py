@@ -15,7 +15,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import bench_scaling  # noqa: E402
 import memory_plan  # noqa: E402
 
-from sae_dist.config import sae_config  # noqa: E402
 from sae_dist.sae import SparseAutoencoder  # noqa: E402
 
 D, N, K, B = 48, 768, 8, 128
