@@ -189,6 +189,9 @@ class TorchEngine:
         self.sae.project_decoder_grad()
         norm = clip_grad_norm(self.sae, grad_clip)
         self.optimizer.step()
+        # applied, the gradients are dead: freed here, they are not held through the next forward or a
+        # checkpoint's host copy (a third of the state's bytes; docs/memory.md)
+        self.optimizer.zero_grad(set_to_none=True)
         self.sae.normalize_decoder()
         return norm, fired
 

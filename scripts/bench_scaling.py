@@ -69,16 +69,27 @@ def config(d: int, n: int, k: int, batch: int, fp: int, chunk: int) -> Config:
     )
 
 
-def tensor_bytes(sae: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """This rank's bytes by the memory model's terms. Adam's 0-dim step counters (4 bytes a parameter)
-    are left out, as the model leaves them out."""
-    def size(ts):  # type: ignore[no-untyped-def]
-        return sum(t.numel() * t.element_size() for t in ts)
+def _size(tensors) -> int:  # type: ignore[no-untyped-def]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
-    params = list(sae.parameters())
+
+def count_gradients(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """{"grads": bytes of the gradients at the start of each update}, kept up to date by a hook: they
+    are freed once applied, so after a step there are none to count."""
+    seen = {"grads": 0}
+
+    def hook(opt, args, kwargs) -> None:  # type: ignore[no-untyped-def]
+        seen["grads"] = _size(p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None)
+
+    optimizer.register_step_pre_hook(hook)
+    return seen
+
+
+def tensor_bytes(sae: torch.nn.Module, optimizer: torch.optim.Optimizer, grads: dict[str, int]) -> dict[str, int]:
+    """This rank's bytes by the memory model's terms (`grads` from `count_gradients`). Adam's 0-dim step
+    counters (4 bytes a parameter) are left out, as the model leaves them out."""
     state = [t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0]
-    return {"weights": size(params), "grads": size(p.grad for p in params if p.grad is not None),
-            "optimizer": size(state)}
+    return {"weights": _size(sae.parameters()), "grads": grads["grads"], "optimizer": _size(state)}
 
 
 def rss_bytes() -> int:
@@ -103,7 +114,7 @@ def _bench(rank: int, fp: int, args: argparse.Namespace, n: int) -> dict:
     del tiny
     runtime = rss_bytes()
     trainer = _trainer(args, n, fp, args.batch)
-    sae = trainer.sae
+    grads = count_gradients(trainer.optimizer)
     src = SyntheticSource(args.d, 4 * args.d, 8, seed=0, chunk_tokens=args.batch)
     times, dead = [], 0.0
     for step in range(args.warmup + args.steps):
@@ -117,7 +128,7 @@ def _bench(rank: int, fp: int, args: argparse.Namespace, n: int) -> dict:
             times.append(time.perf_counter() - t0)
     return {"n": n, "fp": fp, "rank": rank, "step_s": statistics.median(times), "runtime": runtime,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "dead_local_max": dead,
-            "dead_fraction": trainer.dead_fraction(), **tensor_bytes(sae, trainer.optimizer)}
+            "dead_fraction": trainer.dead_fraction(), **tensor_bytes(trainer.sae, trainer.optimizer, grads)}
 
 
 def _threads(args: argparse.Namespace, fp: int) -> int:

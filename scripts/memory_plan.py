@@ -72,20 +72,20 @@ def plan(d: int, n: int, dp: int, fp: int, dtype: str = "fp32", engine: str = "t
 def cpu_peak(d: int, n: int, fp: int, batch: int = 4096, k: int = 32, k_aux: int = 0, chunk: int = 8192,
              dead: float = 1.0) -> dict[str, float]:
     """Peak bytes per rank of fp32 training with Adam on the torch engine on CPU, above the process's
-    runtime (torch, gloo: measured, not modelled). Weights, Adam's moments and the gradients are held
-    throughout a step (the previous step's gradients live until zero_grad, after the forward), on top
-    of the larger of:
+    runtime (torch, gloo: measured, not modelled). Weights and Adam's moments are held throughout, on
+    top of the larger of:
 
-    - the forward's buffers (`plan`'s, with `dead` the largest fraction of latents AuxK reads);
-    - the update's temporaries: torch's Adam on CPU runs one parameter at a time (its foreach kernels
-      are GPU-only) and forms sqrt(v), then sqrt(v) / c, as new tensors of the parameter's size, while
-      the loop still holds the previous parameter's quotient: 3 x the largest parameter (W_enc's or
-      W_dec's rows of this shard, the same size, updated one after the other).
+    - the forward's buffers (`plan`'s, with `dead` the largest fraction of latents AuxK reads); the
+      gradients are freed once applied, so none are held here;
+    - the update: the gradients, and Adam's temporaries: torch's Adam on CPU runs one parameter at a
+      time (its foreach kernels are GPU-only) and forms sqrt(v), then sqrt(v) / c, as new tensors of
+      the parameter's size, while the loop still holds the previous parameter's quotient: 3 x the
+      largest parameter (W_enc's or W_dec's rows of this shard, the same size, one after the other).
 
     -> the terms and `peak`."""
     p = plan(d, n, 1, fp, "fp32", "torch", batch=batch, k=k, k_aux=k_aux, chunk=chunk, dead=dead)
     transient = 3 * (n // fp) * d * 4
-    peak = p.weights + p.optimizer + p.grads + max(p.buffers, transient)
+    peak = p.weights + p.optimizer + max(p.buffers, p.grads + transient)
     return {"weights": p.weights, "grads": p.grads, "optimizer": p.optimizer, "buffers": p.buffers,
             "transient": transient, "peak": peak}
 

@@ -20,23 +20,25 @@ from sae_dist.sae import SparseAutoencoder  # noqa: E402
 D, N, K, B = 48, 768, 8, 128
 
 
-def _trained(n: int, fp: int) -> bench_scaling.Trainer:
-    """This rank's trainer for a shard of n / fp latents after 3 steps (AuxK acts in the last two)."""
+def _trained(n: int, fp: int) -> tuple[bench_scaling.Trainer, dict[str, int]]:
+    """This rank's trainer for a shard of n / fp latents after 3 steps (AuxK acts in the last two), and
+    its tensors' bytes by the model's terms."""
     args = argparse.Namespace(d=D, k=K, chunk=256)
     trainer = bench_scaling._trainer(args, n, 1, B)
     if fp > 1:  # a shard's tensors: n / fp rows and the replicated b_dec (its collectives are not needed here)
         sae = SparseAutoencoder(trainer.cfg.sae, D, n_local=n // fp, seed=0)
         trainer = bench_scaling.Trainer(trainer.cfg, sae, bench_scaling.TrainState())
+    grads = bench_scaling.count_gradients(trainer.optimizer)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
         trainer.train_step(torch.randn(B, D, generator=g))
-    return trainer
+    assert all(p.grad is None for p in trainer.sae.parameters()), "gradients outlived their update"
+    return trainer, bench_scaling.tensor_bytes(trainer.sae, trainer.optimizer, grads)
 
 
 @pytest.mark.parametrize("fp", [1, 2, 4])
 def test_weights_gradients_and_adam_state_are_the_bytes_the_model_counts(fp: int) -> None:
-    trainer = _trained(N, fp)
-    measured = bench_scaling.tensor_bytes(trainer.sae, trainer.optimizer)
+    trainer, measured = _trained(N, fp)
     model = memory_plan.plan(D, N, 1, fp, "fp32", "torch", batch=B, k=K)
     assert trainer.optimizer_name == "adam"
     assert measured == {"weights": model.weights, "grads": model.grads, "optimizer": model.optimizer}
@@ -45,7 +47,8 @@ def test_weights_gradients_and_adam_state_are_the_bytes_the_model_counts(fp: int
     # the update's temporaries are counted in units of the largest parameter this rank updates
     largest = max(p.numel() * p.element_size() for p in trainer.sae.parameters())
     assert cpu["transient"] == 3 * largest
-    assert cpu["peak"] == sum(measured.values()) + max(cpu["buffers"], 3 * largest)
+    assert cpu["peak"] == measured["weights"] + measured["optimizer"] + max(cpu["buffers"],
+                                                                            measured["grads"] + 3 * largest)
 
 
 def test_the_forward_buffer_term_grows_with_the_dead_latents_that_auxk_copies_out() -> None:
