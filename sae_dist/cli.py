@@ -62,7 +62,8 @@ def train_main(cfg):  # type: ignore[no-untyped-def]
     results = run_member(cfg, _train_one)
     if results.get("rank", 0):  # under torchrun only rank 0 reports
         return results["fvu"]
-    summary = {k: results[k] for k in ("fvu", "l0", "dead_fraction", "dense_fraction", "tokens", "steps")}
+    summary = {k: results[k] for k in ("fvu", "l0", "dead_fraction", "dense_fraction", "tokens", "steps",
+                                       "group_restarts") if k in results}
     print(f"held-out: FVU {results['fvu']:.4f}  L0 {results['l0']:.1f}  dead {results['dead_fraction']:.2%}")
     print(json.dumps(summary | {"export_dir": results["export_dir"]}))
     return results["fvu"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import signal
 import time
 from collections.abc import Iterable
@@ -188,12 +189,16 @@ def finish(job: Job, heldout: Iterable[Tensor], fit_s: float, tokens: int) -> di
     results = evaluate(fold_scale_(sae, state.scale), covering(heldout, cfg.trainer.eval_tokens), 1.0,
                        cfg.trainer.eval_tokens) | weight_metrics(sae)
     tracker.log_metrics({f"eval/{k}": v for k, v in results.items()}, state.step)
+    # every rank's peak resident memory over this process (training, export, this eval), in GiB
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
+    peak_rss = mesh.gather_union({str(mesh.rank): round(peak_kib / 2**20, 3)})
     if mesh.is_main:
         with open(os.path.join(cfg.output_dir, "results.json"), "w") as fh:
             json.dump(results | {"steps": state.step, "train_tokens": state.tokens, "n_latents": cfg.sae.n_latents,
                                  "train_s": round(fit_s, 2),
                                  # end to end over this process's training: data, steps, checkpoints
                                  "train_tokens_per_s": round(tokens / max(fit_s, 1e-9), 1),
+                                 "peak_rss_gib": dict(sorted(peak_rss.items(), key=lambda kv: int(kv[0]))),
                                  "heldout": heldout_spec(cfg)}, fh, indent=1)
         plots_dir = os.path.join(cfg.output_dir, "plots")
         os.makedirs(plots_dir, exist_ok=True)

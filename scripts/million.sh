@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# A million-latent TopK SAE through the whole stack on one machine: a MiniLM producer actor feeding
+# 2 feature-parallel trainer actors on a local Ray cluster, checkpoints to s3:// on a local moto server,
+# one trainer actor killed (SIGKILL) after the first checkpoint and the group restarted from it, the
+# feature-sharded export, then `sae-dist eval` and dashboards for a sample of features.
+#
+#     bash scripts/million.sh                                   # n = 2^20, 2^18 tokens (a benchmark: hours here)
+#     N=16384 TOKENS=32768 EVERY=2 OUT=/tmp/m bash scripts/million.sh   # the same path at a toy size
+#
+# Settings (environment): N latents, TOKENS training tokens, BATCH tokens per step, EVERY steps between
+# checkpoints, OUT the run folder, PORT of the moto server, FEATURES dashboards to build, TIMEOUT
+# seconds an actor may take to start (cluster.timeout_s: minutes on a loaded 2-core machine). Extra
+# arguments go to the training command as Hydra overrides (e.g. `data=cache data.cache_dir=/tmp/acts`
+# to read the activation cache instead of running the LM).
+# Prints wall time, tokens/s, per-rank peak RSS, dead fraction and the eval; all of it lands in OUT.
+set -euo pipefail
+
+N=${N:-1048576}
+TOKENS=${TOKENS:-262144}
+BATCH=${BATCH:-4096}
+EVERY=${EVERY:-16}
+OUT=${OUT:-outputs/million}
+PORT=${PORT:-9100}
+FEATURES=${FEATURES:-32}
+TIMEOUT=${TIMEOUT:-1800}
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+# freed tensors go back to the OS at once (glibc keeps blocks under its dynamic mmap threshold, up to
+# 32 MB, in its heaps): two ranks of ~8 GB each and a checkpoint's host copy share 24 GB here
+export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-131072}
+
+rm -rf "$OUT" && mkdir -p "$OUT"
+cat > "$OUT/train.sh" <<EOF
+#!/usr/bin/env bash
+# run by scripts/local_s3.py with the AWS variables pointing at the moto server
+set -uo pipefail
+sae-dist cluster.producers=1 parallel.fp=2 sae.n_latents=$N trainer.batch_tokens=$BATCH \\
+  trainer.total_tokens=$TOKENS trainer.log_every=4 checkpoint=s3 checkpoint.url=s3://million/runs \\
+  checkpoint.every_steps=$EVERY checkpoint.async_upload=false cluster.timeout_s=$TIMEOUT tracking=none \\
+  hydra.run.dir=$OUT $* \\
+  > $OUT/train.log 2>&1 &
+job=\$!
+# the fault: once the first checkpoint is complete, SIGKILL one trainer rank's process
+until grep -q "step-.* complete" $OUT/train.log 2>/dev/null; do
+  kill -0 \$job 2>/dev/null || break
+  sleep 5
+done
+victim=\$(pgrep -f "TrainerWorker" | tail -1 || true)
+if [ -n "\$victim" ]; then
+  echo "killing trainer actor process \$victim after: \$(grep -o 'step-[0-9]* complete' $OUT/train.log | tail -1)" | tee $OUT/fault.txt
+  kill -9 "\$victim"
+fi
+wait \$job
+EOF
+chmod +x "$OUT/train.sh"
+
+start=$(date +%s)
+/usr/bin/time -v python scripts/local_s3.py --port "$PORT" --bucket million --run -- bash "$OUT/train.sh" \
+  2> "$OUT/time.txt" || { tail -30 "$OUT/train.log"; exit 1; }
+wall=$(( $(date +%s) - start ))
+python - "$OUT" "$wall" "$TOKENS" <<'PY'
+import json, os, sys
+out, wall, tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+r = json.load(open(f"{out}/results.json"))
+print(f"wall {wall} s, {tokens / wall:.0f} tokens/s over the whole job (LM, restart and export included)")
+summary = json.loads([line for line in open(f"{out}/train.log") if line.startswith("{")][-1])
+print("trainer group restarts:", summary.get("group_restarts"))
+fault = open(f"{out}/fault.txt").read().strip() if os.path.exists(f"{out}/fault.txt") else "none"
+print("fault:", fault)
+print("held-out FVU %.4f  L0 %.1f  dead %.2f%%" % (r["fvu"], r["l0"], 100 * r["dead_fraction"]))
+print("training tokens/s (the attempt that finished):", r["train_tokens_per_s"])
+print("peak RSS per rank, GiB (the attempt that finished: training, export, eval):", r["peak_rss_gib"])
+PY
+sae-dist eval "$OUT" | tee "$OUT/eval.txt"
+sae-dist dashboard build "$OUT" --features "$FEATURES" --out "$OUT/dash" | tail -3
+echo "run folder: $OUT (train.log, results.json, eval/, dash/)"
