@@ -29,6 +29,16 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-131072}
 
 rm -rf "$OUT" && mkdir -p "$OUT"
+cat > "$OUT/first_checkpoint.py" <<'PYW'
+"""Exit 0 once a checkpoint step under s3://million/runs/sae is complete (its manifest.json, written last)."""
+import os
+import sys
+
+import s3fs
+
+fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+sys.exit(0 if fs.glob("million/runs/sae/step-*/manifest.json") else 1)
+PYW
 cat > "$OUT/train.sh" <<EOF
 #!/usr/bin/env bash
 # run by scripts/local_s3.py with the AWS variables pointing at the moto server
@@ -40,13 +50,13 @@ sae-dist cluster.producers=1 parallel.fp=2 sae.n_latents=$N trainer.batch_tokens
   > $OUT/train.log 2>&1 &
 job=\$!
 # the fault: once the first checkpoint is complete, SIGKILL one trainer rank's process
-until grep -q "step-.* complete" $OUT/train.log 2>/dev/null; do
+until python $OUT/first_checkpoint.py 2>/dev/null; do
   kill -0 \$job 2>/dev/null || break
   sleep 5
 done
 victim=\$(pgrep -f "TrainerWorker" | tail -1 || true)
 if [ -n "\$victim" ]; then
-  echo "killing trainer actor process \$victim after: \$(grep -o 'step-[0-9]* complete' $OUT/train.log | tail -1)" | tee $OUT/fault.txt
+  echo "SIGKILL to trainer actor process \$victim once a checkpoint was complete" | tee $OUT/fault.txt
   kill -9 "\$victim"
 fi
 wait \$job
