@@ -182,8 +182,7 @@ class TorchEngine:
     def step(self, loss: Tensor, fired: Tensor | None, grad_clip: float) -> tuple[Tensor, Tensor | None]:
         """Backward, gradient reduction, clipping, update, decoder renormalisation -> (grad norm, fired
         mask over every replica)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # onto no gradients: the previous step freed them after its update
         if self.data is not None:
             fired = self.data.reduce(list(self.sae.parameters()), fired)
         self.sae.project_decoder_grad()

@@ -64,8 +64,8 @@ EOF
 chmod +x "$OUT/train.sh"
 
 start=$(date +%s)
-/usr/bin/time -v python scripts/local_s3.py --port "$PORT" --bucket million --run -- bash "$OUT/train.sh" \
-  2> "$OUT/time.txt" || { tail -30 "$OUT/train.log"; exit 1; }
+python scripts/local_s3.py --port "$PORT" --bucket million --run -- bash "$OUT/train.sh" \
+  2> "$OUT/s3.log" || { tail -30 "$OUT/train.log"; exit 1; }
 wall=$(( $(date +%s) - start ))
 python - "$OUT" "$wall" "$TOKENS" <<'PY'
 import json, os, sys

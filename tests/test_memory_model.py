@@ -23,11 +23,10 @@ D, N, K, B = 48, 768, 8, 128
 def _trained(n: int, fp: int) -> tuple[bench_scaling.Trainer, dict[str, int]]:
     """This rank's trainer for a shard of n / fp latents after 3 steps (AuxK acts in the last two), and
     its tensors' bytes by the model's terms."""
-    args = argparse.Namespace(d=D, k=K, chunk=256)
-    trainer = bench_scaling._trainer(args, n, 1, B)
-    if fp > 1:  # a shard's tensors: n / fp rows and the replicated b_dec (its collectives are not needed here)
-        sae = SparseAutoencoder(trainer.cfg.sae, D, n_local=n // fp, seed=0)
-        trainer = bench_scaling.Trainer(trainer.cfg, sae, bench_scaling.TrainState())
+    cfg = bench_scaling.config(D, n, K, B, 1, 256)
+    # a shard's tensors: n / fp rows and the replicated b_dec (its collectives are not needed here)
+    sae = SparseAutoencoder(cfg.sae, D, n_local=n // fp, seed=0)
+    trainer = bench_scaling.Trainer(cfg, sae, bench_scaling.TrainState())
     grads = bench_scaling.count_gradients(trainer.optimizer)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
