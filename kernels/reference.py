@@ -97,19 +97,73 @@ def _stream_topk(
         # bf16 selection, or weights stored in bf16 under fp32 inputs: this block in the compute dtype
         W_c, b_c = W_c.to(sel or x.dtype), b_c.to(sel or x.dtype)
         pre = torch.addmm(b_c, xs, W_c.t())  # (B, c)
-        cv, ci = pre.topk(min(k, stop - start), dim=1, sorted=False)
-        top.add(cv, ci + start)
-        if aux_mask is not None:
-            dead = aux_mask[start:stop].nonzero().squeeze(1)  # usually few: select them, not mask the rest
-            if dead.numel():
-                dv = pre.index_select(1, dead)  # (B, n_dead)
-                av, ai = dv.topk(min(k_aux, dead.numel()), dim=1, sorted=False)
-                aux.add(av, dead[ai] + start)
+        c = stop - start
+        dead = aux_mask[start:stop] if aux_mask is not None else None
+        n_dead = 0 if dead is None else int(dead.sum())
+        if n_dead >= max(k, k_aux, c // 2):
+            # mostly dead (all of it early in a large dictionary's training): the few live columns are
+            # copied out and hidden in place, the dead ones selected where they are. The block's top k
+            # lie among the live top k and the dead top max(k, k_aux).
+            live = (~dead).nonzero().squeeze(1)
+            if live.numel():
+                lv, lp = pre.index_select(1, live).topk(min(k, live.numel()), dim=1, sorted=False)
+                top.add(lv, live[lp] + start)
+                pre.masked_fill_(~dead, float("-inf"))
+            dv, di = _topk_cols(pre, max(k, k_aux))
+            top.add(*_top_of(dv, di, k, start))
+            aux.add(*_top_of(dv, di, k_aux, start))
+        else:
+            cv, ci = _topk_cols(pre, min(k, c))
+            top.add(cv, ci + start)
+            if n_dead:
+                cols = dead.nonzero().squeeze(1)
+                dv = pre.index_select(1, cols)  # (B, n_dead): few, so a copy beats a pass over the block
+                av, ai = dv.topk(min(k_aux, n_dead), dim=1, sorted=False)
+                aux.add(av, cols[ai] + start)
                 del dv  # else it lives on beside the next block's pre: 3 (B, chunk) buffers, not 2
         del pre
     vals, idx = top.result(sort=sel is None)
     aux_vals, aux_idx = aux.result(sort=False) if aux_mask is not None else aux.empty
     return vals, idx, aux_vals, aux_idx
+
+
+def _topk_cols(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest entries of each row of a contiguous (B, c) block (unsorted) and their columns:
+    the values of `pre.topk(k, dim=1)`, for a fraction of its cost on CPU when c >> k.
+
+    The columns are cut into g strided groups (group j: columns j, j + c/g, j + 2c/g, ...). An entry
+    outside the k groups with the largest maxima has k group maxima at least as large as it, so the
+    row's top k lie inside those k groups: one top-k over the c/g group maxima, then one over the k g
+    members of the chosen groups. torch.topk costs about the same per element on any row length here,
+    so g is picked to minimise the c/g + k g elements it sees (docs/design.md, section 4)."""
+    B, c = pre.shape
+    g = _group_size(c, k)
+    if g == 1:
+        return pre.topk(k, dim=1, sorted=False)
+    groups = pre.view(B, g, c // g)
+    _, gi = groups.amax(dim=1).topk(k, dim=1, sorted=False)  # (B, k) chosen groups
+    members = groups.gather(2, gi.unsqueeze(1).expand(B, g, k)).view(B, g * k)
+    vals, pos = members.topk(k, dim=1, sorted=False)
+    return vals, (pos // k) * (c // g) + gi.gather(1, pos % k)
+
+
+def _top_of(vals: Tensor, idx: Tensor, k: int, offset: int) -> tuple[Tensor, Tensor]:
+    """The k largest of each row of (vals, idx), ids shifted by offset."""
+    if vals.shape[1] > k:
+        vals, pos = vals.topk(k, dim=1, sorted=False)
+        idx = idx.gather(1, pos)
+    return vals, idx + offset
+
+
+def _group_size(c: int, k: int) -> int:
+    """The divisor g of c that minimises c/g + k g, or 1 where no grouping halves the work."""
+    best, cost = 1, c
+    for g in range(2, c + 1):
+        if k * g >= c:
+            break
+        if c % g == 0 and c // g >= k and c // g + k * g < cost:
+            best, cost = g, c // g + k * g
+    return best if 2 * cost <= c else 1
 
 
 SELECT_DTYPE: torch.dtype | None = None

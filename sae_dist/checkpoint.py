@@ -2,6 +2,9 @@
 
     <url>/<run>/step-<N>/model-fp<j>of<P>.safetensors   feature shard j of P: SAE rows + firing counters
                          optim-fp<j>of<P>.safetensors   Adam state of that shard
+                         model-fp<j>of<P>-rows<i>of<R>.safetensors, optim-...   a shard over
+                                                        checkpoint.max_file_mb: R files, each a range of
+                                                        its latents' rows (and the replicated tensors)
                          part-dp<i>-fp<j>.json          what rank (i, j) wrote, and its data position
                          trainer_state.json             step, tokens, scale, data positions, RNG, config,
                                                         mesh and latent layout
@@ -119,8 +122,16 @@ def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def shard_file(kind: str, fp_rank: int, fp_size: int) -> str:
-    return f"{kind}-fp{fp_rank}of{fp_size}.safetensors"
+def shard_file(kind: str, fp_rank: int, fp_size: int, piece: int = 0, pieces: int = 1) -> str:
+    rows = f"-rows{piece}of{pieces}" if pieces > 1 else ""
+    return f"{kind}-fp{fp_rank}of{fp_size}{rows}.safetensors"
+
+
+def row_pieces(n_rows: int, row_bytes: int, max_bytes: int) -> list[tuple[int, int]]:
+    """[a, b) row ranges that cut a shard of n_rows latents, row_bytes each, into files of at most
+    max_bytes (one range if it fits, and never an empty one)."""
+    count = max(1, min(n_rows, -(-n_rows * row_bytes // max_bytes)))
+    return [(i * n_rows // count, (i + 1) * n_rows // count) for i in range(count)]
 
 
 def shard_range(n_latents: int, fp_rank: int, fp_size: int) -> tuple[int, int]:
@@ -146,8 +157,9 @@ class _Snapshot:
 
     step: int
     step_dir: str
-    files: dict[str, bytearray]
-    """File name -> its bytes (safetensors); empty on ranks that write no weights."""
+    files: dict[str, bytearray | Callable[[], bytearray]]
+    """File name -> its bytes (safetensors), or a function that packs them when the upload is
+    synchronous (one file in host memory at a time); empty on ranks that write no weights."""
     data: Any
     """This rank's data position."""
     state: dict[str, Any] | None
@@ -241,7 +253,7 @@ class Checkpointer:
         if deadline is not None and self._saved_step == trainer.state.step:
             self.close()  # this very step was saved just before the signal: its upload has ended
             return self.last_saved
-        snap = self._snapshot(trainer)
+        snap = self._snapshot(trainer, lazy=not (self.cfg.checkpoint.async_upload and not final))
         self._saved_step = snap.step
         if self.cfg.checkpoint.async_upload and not final:
             self._thread = threading.Thread(target=self._upload, args=(snap,), name=f"checkpoint-{snap.step}",
@@ -254,25 +266,44 @@ class Checkpointer:
             self.close()
         return snap.step_dir
 
-    def _snapshot(self, trainer: Any) -> _Snapshot:
+    def _snapshot(self, trainer: Any, lazy: bool = False) -> _Snapshot:
+        """The state to upload. `lazy` (synchronous uploads): the files are packed one at a time during
+        the upload, from the live tensors, instead of copied to host memory all at once here."""
         sae, st = trainer.sae, trainer.state
         live = {"model": trainer.engine.weight_tensors() | {"tokens_since_fired": trainer.tokens_since_fired},
                 "optim": trainer.engine.state_tensors()}  # ZeRO: a collective over dp (full per-shard state)
-        files = {}
+        sharded = {kind: _sharded_names(t, sae.n_local, sae.replicated_names()) for kind, t in live.items()}
+        row_bytes = max(sum(t.numel() // t.shape[0] * t.element_size() for k, t in live[kind].items()
+                            if k in sharded[kind] and t.shape[0]) for kind in live)
+        max_bytes = max(1, int(self.cfg.checkpoint.max_file_mb * 2**20))
+
+        def pieces(fp_rank: int) -> list[tuple[int, int]]:
+            lo, hi = shard_range(sae.n_latents, fp_rank, self.fp_size)
+            return row_pieces(hi - lo, row_bytes, max_bytes)
+
+        files: dict[str, bytearray | Callable[[], bytearray]] = {}
         if self.dp_rank == 0:  # the host copy: the only part of a save the training thread waits for
-            files = {shard_file(kind, self.fp_rank, self.fp_size): pack_safetensors(t) for kind, t in live.items()}
+            own = pieces(self.fp_rank)
+            for i, (a, b) in enumerate(own):
+                for kind, tensors in live.items():
+                    part = {k: t[a:b] if k in sharded[kind] else t for k, t in tensors.items()}
+                    name = shard_file(kind, self.fp_rank, self.fp_size, i, len(own))
+                    files[name] = (lambda part=part: pack_safetensors(part)) if lazy else pack_safetensors(part)
         state = None
         if self.rank == 0:
-            sharded = {kind: _sharded_names(t, sae.n_local, sae.replicated_names()) for kind, t in live.items()}
+            shards = []
+            for j in range(self.fp_size):
+                lo = shard_range(sae.n_latents, j, self.fp_size)[0]
+                rows = pieces(j)
+                shards += [{"fp_rank": j, "latents": [lo + a, lo + b],
+                            "model": shard_file("model", j, self.fp_size, i, len(rows)),
+                            "optim": shard_file("optim", j, self.fp_size, i, len(rows))}
+                           for i, (a, b) in enumerate(rows)]
             layout = {
                 "n_latents": sae.n_latents,
                 "fp_size": self.fp_size,
                 "dp_size": self.dp_size,
-                "shards": [
-                    {"fp_rank": j, "latents": list(shard_range(sae.n_latents, j, self.fp_size)),
-                     "model": shard_file("model", j, self.fp_size), "optim": shard_file("optim", j, self.fp_size)}
-                    for j in range(self.fp_size)
-                ],
+                "shards": shards,
                 "sharded": sharded,
             }
             state = st.to_json() | {
@@ -293,8 +324,10 @@ class Checkpointer:
         try:
             files = {}
             for name, data in snap.files.items():
+                data = data() if callable(data) else data
                 self.store.put(join(snap.step_dir, name), data, deadline)
                 files[name] = _entry(data)
+                del data  # a lazily packed file leaves host memory before the next is packed
             part = {"step": snap.step, "mesh": [self.dp_size, self.fp_size], "dp_rank": self.dp_rank,
                     "fp_rank": self.fp_rank, "files": files, "data": snap.data}
             if self.rank != 0:
@@ -444,12 +477,19 @@ class Checkpointer:
             except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
                 where = f"{redact(store.unstrip(step_dir))}/{shard[kind]}"
                 raise CheckpointError(f"{where} is not a readable safetensors file: {err}") from err
+            del data
             for name, t in tensors.items():
                 if name in sharded:
                     pieces.setdefault(name, []).append(t[max(lo, s_lo) - s_lo : min(hi, s_hi) - s_lo])
                 elif name not in pieces:
                     pieces[name] = [t]
-        return {name: torch.cat(ts) if name in sharded else ts[0] for name, ts in pieces.items()}
+            del tensors
+        out = {}
+        for name in list(pieces):  # one tensor at a time: its pieces are freed as it is joined
+            ts = pieces.pop(name)
+            out[name] = ts[0] if len(ts) == 1 else torch.cat(ts)
+            del ts
+        return out
 
     def load(self, trainer: Any, step_dir: str) -> None:
         """Restores `trainer` (this rank's shard) from a step folder given by resolve()."""

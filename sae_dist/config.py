@@ -279,6 +279,11 @@ class CheckpointConfig:
     upload_timeout_s: float = 3600.0
     """Give up on one checkpoint after this long (it stays invisible; training goes on). Also bounds
     the wait for the final checkpoint at the end of training."""
+    max_file_mb: float = 1024.0
+    """Largest checkpoint file, in MiB. A feature shard whose weights or optimizer state would be larger
+    is written as several files, each holding a range of its latents' rows, so that a million-latent
+    shard is never one multi-GB object: with synchronous uploads (async_upload=false, and the final and
+    preemption saves) the host holds one such file at a time, on saving and on loading."""
     probe_timeout_s: float = 10.0
     """Bound on the storage check at job start (write, read back and delete a small object under url and
     cluster.cache_url; read data.cache_dir's index), retries included: a store the job cannot use stops
@@ -297,6 +302,9 @@ class CheckpointConfig:
         for name in ("op_timeout_s", "retry_initial_s", "upload_timeout_s", "preempt_grace_s", "probe_timeout_s"):
             value = getattr(self, name)
             _require(value > 0, f"checkpoint.{name} ({value}) must be > 0")
+        _require(
+            self.max_file_mb > 0, f"checkpoint.max_file_mb ({self.max_file_mb}) must be > 0 (MiB per file)"
+        )
         _require(
             self.retry_max_s >= self.retry_initial_s,
             f"checkpoint.retry_max_s ({self.retry_max_s}) must be >= checkpoint.retry_initial_s "

@@ -339,3 +339,27 @@ def test_training_continues_while_storage_is_down_and_checkpoints_after_it(fp1, 
     steps = _steps(tmp_path, url)
     assert 20 in steps and steps[-1] == 40, steps  # step 20 landed once the server was back, and so did 40
     assert "retry" in caplog.text and SECRET not in caplog.text
+
+
+def test_shard_split_into_row_files_resumes_identically_and_reshards(fp2, s3, tmp_path):
+    """checkpoint.max_file_mb under a shard's size: each shard is written as several files of latent
+    rows (packed one at a time with synchronous uploads), and the run resumes from them exactly, on the
+    same mesh and on another."""
+    limit = 0.01  # MiB: 10 KiB, a few times under the Adam state of one fp=2 shard
+    split = {"max_file_mb": limit, "async_upload": False}
+    _workers([{"out": str(tmp_path / "stopped"), "url": _url("split"), "fp": 2, "stop_after": 20, **split}], nproc=2)
+    step = f"{BUCKET}/split/sae/step-00000020"
+    manifest = json.loads(s3.fs.cat_file(f"{step}/manifest.json"))
+    rows = [s for s in manifest["layout"]["shards"] if s["fp_rank"] == 1]
+    count = len(rows)
+    assert count >= 3 and rows[0]["optim"] == f"optim-fp1of2-rows0of{count}.safetensors"
+    bounds = [s["latents"] for s in rows]  # contiguous row ranges covering the shard's latents [128, 256)
+    assert bounds[0][0] == 128 and bounds[-1][1] == 256 and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    for name, entry in manifest["files"].items():
+        if name.startswith(("model-", "optim-")):
+            assert entry["size"] <= limit * 2**20 + 4096, (name, entry)  # + the replicated tensors and header
+    _workers([{"out": str(tmp_path / "same"), "url": _url("split-same"), "fp": 2,
+               "resume_from": f"s3://{step}"}], nproc=2)
+    assert _history(tmp_path / "same") == fp2["history"][20:]
+    history = run_job(str(tmp_path / "one"), _url("split-one"), resume_from=f"s3://{step}")["history"]
+    assert torch.allclose(torch.tensor(history), torch.tensor(fp2["history"][20:]), rtol=1e-3, atol=1e-5)
