@@ -21,6 +21,9 @@ from sae_dist.errors import require as _require
 from sae_dist.optim import OPTIMIZERS
 
 
+_SITE = re.compile(r"[A-Za-z0-9_.]+(:in|:out)?")
+
+
 def sae_config(**fields: Any) -> SaeConfig:
     """`sae_config(arch=..., **fields)`: the family's own SaeConfig subclass (arch defaults to topk)."""
     return archs.build_config(fields)
@@ -37,6 +40,11 @@ class ModelConfig:
     hook_point: str = "encoder.layer.3"
     """Module path whose output is the activation, e.g. `encoder.layer.3` (BERT) or
     `transformer.h.6` (GPT-2). The forward pass stops there."""
+    sites: list[str] = field(default_factory=list)
+    """Several hook points, for the families that read more than one (transcoders, crosscoders,
+    cross-layer transcoders): module paths, each `path:out` (the module's output, the default when the
+    suffix is left off) or `path:in` (its input). One forward pass records them all, stopping after the
+    last; each token then carries a (sites, d) block, in this order. Empty: the one site hook_point."""
     d_model: int = 0
     """Width of the activation at the hook point; 0 reads it from the model's config."""
     context_size: int = 128
@@ -59,6 +67,23 @@ class ModelConfig:
         _require(self.d_model >= 0, f"model.d_model ({self.d_model}) must be >= 0 (0 = read from the model)")
         _require(self.backend in ("hf", "vllm"), f"model.backend ({self.backend!r}) must be hf or vllm")
         _require(self.dtype in ("auto", "fp32", "bf16"), f"model.dtype ({self.dtype!r}) must be auto, fp32 or bf16")
+        for site in self.sites:
+            _require(
+                bool(_SITE.fullmatch(site)),
+                f"model.sites entry {site!r} is not a module path with an optional :in or :out; e.g. "
+                "encoder.layer.3.intermediate:in or encoder.layer.3.output.dense:out",
+            )
+        dup = sorted({s for s in self.sites if self.sites.count(s) > 1})
+        _require(not dup, f"model.sites lists {dup} more than once; give each site once")
+        _require(
+            not (self.sites and self.backend == "vllm"),
+            "model.sites (several hook points) runs on the hf backend only; set model.backend=hf",
+        )
+
+    @property
+    def site_list(self) -> list[str]:
+        """The hook points read: model.sites, or [hook_point]."""
+        return list(self.sites) or [self.hook_point]
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """Activation cache: one safetensors shard per source chunk plus an `index.json`, at any fsspec URL.
 
-Shard j holds chunk j of the source (tensor `activations`, (tokens, d)), so training from a cache sees
+Shard j holds chunk j of the source (tensor `activations`, (tokens, d), or (tokens, sites, d) for a
+multi-site source: every site of a token in one row, so the sites share one token order by
+construction and a chunk is one read), so training from a cache sees
 the same chunks in the same order as training from the live stream it was written from. Write one with
 `sae-dist cache`, or let the pipeline's producers write each chunk as they make it
 (cluster.cache_url). index.json is written last: a cache without one is incomplete. It records each
@@ -68,7 +70,7 @@ class CacheWriter:
 
     def finish(self, n_chunks: int, meta: dict[str, Any]) -> dict[str, Any]:
         shards = []
-        d_model = tokens = 0
+        d_model = tokens = n_sites = 0
         for j in range(n_chunks):
             path = _join(self.root, shard_name(j))
             if not self.fs.exists(path):
@@ -76,11 +78,12 @@ class CacheWriter:
             with self.fs.open(path, "rb") as fh:
                 data = fh.read()
             acts = st_load(data)["activations"]
-            d_model = int(acts.shape[1])
+            d_model = int(acts.shape[-1])
+            n_sites = int(acts.shape[1]) if acts.dim() == 3 else 0
             shards.append({"file": shard_name(j), "tokens": int(acts.shape[0]), "size": len(data),
                            "sha256": hashlib.sha256(data).hexdigest()})
             tokens += int(acts.shape[0])
-        index = {**meta, "d_model": d_model, "tokens": tokens, "shards": shards, "format": FORMAT}
+        index = {**meta, "d_model": d_model, "n_sites": n_sites, "tokens": tokens, "shards": shards, "format": FORMAT}
         with self.fs.open(_join(self.root, "index.json"), "w") as fh:
             json.dump(index, fh, indent=1)
         return index
@@ -115,6 +118,8 @@ class CachedSource:
         with self.fs.open(index_path) as fh:
             self.index = json.load(fh)
         self.d_model = int(self.index["d_model"])
+        self.n_sites = int(self.index.get("n_sites", 0))
+        """Sites per token: 0 for (tokens, d) chunks, S for (tokens, S, d)."""
         if not self.index["shards"]:
             raise ConfigError(f"data.cache_dir ({url!r}) has no shards; write a non-empty cache")
 
@@ -141,10 +146,11 @@ class CachedSource:
             acts = st_load(data)["activations"]
         except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
             raise CacheError(f"cache shard {where} is not a readable safetensors file ({err}); {fix}") from err
-        want = (entry["tokens"], self.d_model)
+        want = (entry["tokens"], self.n_sites, self.d_model) if self.n_sites else (entry["tokens"], self.d_model)
         if tuple(acts.shape) != want or not acts.is_floating_point():
+            dims = "(tokens, sites, d_model)" if self.n_sites else "(tokens, d_model)"
             raise CacheError(
                 f"cache shard {where} holds {acts.dtype} activations of shape {tuple(acts.shape)}, the index "
-                f"says (tokens, d_model) = {want}; {fix}"
+                f"says {dims} = {want}; {fix}"
             )
         return acts

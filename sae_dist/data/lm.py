@@ -53,15 +53,21 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
-def find_module(model: nn.Module, hook_point: str) -> nn.Module:
+def find_module(model: nn.Module, hook_point: str, setting: str = "model.hook_point") -> nn.Module:
     modules = dict(model.named_modules())
     if hook_point not in modules:
         near = difflib.get_close_matches(hook_point, list(modules), n=3)
         raise ConfigError(
-            f"model.hook_point ({hook_point!r}) is not a module of the model; "
+            f"{setting} ({hook_point!r}) is not a module of the model; "
             f"close names: {near or 'none'} (list them with model.named_modules())"
         )
     return modules[hook_point]
+
+
+def parse_site(site: str) -> tuple[str, str]:
+    """`path`, `path:out` -> (path, "out"); `path:in` -> (path, "in")."""
+    path, _, side = site.partition(":")
+    return path, side or "out"
 
 
 class _Stop(Exception):
@@ -69,29 +75,62 @@ class _Stop(Exception):
 
 
 class HookedModel:
-    """Runs the model up to `hook_point` only and returns that module's output (B, T, d)."""
+    """Runs the model up to its last site only. One site: that module's output (B, T, d), as before
+    model.sites existed. Several (`sites`): each module's input or output, stacked (B, T, sites, d) in
+    the order given; the pass stops once all are recorded, whatever order the model reaches them in."""
 
-    def __init__(self, model: nn.Module, hook_point: str) -> None:
+    def __init__(self, model: nn.Module, hook_point: str, sites: list[str] | None = None) -> None:
         self.model = model
-        self.module = find_module(model, hook_point)
-        self._out: Tensor | None = None
+        self.sites = list(sites) if sites else [hook_point]
+        self.stacked = bool(sites)
+        setting = "model.sites" if sites else "model.hook_point"
+        self.targets = [(find_module(model, parse_site(s)[0], setting), parse_site(s)[1]) for s in self.sites]
+        self.module = self.targets[0][0]
+        self._got: dict[int, Tensor] = {}
 
-    def _hook(self, _mod: nn.Module, _inp: object, out: object) -> None:
-        self._out = out[0] if isinstance(out, tuple) else out  # type: ignore[assignment,index]
-        raise _Stop
+    def _record(self, i: int, value: object) -> None:
+        if isinstance(value, tuple):
+            value = value[0]
+        assert isinstance(value, Tensor), f"site {self.sites[i]!r} carries {type(value).__name__}, not a tensor"
+        self._got[i] = value
+        if len(self._got) == len(self.sites):
+            raise _Stop
+
+    def _hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
+        handles = []
+        for i, (module, side) in enumerate(self.targets):
+            if side == "in":
+                def pre(_mod: nn.Module, args: tuple, kwargs: dict, i: int = i) -> None:
+                    self._record(i, args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor)))
+                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            else:
+                def post(_mod: nn.Module, _inp: object, out: object, i: int = i) -> None:
+                    self._record(i, out)
+                handles.append(module.register_forward_hook(post))
+        return handles
 
     @torch.inference_mode()
     def __call__(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        handle = self.module.register_forward_hook(self._hook)
+        handles = self._hooks()
         try:
             self.model(input_ids=input_ids, attention_mask=attention_mask)
         except _Stop:
             pass
         finally:
-            handle.remove()
-        assert self._out is not None, "the hook point did not run"
-        out, self._out = self._out, None
-        return out
+            for h in handles:
+                h.remove()
+        got, self._got = self._got, {}
+        missing = [self.sites[i] for i in range(len(self.sites)) if i not in got]
+        assert not missing, f"the forward pass never reached {missing}"
+        if not self.stacked:
+            return got[0]
+        widths = {self.sites[i]: int(got[i].shape[-1]) for i in range(len(self.sites))}
+        if len(set(widths.values())) > 1:
+            raise ConfigError(
+                f"model.sites have different widths {widths}; a multi-site dictionary needs one width, e.g. "
+                "an MLP's input and output (not its hidden layer)"
+            )
+        return torch.stack([got[i] for i in range(len(self.sites))], dim=2)  # (B, T, sites, d)
 
 
 class ContextPacker:
@@ -144,13 +183,14 @@ class LMActivationSource:
                                           dtype={"auto": "auto", "fp32": "float32", "bf16": "bfloat16"}[model_cfg.dtype])
         else:
             model, self.tokenizer = load_model(model_cfg.name, model_cfg.device, self.lm_dtype)
-            self.hooked = HookedModel(model, model_cfg.hook_point)
+            self.hooked = HookedModel(model, model_cfg.hook_point, model_cfg.sites)
         docs = load_split(data_cfg.corpus, split, data_cfg.heldout_fraction, data_cfg.text_field)
         self.packer = ContextPacker(self.tokenizer, docs, model_cfg.context_size)
+        self.n_sites = len(model_cfg.sites)
         self.d_model = self._probe_width()
         if model_cfg.d_model and model_cfg.d_model != self.d_model:
             raise ConfigError(
-                f"model.d_model ({model_cfg.d_model}) does not match the width at {model_cfg.hook_point!r} "
+                f"model.d_model ({model_cfg.d_model}) does not match the width at {model_cfg.site_list} "
                 f"({self.d_model}); set model.d_model={self.d_model} or 0"
             )
 
@@ -164,11 +204,15 @@ class LMActivationSource:
         ids = torch.tensor([first], device=self.cfg.device)
         return int(self.hooked(ids, torch.ones_like(ids)).shape[-1])
 
+    @property
+    def sites(self) -> list[str]:
+        return self.cfg.site_list
+
     def activations(self, contexts: list[list[int]]) -> Tensor:
         ids = torch.tensor(contexts, device=self.cfg.device)
-        acts = self.hooked(ids, torch.ones_like(ids))  # (C, T, d)
+        acts = self.hooked(ids, torch.ones_like(ids))  # (C, T, d), or (C, T, sites, d)
         keep = ~torch.isin(ids, self.special.to(ids.device))
-        return acts[keep].float().cpu()  # (tokens, d)
+        return acts[keep].float().cpu()  # (tokens, d), or (tokens, sites, d)
 
     @property
     def special(self) -> Tensor:

@@ -17,6 +17,8 @@ from torch import Tensor
 
 class Source(Protocol):
     d_model: int
+    n_sites: int
+    """0: chunks are (tokens, d); S: (tokens, S, d), the sites of model.sites in order."""
 
     def chunks(self, start: int = 0) -> Iterator[tuple[Tensor, int]]: ...
 
@@ -48,7 +50,7 @@ class BatchStream:
                     break
             if have < self.batch_tokens:
                 return
-            block = torch.cat(parts)  # (T, d)
+            block = torch.cat(parts)  # (T, d) or (T, sites, d): rows are tokens either way
             if self.shuffle:
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.block)
                 block = block[torch.randperm(block.shape[0], generator=g)]

@@ -14,6 +14,8 @@ class SyntheticSource:
     The dictionary depends on `seed` only; chunk i of stream s (0 = train, 1 = held-out) is a pure
     function of (seed, s, i), so a position is enough to resume."""
 
+    n_sites = 0  # (tokens, d) chunks
+
     def __init__(
         self, d_model: int, n_features: int, k: int, seed: int = 0, stream: int = 0, chunk_tokens: int = 4096
     ) -> None:

@@ -69,6 +69,7 @@ class ReplicaSource:
     def __init__(self, source: Source, replica: int, n_replicas: int) -> None:
         self.source, self.replica, self.n_replicas = source, replica, n_replicas
         self.d_model = source.d_model
+        self.n_sites = getattr(source, "n_sites", 0)
 
     def chunks(self, start: int = 0) -> Iterator[tuple[Tensor, int]]:
         it = self.source.chunks(start)

@@ -86,5 +86,5 @@ def build_stream_source(cfg: Config, producers: list[Any] | None = None, dp_rank
         ) from err
     return RayStreamSource(
         producers, int(d_model), cfg.model.batch_contexts, max_in_flight(cfg), cfg.cluster.timeout_s,
-        dp_rank, dp_size,
+        dp_rank, dp_size, len(cfg.model.sites),
     )

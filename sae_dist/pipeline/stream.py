@@ -26,12 +26,13 @@ class RayStreamSource:
 
     def __init__(
         self, producers: list[Any], d_model: int, batch_contexts: int, max_in_flight: int = 4,
-        timeout_s: float = 300.0, dp_rank: int = 0, dp_size: int = 1,
+        timeout_s: float = 300.0, dp_rank: int = 0, dp_size: int = 1, n_sites: int = 0,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"cluster.max_in_flight ({max_in_flight}) must be >= 1")
         self.producers = producers
         self.d_model = d_model
+        self.n_sites = n_sites
         self.batch_contexts = batch_contexts
         self.max_in_flight = max_in_flight
         self.timeout_s = timeout_s
@@ -45,7 +46,7 @@ class RayStreamSource:
     def for_replica(self, dp_rank: int, dp_size: int) -> RayStreamSource:
         """The same producers, dealing replica `dp_rank` its own chunks (j % dp_size == dp_rank)."""
         return RayStreamSource(self.producers, self.d_model, self.batch_contexts, self.max_in_flight,
-                               self.timeout_s, dp_rank, dp_size)
+                               self.timeout_s, dp_rank, dp_size, self.n_sites)
 
     def metrics(self) -> dict[str, float]:
         """Trainer starvation (share of wall time blocked on data since the last call) and producer
