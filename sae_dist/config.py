@@ -106,8 +106,16 @@ class DataConfig:
     """source=synthetic: number of true dictionary directions."""
     synthetic_k: int = 4
     """source=synthetic: active true features per sample."""
+    synthetic_sites: int = 0
+    """source=synthetic: 0 gives (tokens, d) samples; S >= 2 gives (tokens, S, d): the same sparse codes
+    written through S dictionaries of their own (site 0 an MLP's input, site 1 its output, for a
+    transcoder), so every site's true directions are known."""
 
     def __post_init__(self) -> None:
+        _require(
+            self.synthetic_sites == 0 or self.synthetic_sites >= 2,
+            f"data.synthetic_sites ({self.synthetic_sites}) must be 0 (one site) or >= 2",
+        )
         _require(
             self.source in ("lm", "cache", "synthetic"),
             f"data.source ({self.source!r}) must be one of lm, cache, synthetic",

@@ -71,7 +71,7 @@ def full_shapes(sae: SparseAutoencoder) -> dict[str, tuple[torch.dtype, tuple[in
     """(dtype, shape) of each exported tensor of the whole SAE."""
     n, d = sae.n_latents, sae.d_model
     shapes = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
-    shapes |= {name: (n,) for name in sae.arch.export_per_latent}
+    shapes |= {name: (n,) for name in sae.arch.export_per_latent} | sae.arch.export_shapes(d)
     renames = sae.arch.export_renames
     return {renames.get(k, k): (torch.float32, v) for k, v in shapes.items()}
 
@@ -90,7 +90,7 @@ def write_shard(path: str, start: int, offsets: dict[str, tuple[int, int]], sae:
             full = np.ndarray(shapes[name][1], dtype=np.float32, buffer=mm, offset=start + begin)
             if name == "W_enc":
                 full[:, lo:hi] = t.numpy()
-            elif name == "b_dec":
+            elif name == "b_dec" or name in sae.arch.export_replicated:
                 if write_replicated:
                     full[:] = t.numpy()
             else:
@@ -115,7 +115,8 @@ def load_saelens(path: str) -> tuple[SparseAutoencoder, dict[str, Any]]:
 
 def load_exported(sae: SparseAutoencoder, tensors: dict[str, torch.Tensor]) -> None:
     """Copies tensors in the SAELens layout (`export_tensors`'s names) into the SAE, in place."""
-    w = {name: tensors[sae.arch.export_renames.get(name, name)] for name in (*_SHARED, *sae.arch.export_per_latent)}
+    names = (*_SHARED, *sae.arch.export_per_latent, *sae.arch.export_replicated)
+    w = {name: tensors[sae.arch.export_renames.get(name, name)] for name in names}
     with torch.no_grad():
         sae.W_enc.copy_(w["W_enc"].t())
         sae.b_enc.copy_(w["b_enc"])

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sae_dist import kernels
+from sae_dist import archs, kernels
 from sae_dist.checkpoint import Checkpointer, check_storage
 from sae_dist.config import Config, flatten
 from sae_dist.data import BatchStream, Source
@@ -91,6 +91,8 @@ def build(
     """The SAE shard, its optimizer engine, the checkpointer (unless `checkpoints` is False) and the
     tracker (a null one off rank 0)."""
     torch.manual_seed(cfg.trainer.seed)
+    sites = getattr(source, "n_sites", 0)
+    archs.get(cfg.sae.arch).check_sites(cfg, sites, f"the data has {sites} sites per token (0: one)")
     os.makedirs(cfg.output_dir, exist_ok=True)
     sae = build_sae(cfg, source.d_model, mesh, device)
     checkpointer = None
@@ -171,8 +173,14 @@ def fit(job: Job, preemption: Preemption | None = None) -> tuple[float, int]:
 def export_meta(cfg: Config) -> dict[str, Any]:
     """What the export records of where the activations came from (dashboards and SAELens read it) and
     of its held-out set (`sae-dist eval` reads it)."""
-    return {"hook_name": cfg.model.hook_point, "model_name": cfg.model.name, "context_size": cfg.model.context_size,
+    meta = {"hook_name": cfg.model.hook_point, "model_name": cfg.model.name, "context_size": cfg.model.context_size,
             HELDOUT_KEY: heldout_spec(cfg)}
+    if cfg.model.sites:  # a multi-site dictionary: every site, and (SAELens's transcoder fields) in and out
+        from sae_dist.data.lm import parse_site
+
+        paths = [parse_site(s)[0] for s in cfg.model.sites]
+        meta |= {"sites": list(cfg.model.sites), "hook_name": paths[0], "hook_name_out": paths[-1]}
+    return meta
 
 
 def finish(job: Job, heldout: Iterable[Tensor], fit_s: float, tokens: int) -> dict[str, Any]:

@@ -131,7 +131,7 @@ def evaluate_meter(sae: SparseAutoencoder, batches: Iterable[Tensor], scale: flo
         if scale != 1.0:
             x = x * scale
         vals, idx = sae.encode_sparse(x)
-        meter.add(x, vals, idx, sae.decode_sparse(vals, idx))
+        meter.add(sae.arch.split(x)[1], vals, idx, sae.decode(x, vals, idx))
         if meter.full:
             break
     sae.train(was_training)

@@ -162,6 +162,10 @@ class SparseAutoencoder(nn.Module):
         """(values, local ids) of the active latents, inference mode; zeros where a slot is unused."""
         return self.arch.encode_sparse(self, x)
 
+    def decode(self, x: Tensor, vals: Tensor, idx: Tensor) -> Tensor:
+        """The reconstruction of x's target from its codes (a skip-transcoder adds its linear skip)."""
+        return self.arch.decode(self, x, vals, idx)
+
     def decode_sparse(self, vals: Tensor, idx: Tensor) -> Tensor:
         return self.comm.sum_partial(kernels.sparse_decode(vals, idx, self.W_dec)) + self.b_dec
 
@@ -171,9 +175,9 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def init_from_batch(self, x: Tensor) -> None:
-        """b_dec to the mean over every data replica of the first batch, then the family's own
-        data-dependent start."""
-        self.b_dec.copy_(self.comm.mean_over_data(x.mean(dim=0)))
+        """b_dec to the mean over every data replica of the first batch's target (what the decoder
+        reconstructs), then the family's own data-dependent start."""
+        self.b_dec.copy_(self.comm.mean_over_data(self.arch.split(x)[1].mean(dim=0)))
         self.arch.init_from_batch(self, x)
 
     @torch.no_grad()

@@ -118,16 +118,18 @@ def lr_at(step: int, total_steps: int, base: float, warmup: int, decay_fraction:
 
 
 def estimate_scale(batches: Iterator[Tensor], d_model: int, tokens: int) -> float:
-    """sqrt(d / E||x||^2) over the first `tokens` tokens."""
-    total, count = 0.0, 0
+    """sqrt(d / E||x||^2) over the first `tokens` tokens (and, with several sites per token, over the
+    sites: one scale for all, so a transcoder's input and output keep their ratio)."""
+    total, count, vectors = 0.0, 0, 0
     for x in batches:
         total += float(x.double().pow(2).sum())
         count += x.shape[0]
+        vectors += x[0].numel() // d_model * x.shape[0]
         if count >= tokens:
             break
     if count == 0:
         raise RuntimeError("no activations to estimate the scale from: the data source is empty")
-    return math.sqrt(d_model / (total / count))
+    return math.sqrt(d_model / (total / vectors))
 
 
 def sharded_params(sae: SparseAutoencoder) -> tuple[list[Tensor], list[Tensor]]:

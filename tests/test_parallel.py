@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import synthetic_config
 
-from sae_dist import kernels  # type: ignore[attr-defined]
+from sae_dist import archs, kernels  # type: ignore[attr-defined]
 from sae_dist.config import ConfigError, ParallelConfig
 from sae_dist.data.stream import BatchStream
 from sae_dist.data.synthetic import SyntheticSource
@@ -44,7 +44,7 @@ from sae_dist.sae import SparseAutoencoder
 from sae_dist.trainer import Trainer, TrainState, auto_lr
 
 D, N, K, B, STEPS = 32, 256, 4, 64, 20
-ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "gated")
+ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "gated", "transcoder", "skip_transcoder")
 """Every sparse-path family; each trains fp=2 and fp=4 against one process."""
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor", "broadcast",
                "reduce_scatter_tensor", "barrier", "all_gather_object", "broadcast_object_list", "gather")
@@ -68,9 +68,14 @@ def _cfg(tmp, arch="topk", n=N, dp=1, fp=1, batch=B, engine="torch", zero_stage=
     )
 
 
-def _batches(rows: int, steps: int = STEPS) -> list[torch.Tensor]:
+def _batches(rows: int, steps: int = STEPS, arch: str = "topk") -> list[torch.Tensor]:
+    """Synthetic batches (rows, D); for a two-site family (rows, 2, D): an input and a fixed nonlinear
+    function of it, as an MLP's input and output."""
     src = SyntheticSource(D, 128, 3, seed=0)
     data = torch.cat([src.chunk(i) for i in range(rows * steps // 4096 + 1)])
+    if archs.get(arch).sites == 2:
+        mix = torch.randn(D, D, generator=torch.Generator().manual_seed(5)) / D**0.5
+        data = torch.stack([data, torch.tanh(data @ mix)], dim=1)
     return [data[s * rows : (s + 1) * rows] for s in range(steps)]
 
 
@@ -159,7 +164,7 @@ def _job_world2(rank, tmp):
     out = {}
     for arch in ARCHS:
         cfg = _cfg(tmp, arch, fp=2)
-        out[f"fp2-{arch}"] = _train(cfg, _mesh(cfg), _batches(B))
+        out[f"fp2-{arch}"] = _train(cfg, _mesh(cfg), _batches(B, arch=arch))
     cfg = _cfg(tmp, "topk", fp=2, batch=2 * B)
     out["dp1-fp2-double"] = _train(cfg, _mesh(cfg), _batches(2 * B))
     cfg = _cfg(tmp, "topk", dp=2)
@@ -215,7 +220,7 @@ def _job_world4(rank, tmp):
     out = {}
     for arch in ARCHS:
         cfg = _cfg(tmp, arch, fp=4)
-        out[f"fp4-{arch}"] = _train(cfg, _mesh(cfg), _batches(B))
+        out[f"fp4-{arch}"] = _train(cfg, _mesh(cfg), _batches(B, arch=arch))
     cfg = _cfg(tmp, "topk", dp=2, fp=2)
     out["dp2-fp2"] = _train(cfg, _mesh(cfg), _replica_batches(rank, 2))
     for n in (128, 512):
@@ -282,7 +287,7 @@ def world4(tmp_path_factory):
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
     torch.set_num_threads(1)
-    out = {arch: _train(cfg, single_process(cfg.parallel, N), _batches(B))
+    out = {arch: _train(cfg, single_process(cfg.parallel, N), _batches(B, arch=arch))
            for arch in ARCHS for cfg in [_cfg(tmp, arch)]}
     cfg = _cfg(tmp, "topk", batch=2 * B)
     out["double"] = _train(cfg, single_process(cfg.parallel, N), _batches(2 * B))

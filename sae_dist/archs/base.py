@@ -95,6 +95,12 @@ class Arch:
     """Initial norm of the decoder rows."""
     export_renames: ClassVar[dict[str, str]] = {}
     """SAELens's name for a shared parameter where it differs (gated: b_enc is b_gate)."""
+    export_replicated: ClassVar[tuple[str, ...]] = ()
+    """Extra whole tensors in the export (the skip-transcoder's W_skip), written once like b_dec; their
+    shapes come from `export_shapes`."""
+    sites: ClassVar[int] = 1
+    """Activation sites per token the family reads (model.sites): 1 for an SAE, 2 for a transcoder
+    (the MLP's input, then its output); 0 for any number from 2 (a crosscoder)."""
 
     def __init__(self, cfg: SaeConfig) -> None:
         self.cfg = cfg
@@ -105,6 +111,18 @@ class Arch:
     def init_from_batch(self, sae: SparseAutoencoder, x: Tensor) -> None:
         """Data-dependent initialisation on the first training batch (scaled, after b_dec is set);
         identical on every data replica."""
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(what the encoder reads, what the decoder reconstructs) of a batch: x and x for an SAE."""
+        return x, x
+
+    def decode(self, sae: SparseAutoencoder, x: Tensor, vals: Tensor, idx: Tensor) -> Tensor:
+        """The reconstruction of the batch x's target from its codes (vals, idx)."""
+        return sae.decode_sparse(vals, idx)
+
+    def export_shapes(self, d_model: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the `export_replicated` tensors."""
+        return {}
 
     def forward(self, sae: SparseAutoencoder, x: Tensor, dead_mask: Tensor | None) -> SaeOutput:
         """Training (and eval-mode) forward on scaled activations x (B, d)."""
@@ -133,12 +151,36 @@ class Arch:
     @classmethod
     def check(cls, cfg: Config) -> None:
         """Cross-group checks before any work (called by `sae_dist.config.validate`)."""
+        src = cfg.data.source
+        if src == "lm":
+            cls.check_sites(cfg, len(cfg.model.sites), f"model.sites lists {len(cfg.model.sites)} ({list(cfg.model.sites)})")
+        elif src == "synthetic":
+            cls.check_sites(cfg, cfg.data.synthetic_sites, f"data.synthetic_sites is {cfg.data.synthetic_sites}")
         if cfg.trainer.param_dtype == "bf16":
             require(
                 cls.sparse,
                 f"trainer.param_dtype (bf16) serves the sparse families, but sae.arch is {cfg.sae.arch} (a dense "
                 "encoder); use trainer.param_dtype=fp32 or another sae",
             )
+
+    @classmethod
+    def check_sites(cls, cfg: Config, n: int, what: str) -> None:
+        """The data's sites per token (0: plain (tokens, d) rows) against the family's: `what` says where
+        the number came from (a setting, or the activation cache's index)."""
+        if cls.sites == 1:
+            require(
+                n == 0,
+                f"sae.arch={cfg.sae.arch} reads one activation site, but {what}; use model.sites=[] (the one "
+                "site model.hook_point), or a family that reads several (sae=transcoder)",
+            )
+            return
+        want = f"exactly {cls.sites}" if cls.sites else "at least 2"
+        require(
+            n == cls.sites if cls.sites else n >= 2,
+            f"sae.arch={cfg.sae.arch} reads {want} activation sites per token, but {what}; set model.sites, "
+            "e.g. for MiniLM's layer-3 MLP model.sites=[encoder.layer.3.intermediate:in,"
+            "encoder.layer.3.output.dense:out] (data.synthetic_sites for synthetic data)",
+        )
 
     @property
     def resample_every(self) -> int:

@@ -21,7 +21,8 @@ def build_source(cfg: Config, split: str = "train") -> Source:
 
         d = cfg.data
         stream = 1 if split == "heldout" else 0
-        return SyntheticSource(cfg.model.d_model, d.synthetic_n_features, d.synthetic_k, cfg.trainer.seed, stream)
+        return SyntheticSource(cfg.model.d_model, d.synthetic_n_features, d.synthetic_k, cfg.trainer.seed, stream,
+                               sites=d.synthetic_sites)
     if cfg.data.source == "cache":
         from sae_dist.data.cache import CachedSource
 

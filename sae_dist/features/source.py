@@ -130,6 +130,12 @@ def load_setup(path: str, device: str = "cpu") -> FeatureSetup:
     for key in ("model_name", "hook_name"):
         if not cfg.get(key):
             raise ConfigError(f"{export_dir}/cfg.json has no {key}; re-export with sae_dist.export.export_saelens")
+    if cfg.get("sites"):
+        raise ConfigError(
+            f"{export_dir} is a {cfg.get('sae_dist_arch')} over the sites {cfg['sites']}: eval and dashboards read "
+            "one-site SAEs; the replacement-model eval of multi-site dictionaries is not built yet (their held-out "
+            "FVU per site is in the run's results.json)"
+        )
     settings = run_settings(export_dir, cfg)
     model, tokenizer = load_lm(cfg["model_name"], device, settings["lm_dtype"])
     hook_name = resolve_hook(model, cfg["hook_name"])

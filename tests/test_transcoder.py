@@ -1,0 +1,124 @@
+"""Transcoders and skip-transcoders: the sparse path against the dense definition, a ground-truth
+recovery on synthetic two-site data, the whole job on MiniLM's MLP, and the site checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import pydoc_jsonl, synthetic_config
+
+from sae_dist.config import ConfigError, sae_config, validate
+from sae_dist.data.synthetic import SyntheticSource
+from sae_dist.export import load_saelens
+from sae_dist.run import train
+from sae_dist.sae import SparseAutoencoder
+
+
+def _dense_loss(x_in, y, W_enc, b_enc, W_dec, b_dec, W_skip, dead, k, k_aux, aux_coef):
+    """The transcoder written densely: no b_dec on the input, the skip added to the output."""
+    pre = x_in @ W_enc.T + b_enc
+    top = pre.topk(k, dim=1)
+    f = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+    y_hat = f @ W_dec + b_dec + (x_in @ W_skip.T if W_skip is not None else 0)
+    fvu = lambda a, b: (a - b).pow(2).sum() / (a - a.mean(0)).pow(2).sum()  # noqa: E731
+    aux_top = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=1)
+    f_aux = torch.zeros_like(pre).scatter(1, aux_top.indices, aux_top.values.relu())
+    return fvu(y, y_hat) + aux_coef * min(1.0, int(dead.sum()) / k_aux) * fvu((y - y_hat).detach(), f_aux @ W_dec)
+
+
+@pytest.mark.parametrize("arch", ["transcoder", "skip_transcoder"])
+def test_sparse_path_matches_the_dense_definition_in_float64(arch):
+    g = torch.Generator().manual_seed(0)
+    sae = SparseAutoencoder(sae_config(arch=arch, n_latents=24, k=3, k_aux=4), 6, generator=g).double()
+    with torch.no_grad():
+        sae.b_enc.normal_(std=0.1, generator=g)
+        sae.b_dec.normal_(generator=g)
+        if arch == "skip_transcoder":
+            sae.W_skip.normal_(std=0.3, generator=g)
+    x = torch.randn(7, 2, 6, dtype=torch.float64, generator=g)
+    dead = torch.zeros(24, dtype=torch.bool)
+    dead[::3] = True
+    names = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip") if hasattr(sae, n)]
+    out = sae(x, dead)
+    assert "auxk" in out.terms
+    grads = torch.autograd.grad(out.loss, [getattr(sae, n) for n in names])
+    ref_in = {n: getattr(sae, n).detach().clone().requires_grad_(True) for n in names}
+    ref = _dense_loss(x[:, 0], x[:, 1], *(ref_in.get(n) for n in ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip")),
+                      dead, 3, 4, sae.cfg.aux_coef)
+    ref_grads = torch.autograd.grad(ref, list(ref_in.values()))
+    assert torch.allclose(out.loss, ref, rtol=1e-10)
+    for name, got, want in zip(names, grads, ref_grads):
+        assert torch.allclose(got, want, rtol=1e-8, atol=1e-10), name
+
+
+def _synthetic(tmp_path, arch, **trainer):  # type: ignore[no-untyped-def]
+    """128 true features, 3 active per token (synthetic_config's data), read through 2 sites; k = 3."""
+    return synthetic_config(
+        tmp_path, data={"synthetic_sites": 2, "shuffle_buffer_tokens": 8192},
+        sae={"arch": arch, "k": 3, "dead_tokens": 256 * 50},
+        trainer={"total_tokens": 256 * 1000, "lr": 3e-3, "warmup_tokens": 2560, "log_every": 100, **trainer},
+        checkpoint={"every_steps": 0},
+    )
+
+
+def test_transcoder_recovers_the_true_output_directions(tmp_path):
+    """Input and output made of the same 128 sparse codes through two dictionaries: the decoder must
+    find at least 90% of the output directions at cosine >= 0.95, with the input's encoder."""
+    cfg = _synthetic(tmp_path, "transcoder")
+    out = train(cfg)
+    assert out["fvu"] < 0.25, out  # 1000 steps: the encoder is still learning to invert the input's dictionary
+    sae, meta = load_saelens(out["export_dir"])
+    truth = SyntheticSource(32, 128, 3, seed=cfg.trainer.seed, sites=2).dictionaries[1]  # (F, d) outputs
+    W = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
+    best = (truth @ W.T).max(dim=1).values
+    assert float((best >= 0.95).float().mean()) >= 0.9, best.sort().values[:20]
+    assert meta["sae_dist_arch"] == "transcoder" and meta["apply_b_dec_to_input"] is False
+
+
+def test_skip_transcoder_trains_like_the_plain_one_and_exports_its_skip(tmp_path):
+    """On the same two-site data the skip-transcoder reaches the plain transcoder's FVU (its skip
+    starts at zero and may only help), and W_skip goes through the export and back."""
+    base = train(_synthetic(tmp_path / "plain", "transcoder", total_tokens=256 * 200))
+    skip = train(_synthetic(tmp_path / "skip", "skip_transcoder", total_tokens=256 * 200))
+    assert skip["fvu"] <= base["fvu"] + 0.02, (skip["fvu"], base["fvu"])
+    sae, _ = load_saelens(skip["export_dir"])
+    assert sae.W_skip.abs().max() > 0  # it learned something; exported and loaded back
+
+
+def test_transcoder_job_on_minilm_mlp_prints_heldout_fvu_and_its_export_reproduces_it(tmp_path):
+    corpus = pydoc_jsonl(tmp_path / "docs.jsonl", 30)
+    cfg = synthetic_config(
+        tmp_path, model={"d_model": 0, "context_size": 32, "batch_contexts": 8, "dtype": "fp32",
+                         "sites": ["encoder.layer.3.intermediate:in", "encoder.layer.3.output.dense:out"]},
+        data={"source": "lm", "corpus": corpus, "heldout_fraction": 0.2, "shuffle_buffer_tokens": 1024},
+        sae={"arch": "transcoder", "n_latents": 512, "k": 16},
+        trainer={"total_tokens": 256 * 12, "eval_tokens": 512, "scale_tokens": 512},
+    )
+    out = train(cfg)
+    assert 0 < out["fvu"] < 1 and out["l0"] <= 16
+    # the export, on raw MiniLM activations, gives the job's held-out figures again
+    from sae_dist.data import heldout_batches
+    from sae_dist.metrics import evaluate
+
+    sae, meta = load_saelens(out["export_dir"])
+    again = evaluate(sae, heldout_batches(cfg), 1.0, cfg.trainer.eval_tokens)
+    assert abs(again["fvu"] - out["fvu"]) < 1e-5
+    assert meta["hook_name"] == "encoder.layer.3.intermediate" and meta["hook_name_out"] == "encoder.layer.3.output.dense"
+    # the one-site tools refuse it, saying why, before loading the LM
+    from sae_dist.features.source import load_setup
+
+    with pytest.raises(ConfigError, match=r"transcoder over the sites .* not built yet"):
+        load_setup(out["export_dir"])
+
+
+def test_site_counts_are_checked_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match=r"sae\.arch=transcoder reads exactly 2 activation sites per token, but "
+                                          r"data\.synthetic_sites is 0"):
+        validate(synthetic_config(tmp_path, sae={"arch": "transcoder"}))
+    with pytest.raises(ConfigError, match=r"sae\.arch=topk reads one activation site, but data\.synthetic_sites is 2"):
+        validate(synthetic_config(tmp_path, data={"synthetic_sites": 2}))
+    # a cache carries its own count: checked when the job builds, before the first step
+    with pytest.raises(ConfigError, match=r"sae\.arch=transcoder reads exactly 2 .* but the data has 0 sites"):
+        train(synthetic_config(tmp_path, sae={"arch": "transcoder"}))
+    with pytest.raises(ConfigError, match=r"data\.synthetic_sites \(1\) must be 0"):
+        synthetic_config(tmp_path, data={"synthetic_sites": 1})
