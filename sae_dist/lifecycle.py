@@ -74,12 +74,14 @@ def prepare(cfg: Config) -> torch.device:
 
 
 def build_sae(
-    cfg: Config, d_model: int, mesh: Mesh | None = None, device: torch.device | str = "cpu"
+    cfg: Config, d_model: int, mesh: Mesh | None = None, device: torch.device | str = "cpu", n_sites: int = 0
 ) -> SparseAutoencoder:
     """This rank's shard (the whole SAE without a mesh) on `device`; every sharding starts from the same
-    weights on every device (they are drawn on the host)."""
+    weights on every device (they are drawn on the host). `n_sites`: the data's sites per token (a
+    crosscoder's vectors are all of them, concatenated)."""
     n_local, offset = (mesh.dims.n_local, mesh.latent_offset) if mesh else (cfg.sae.n_latents, 0)
-    sae = SparseAutoencoder(cfg.sae, d_model, n_local=n_local, encoder_chunk=cfg.trainer.encoder_chunk,
+    width = archs.get(cfg.sae.arch).width(d_model, n_sites)
+    sae = SparseAutoencoder(cfg.sae, width, n_local=n_local, encoder_chunk=cfg.trainer.encoder_chunk,
                             seed=cfg.trainer.seed, latent_offset=offset).to(device)
     return apply_feature_parallel(sae, mesh) if mesh else sae
 
@@ -94,7 +96,7 @@ def build(
     sites = getattr(source, "n_sites", 0)
     archs.get(cfg.sae.arch).check_sites(cfg, sites, f"the data has {sites} sites per token (0: one)")
     os.makedirs(cfg.output_dir, exist_ok=True)
-    sae = build_sae(cfg, source.d_model, mesh, device)
+    sae = build_sae(cfg, source.d_model, mesh, device, sites)
     checkpointer = None
     if checkpoints:
         checkpointer = Checkpointer(

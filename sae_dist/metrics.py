@@ -34,15 +34,17 @@ class HeldoutMeter:
         self.l0 = self.l1 = 0.0
         self.x_sum = torch.zeros(sae.d_model, dtype=torch.float64, device=sae.b_dec.device)
         self.fired = torch.zeros(sae.n_local, dtype=torch.long, device=sae.b_dec.device)
+        self.site_err: Tensor | None = None
+        self.site_x2: Tensor | None = None
 
     @property
     def full(self) -> bool:
         return self.count >= self.tokens
 
     @torch.no_grad()
-    def add(self, x: Tensor, vals: Tensor, idx: Tensor, x_hat: Tensor) -> None:
+    def add(self, x: Tensor, vals: Tensor, idx: Tensor, x_hat: Tensor, sites: int = 0) -> None:
         """One batch: x and x^ (N, d), this rank's codes vals/idx (N, k). Rows past the held-out set's
-        `tokens` are left out."""
+        `tokens` are left out. `sites` S > 0: x is S sites of d / S concatenated, and each gets its FVU."""
         rows = min(x.shape[0], self.tokens - self.count)
         if rows <= 0:
             return
@@ -50,6 +52,11 @@ class HeldoutMeter:
         vals, idx = vals[:rows], idx[:rows]
         s, comm = self.sums, self.sae.comm
         err = (x - x_hat).pow(2).sum(1)
+        if sites:
+            per = (x - x_hat).pow(2).view(rows, sites, -1).sum(dim=(0, 2))
+            x2 = x.pow(2).view(rows, sites, -1).sum(dim=(0, 2))
+            self.site_err = per if self.site_err is None else self.site_err + per
+            self.site_x2 = x2 if self.site_x2 is None else self.site_x2 + x2
         norm_in, norm_out = x.norm(dim=1), x_hat.norm(dim=1)
         s["err"] += float(err.sum())
         s["x2"] += float(x.pow(2).sum())
@@ -85,7 +92,12 @@ class HeldoutMeter:
         dead = share(self.fired == 0)
         fvu = s["err"] / total_var
         sb_x2 = s["sb_x2"] / self.batches
-        return {
+        per_site = {}
+        if self.site_err is not None and self.site_x2 is not None:  # each site's FVU, its own variance
+            means = self.x_sum.view(len(self.site_err), -1)
+            var = self.site_x2 - means.pow(2).sum(dim=1) / n
+            per_site = {"fvu_per_site": [float(e / v) for e, v in zip(self.site_err, var)]}
+        return per_site | {
             "fvu": fvu,
             "explained_variance": 1 - fvu,
             "explained_variance_legacy": s["legacy_ev"] / n,
@@ -131,7 +143,9 @@ def evaluate_meter(sae: SparseAutoencoder, batches: Iterable[Tensor], scale: flo
         if scale != 1.0:
             x = x * scale
         vals, idx = sae.encode_sparse(x)
-        meter.add(sae.arch.split(x)[1], vals, idx, sae.decode(x, vals, idx))
+        target = sae.arch.split(x)[1]
+        sites = x.shape[1] if x.dim() == 3 and target.shape[1] == x.shape[1] * x.shape[2] else 0
+        meter.add(target, vals, idx, sae.decode(x, vals, idx), sites)
         if meter.full:
             break
     sae.train(was_training)

@@ -70,7 +70,10 @@ class LocalComm:
 
     def data_variance(self, x: Tensor) -> Tensor:
         """sum ||x - mean(x)||^2 over the global batch divided by the number of data replicas: the
-        FVU denominator that makes the replicas' mean loss the global batch's FVU."""
+        FVU denominator that makes the replicas' mean loss the global batch's FVU. x (B, sites, d):
+        one per site, (sites,)."""
+        if x.dim() == 3:
+            return (x - x.mean(dim=0)).pow(2).sum(dim=(0, 2))
         return (x - x.mean(dim=0)).pow(2).sum()
 
 
@@ -168,6 +171,10 @@ class SparseAutoencoder(nn.Module):
 
     def decode_sparse(self, vals: Tensor, idx: Tensor) -> Tensor:
         return self.comm.sum_partial(kernels.sparse_decode(vals, idx, self.W_dec)) + self.b_dec
+
+    def fvu_sites(self, x: Tensor, x_hat: Tensor) -> Tensor:
+        """(sites,) FVU of each site of x, x^ (B, sites, d), with the global batch's variances."""
+        return (x - x_hat).pow(2).sum(dim=(0, 2)) / self.comm.data_variance(x).clamp_min(1e-12)
 
     def fvu(self, x: Tensor, x_hat: Tensor) -> Tensor:
         """FVU with the global batch's variance (one replica: exactly `fvu`)."""

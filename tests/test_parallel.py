@@ -44,7 +44,7 @@ from sae_dist.sae import SparseAutoencoder
 from sae_dist.trainer import Trainer, TrainState, auto_lr
 
 D, N, K, B, STEPS = 32, 256, 4, 64, 20
-ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "gated", "transcoder", "skip_transcoder")
+ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "gated", "transcoder", "skip_transcoder", "crosscoder")
 """Every sparse-path family; each trains fp=2 and fp=4 against one process."""
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor", "broadcast",
                "reduce_scatter_tensor", "barrier", "all_gather_object", "broadcast_object_list", "gather")
@@ -68,21 +68,27 @@ def _cfg(tmp, arch="topk", n=N, dp=1, fp=1, batch=B, engine="torch", zero_stage=
     )
 
 
-def _batches(rows: int, steps: int = STEPS, arch: str = "topk") -> list[torch.Tensor]:
-    """Synthetic batches (rows, D); for a two-site family (rows, 2, D): an input and a fixed nonlinear
-    function of it, as an MLP's input and output."""
+def _batches(rows: int, steps: int = STEPS, arch: str = "topk", sites: int = 3) -> list[torch.Tensor]:
+    """Synthetic batches (rows, D); for a multi-site family (rows, S, D): the input, then fixed
+    nonlinear functions of it (an MLP's output; further layers). S is 2 for a transcoder, `sites` for
+    a family that takes any number."""
     src = SyntheticSource(D, 128, 3, seed=0)
     data = torch.cat([src.chunk(i) for i in range(rows * steps // 4096 + 1)])
-    if archs.get(arch).sites == 2:
-        mix = torch.randn(D, D, generator=torch.Generator().manual_seed(5)) / D**0.5
-        data = torch.stack([data, torch.tanh(data @ mix)], dim=1)
+    n_sites = archs.get(arch).sites or sites
+    if n_sites > 1:
+        g = torch.Generator().manual_seed(5)
+        layers = [data]
+        for _ in range(n_sites - 1):
+            layers.append(torch.tanh(layers[-1] @ (torch.randn(D, D, generator=g) / D**0.5)))
+        data = torch.stack(layers, dim=1)
     return [data[s * rows : (s + 1) * rows] for s in range(steps)]
 
 
 def _train(cfg, mesh, batches, count_at=None):
     """Runs `batches` through a Trainer on this rank; records losses, the selected latents and bytes."""
     kernels.set_select_precision(cfg.trainer.encoder_select)  # as run.train does
-    full = SparseAutoencoder(cfg.sae, D, encoder_chunk=cfg.trainer.encoder_chunk,
+    sites = batches[0].shape[1] if batches[0].dim() == 3 else 0
+    full = SparseAutoencoder(cfg.sae, archs.get(cfg.sae.arch).width(D, sites), encoder_chunk=cfg.trainer.encoder_chunk,
                              generator=torch.Generator().manual_seed(1))
     sae = apply_feature_parallel(full, mesh)
     trainer = Trainer(cfg, sae, TrainState(), engine=build_engine(cfg, sae, mesh, auto_lr(cfg)))
@@ -179,6 +185,10 @@ def _job_world2(rank, tmp):
     for n, prefixes in ((128, [8, 128]), (512, [8, 32, 64, 128, 512])):
         cfg = _cfg(tmp, "matryoshka", n=n, fp=2, batch=16, dead_tokens=1, prefixes=prefixes)
         out[f"count-matryoshka-{n}"] = _train(cfg, _mesh(cfg), _batches(16, 4), count_at=(2, 3))["counts"]
+    for sites in (2, 4):
+        cfg = _cfg(tmp, "crosscoder", n=256, fp=2, batch=16, dead_tokens=1)
+        out[f"count-crosscoder-{sites}"] = _train(cfg, _mesh(cfg), _batches(16, 4, "crosscoder", sites),
+                                                  count_at=(2, 3))["counts"]
     out["export_sharded"] = _export_both_ways(tmp, rank)
     out["heldout"] = _heldout_metrics(tmp, fp=2)
     return out
@@ -392,6 +402,13 @@ def test_collectives_per_step_are_fixed_and_independent_of_n_latents(world2, wor
         for r in ranks:
             for step in (2, 3):
                 assert r["count-128"][step] == r["count-512"][step] == want, r["count-128"]
+
+
+def test_crosscoder_collectives_do_not_grow_with_the_number_of_sites(world2):
+    # TopK's: the sites' partial decodes travel as one (B, S d) sum, and their FVUs need no collective
+    for r in world2:
+        for step in (2, 3):
+            assert r["count-crosscoder-2"][step] == r["count-crosscoder-4"][step] == r["count-128"][step], r["count-crosscoder-2"]
 
 
 @pytest.mark.parametrize("arch,want", [

@@ -112,6 +112,11 @@ class Arch:
         """Data-dependent initialisation on the first training batch (scaled, after b_dec is set);
         identical on every data replica."""
 
+    @classmethod
+    def width(cls, d_model: int, n_sites: int) -> int:
+        """The dictionary's vector width for data of n_sites sites of d_model each (0: one site)."""
+        return d_model
+
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(what the encoder reads, what the decoder reconstructs) of a batch: x and x for an SAE."""
         return x, x

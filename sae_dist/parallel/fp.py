@@ -148,6 +148,8 @@ class FeatureParallelComm(LocalComm):
         replica's err / this averages over dp to the global batch's FVU. Chan's pairwise combination
         of per-replica (mean, M2), gathered in one collective."""
         x = x.detach()
+        if x.dim() == 3:  # (B, sites, d): one variance per site, still one collective
+            return self._site_variances(x)
         if self.dp_group is None:
             return (x - x.mean(dim=0)).pow(2).sum()
         mean = x.double().mean(dim=0)
@@ -158,6 +160,20 @@ class FeatureParallelComm(LocalComm):
         out = out.view(self.n_data, -1)
         means, m2s = out[:, :-1], out[:, -1]
         total = m2s.sum() + x.shape[0] * (means - means.mean(dim=0)).pow(2).sum()
+        return (total / self.n_data).to(x.dtype)
+
+    def _site_variances(self, x: Tensor) -> Tensor:
+        if self.dp_group is None:
+            return (x - x.mean(dim=0)).pow(2).sum(dim=(0, 2))
+        S, d = x.shape[1:]
+        mean = x.double().mean(dim=0)  # (S, d)
+        m2 = (x.double() - mean).pow(2).sum(dim=(0, 2))  # (S,)
+        mine = torch.cat([mean.reshape(-1), m2])
+        out = mine.new_empty(self.n_data * mine.numel())
+        all_gather_into(out, mine, self.dp_group)
+        out = out.view(self.n_data, -1)
+        means, m2s = out[:, : S * d].view(self.n_data, S, d), out[:, S * d :]
+        total = m2s.sum(dim=0) + x.shape[0] * (means - means.mean(dim=0)).pow(2).sum(dim=(0, 2))
         return (total / self.n_data).to(x.dtype)
 
 
