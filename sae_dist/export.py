@@ -40,6 +40,7 @@ def export_config(sae: SparseAutoencoder, scale: float, meta: dict[str, Any] | N
     return {
         "architecture": sae.arch.saelens_architecture,
         "d_in": sae.d_model,
+        **({"d_out": sae.d_out} if sae.d_out != sae.d_model else {}),
         "d_sae": sae.n_latents,
         "dtype": "float32",
         "device": "cpu",
@@ -69,8 +70,8 @@ WEIGHTS = "sae_weights.safetensors"
 
 def full_shapes(sae: SparseAutoencoder) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """(dtype, shape) of each exported tensor of the whole SAE."""
-    n, d = sae.n_latents, sae.d_model
-    shapes = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+    n, d, d_out = sae.n_latents, sae.d_model, sae.d_out
+    shapes = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d_out), "b_dec": (d_out,)}
     shapes |= {name: (n,) for name in sae.arch.export_per_latent} | sae.arch.export_shapes(d)
     renames = sae.arch.export_renames
     return {renames.get(k, k): (torch.float32, v) for k, v in shapes.items()}
@@ -108,7 +109,7 @@ def load_saelens(path: str) -> tuple[SparseAutoencoder, dict[str, Any]]:
     arch = cfg.get("sae_dist_arch", {"standard": "relu"}.get(cfg["architecture"], cfg["architecture"]))
     family = archs.get(arch)
     fields = {"arch": arch, "n_latents": cfg["d_sae"], "k": min(32, cfg["d_sae"] - 1)} | family.config_from_export(cfg)
-    sae = SparseAutoencoder(archs.build_config(fields), cfg["d_in"])
+    sae = SparseAutoencoder(archs.build_config(fields), cfg["d_in"], d_out=cfg.get("d_out"))
     load_exported(sae, w)
     return sae.eval(), cfg
 

@@ -80,8 +80,9 @@ def build_sae(
     weights on every device (they are drawn on the host). `n_sites`: the data's sites per token (a
     crosscoder's vectors are all of them, concatenated)."""
     n_local, offset = (mesh.dims.n_local, mesh.latent_offset) if mesh else (cfg.sae.n_latents, 0)
-    width = archs.get(cfg.sae.arch).width(d_model, n_sites)
-    sae = SparseAutoencoder(cfg.sae, width, n_local=n_local, encoder_chunk=cfg.trainer.encoder_chunk,
+    family = archs.get(cfg.sae.arch)
+    width, d_out = family.width(d_model, n_sites), family.out_width(d_model, n_sites)
+    sae = SparseAutoencoder(cfg.sae, width, d_out=d_out, n_local=n_local, encoder_chunk=cfg.trainer.encoder_chunk,
                             seed=cfg.trainer.seed, latent_offset=offset).to(device)
     return apply_feature_parallel(sae, mesh) if mesh else sae
 

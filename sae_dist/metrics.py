@@ -32,7 +32,7 @@ class HeldoutMeter:
         self.count = self.batches = 0
         self.sums = dict.fromkeys(TOKEN_SUMS + BATCH_SUMS, 0.0)
         self.l0 = self.l1 = 0.0
-        self.x_sum = torch.zeros(sae.d_model, dtype=torch.float64, device=sae.b_dec.device)
+        self.x_sum = torch.zeros(sae.d_out, dtype=torch.float64, device=sae.b_dec.device)
         self.fired = torch.zeros(sae.n_local, dtype=torch.long, device=sae.b_dec.device)
         self.site_err: Tensor | None = None
         self.site_x2: Tensor | None = None
@@ -121,7 +121,7 @@ class HeldoutMeter:
             "tokens": float(n),
             # SAEBench 0.6.0's own copies of these two (docs/eval.md: why they differ)
             "mse_saebench": s["sb_mse"] / n,
-            "explained_variance_saebench": 1 - (s["sb_err"] / self.batches) / (sb_x2 - (sb_x2 / sae.d_model) ** 2),
+            "explained_variance_saebench": 1 - (s["sb_err"] / self.batches) / (sb_x2 - (sb_x2 / sae.d_out) ** 2),
         }
 
 
@@ -144,7 +144,8 @@ def evaluate_meter(sae: SparseAutoencoder, batches: Iterable[Tensor], scale: flo
             x = x * scale
         vals, idx = sae.encode_sparse(x)
         target = sae.arch.split(x)[1]
-        sites = x.shape[1] if x.dim() == 3 and target.shape[1] == x.shape[1] * x.shape[2] else 0
+        # a target wider than one site (crosscoder: every site; CLT: every layer's output) gets per-site FVUs
+        sites = target.shape[1] // x.shape[-1] if x.dim() == 3 and target.shape[1] > x.shape[-1] else 0
         meter.add(target, vals, idx, sae.decode(x, vals, idx), sites)
         if meter.full:
             break

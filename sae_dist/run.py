@@ -11,9 +11,11 @@ the scale, tracks and writes the results. SIGTERM/SIGINT stop it after a checkpo
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from sae_dist.config import Config
 from sae_dist.data import Source, build_source, heldout_batches
@@ -24,9 +26,12 @@ from sae_dist.preempt import PreemptedError, Preemption
 from sae_dist.tracking import Tracker
 
 
-def train(cfg: Config, tracker: Tracker | None = None, source: Source | None = None) -> dict[str, Any]:
+def train(
+    cfg: Config, tracker: Tracker | None = None, source: Source | None = None, heldout: Iterable[Tensor] | None = None
+) -> dict[str, Any]:
     """Trains (or resumes) the configured SAE; returns the held-out metrics and the export folder.
-    Raises PreemptedError, after checkpointing, when a signal stopped it."""
+    `source` and `heldout` (chunks) replace the configured data. Raises PreemptedError, after
+    checkpointing, when a signal stopped it."""
     device = prepare(cfg)
     own_group = not torch.distributed.is_initialized()
     mesh = init_from_env(cfg.parallel, cfg.sae.n_latents, device, group=engine_name(cfg) == "deepspeed")
@@ -37,7 +42,7 @@ def train(cfg: Config, tracker: Tracker | None = None, source: Source | None = N
         with Preemption(cfg.checkpoint.preempt_grace_s) as preemption:
             resume_or_initialise(job)
             fit_s, tokens = fit(job, preemption)
-        results = finish(job, heldout_batches(cfg), fit_s, tokens)
+        results = finish(job, heldout if heldout is not None else heldout_batches(cfg), fit_s, tokens)
         status = "FINISHED"
         return results | {"engine": engine_name(cfg)}
     except PreemptedError:

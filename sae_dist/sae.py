@@ -105,10 +105,13 @@ class SparseAutoencoder(nn.Module):
         generator: torch.Generator | None = None,
         seed: int | None = None,
         latent_offset: int = 0,
+        d_out: int | None = None,
     ) -> None:
         """`generator` draws the n_local rows directly; `seed` instead builds rows [latent_offset,
         latent_offset + n_local) of the seed's whole dictionary (`init_directions`), as a feature
-        shard does."""
+        shard does. `d_out`: the decoder's width where it differs from the encoder's d_model (a
+        cross-layer transcoder writes into every layer); the encoder then starts from directions of
+        its own instead of the decoder's transpose."""
         super().__init__()
         self.cfg = cfg
         family = archs.get(cfg.arch)
@@ -119,21 +122,25 @@ class SparseAutoencoder(nn.Module):
             )
         self.arch = family(cfg)
         self.d_model = d_model
+        self.d_out = d_out or d_model
         self.n_latents = cfg.n_latents
         n = n_local if n_local is not None else cfg.n_latents
         self.encoder_chunk = encoder_chunk
         self.k_aux = getattr(cfg, "k_aux", 0) or d_model // 2
         self.comm: LocalComm = LocalComm()
-        if seed is not None:
-            W = init_directions(seed, latent_offset, latent_offset + n, d_model)
-        else:
-            W = torch.randn(n, d_model, generator=generator)
-            W = W / W.norm(dim=1, keepdim=True)
-        W = W * self.arch.decoder_init_scale
+
+        def directions(width: int, seed_shift: int) -> Tensor:
+            if seed is not None:
+                return init_directions(seed + seed_shift, latent_offset, latent_offset + n, width)
+            W = torch.randn(n, width, generator=generator)
+            return W / W.norm(dim=1, keepdim=True)
+
+        W = directions(self.d_out, 0) * self.arch.decoder_init_scale
         self.W_dec = nn.Parameter(W)
-        self.W_enc = nn.Parameter(W.clone())  # the decoder's transpose (topk rescales it on the first batch)
+        # the decoder's transpose (topk rescales it on the first batch), or directions of its own
+        self.W_enc = nn.Parameter(W.clone() if self.d_out == d_model else directions(d_model, 1))
         self.b_enc = nn.Parameter(torch.zeros(n))
-        self.b_dec = nn.Parameter(torch.zeros(d_model))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out))
         self.arch.add_parameters(self, n)
 
     @property

@@ -174,3 +174,97 @@ def test_crosscoder_trains_on_three_sites_and_reports_each_sites_fvu(tmp_path):
     t = truth.permute(1, 0, 2).reshape(128, -1) / 3**0.5
     W = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
     assert float(((t @ W.T).max(dim=1).values >= 0.9).float().mean()) >= 0.8
+
+
+def _dense_clt(x_in, y, W_enc, b_enc, W_dec, b_dec, k):
+    """The CLT from its definition: latent i of layer i mod L reads that layer's input; a dense
+    (B, n) code per layer, decoded through the (n, L, d) decoder into every later layer."""
+    B, L, d = x_in.shape
+    n = W_enc.shape[0]
+    layer = torch.arange(n) % L
+    f = torch.zeros(B, n, dtype=x_in.dtype)
+    for m in range(L):
+        pre = x_in[:, m] @ W_enc.T + b_enc
+        pre = pre.masked_fill(layer != m, float("-inf"))
+        top = pre.topk(k, dim=1)
+        f = f + torch.zeros_like(f).scatter(1, top.indices, top.values.relu())
+    mask = (torch.arange(L)[None, :] >= layer[:, None]).to(x_in.dtype)  # (n, L)
+    y_hat = torch.einsum("bn,nld->bld", f, W_dec.view(n, L, d) * mask[:, :, None]) + b_dec.view(L, d)
+    fvu = lambda a, b: (a - b).pow(2).sum() / (a - a.mean(0)).pow(2).sum()  # noqa: E731
+    return sum(fvu(y.view(B, L, d)[:, m], y_hat[:, m]) for m in range(L))
+
+
+def test_clt_sparse_path_matches_the_dense_definition_and_keeps_earlier_blocks_zero():
+    g = torch.Generator().manual_seed(0)
+    L, d = 3, 5
+    sae = SparseAutoencoder(sae_config(arch="clt", n_latents=24, k=2), d, d_out=L * d, generator=g).double()
+    W = sae.W_dec.detach().view(24, L, d)
+    assert all(float(W[j, :j % L].abs().sum()) == 0 for j in range(24))  # nothing into earlier layers
+    with torch.no_grad():
+        sae.b_enc.normal_(std=0.1, generator=g)
+        sae.b_dec.normal_(generator=g)
+    x = torch.randn(9, 2 * L, d, dtype=torch.float64, generator=g)
+    names = ["W_enc", "b_enc", "W_dec", "b_dec"]
+    out = sae(x)
+    grads = torch.autograd.grad(out.loss, [getattr(sae, n) for n in names])
+    ref_in = [getattr(sae, n).detach().clone().requires_grad_(True) for n in names]
+    ref = _dense_clt(x[:, :L], x[:, L:].reshape(9, -1), *ref_in, 2)
+    ref_grads = torch.autograd.grad(ref, ref_in)
+    assert torch.allclose(out.loss, ref, rtol=1e-10)
+    assert float(out.terms["l0"]) <= L * 2
+    for name, got, want in zip(names, grads, ref_grads):
+        if name == "W_dec":  # the masked blocks get no gradient at all
+            want = want.view(24, L, d) * (torch.arange(L)[None, :] >= (torch.arange(24) % L)[:, None])[:, :, None]
+            want = want.reshape(24, -1)
+        assert torch.allclose(got, want, rtol=1e-8, atol=1e-10), name
+
+
+class _CLTSource:
+    """Ground truth for a CLT: per layer l, sparse codes (k of F features) read from its input through
+    E_l and written into the outputs of layers m >= l through D_{l->m}; chunks are (T, 2L, d)."""
+
+    def __init__(self, L=3, d=24, F=32, k=2, seed=0, chunk=4096, stream=0):
+        g = torch.Generator().manual_seed(seed)
+        self.stream = stream
+        unit = lambda *s: (lambda t: t / t.norm(dim=-1, keepdim=True))(torch.randn(*s, generator=g))  # noqa: E731
+        self.L, self.d, self.F, self.k, self.seed, self.chunk_tokens = L, d, F, k, seed, chunk
+        self.E = unit(L, F, d)
+        self.D = unit(L, F, L, d) * (torch.arange(L)[None, None, :, None] >= torch.arange(L)[:, None, None, None])
+        self.d_model, self.n_sites = d, 2 * L
+
+    def chunk(self, i):
+        g = torch.Generator().manual_seed((self.seed * 7919 + self.stream) * 100_003 + i + 1)
+        T, L = self.chunk_tokens, self.L
+        codes = torch.zeros(T, L, self.F)
+        ids = torch.rand(T, L, self.F, generator=g).topk(self.k, dim=2).indices
+        codes.scatter_(2, ids, 0.5 + torch.rand(T, L, self.k, generator=g))
+        x_in = torch.einsum("tlf,lfd->tld", codes, self.E)
+        y = torch.einsum("tlf,lfmd->tmd", codes, self.D)
+        return torch.cat([x_in, y], dim=1)
+
+    def chunks(self, start=0):
+        i = start
+        while True:
+            yield self.chunk(i), i + 1
+            i += 1
+
+
+def test_clt_recovers_90_percent_of_a_known_cross_layer_dictionary(tmp_path):
+    src = _CLTSource()
+    cfg = synthetic_config(
+        tmp_path, model={"d_model": src.d}, data={"shuffle_buffer_tokens": 8192},
+        sae={"arch": "clt", "n_latents": 3 * 64, "k": 2},
+        trainer={"total_tokens": 512 * 600, "batch_tokens": 512, "lr": 3e-3, "warmup_tokens": 5120,
+                 "log_every": 100, "eval_tokens": 2048},
+        checkpoint={"every_steps": 0},
+    )
+    held = _CLTSource(chunk=2048, stream=1)  # the same dictionary, other tokens
+    out = train(cfg, source=src, heldout=[held.chunk(0)])
+    assert len(out["fvu_per_site"]) == 3
+    sae, meta = load_saelens(out["export_dir"])
+    assert meta["d_out"] == 3 * src.d
+    truth = src.D.reshape(3 * src.F, -1)  # (L F, L d): each true latent's concatenated decoders
+    truth = truth / truth.norm(dim=1, keepdim=True)
+    W = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
+    best = (truth @ W.T).max(dim=1).values
+    assert float((best >= 0.95).float().mean()) >= 0.9, (best.sort().values[:10], out["fvu"])

@@ -44,7 +44,7 @@ from sae_dist.sae import SparseAutoencoder
 from sae_dist.trainer import Trainer, TrainState, auto_lr
 
 D, N, K, B, STEPS = 32, 256, 4, 64, 20
-ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "gated", "transcoder", "skip_transcoder", "crosscoder")
+ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "gated", "transcoder", "skip_transcoder", "crosscoder", "clt")
 """Every sparse-path family; each trains fp=2 and fp=4 against one process."""
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor", "broadcast",
                "reduce_scatter_tensor", "barrier", "all_gather_object", "broadcast_object_list", "gather")
@@ -74,7 +74,7 @@ def _batches(rows: int, steps: int = STEPS, arch: str = "topk", sites: int = 3) 
     a family that takes any number."""
     src = SyntheticSource(D, 128, 3, seed=0)
     data = torch.cat([src.chunk(i) for i in range(rows * steps // 4096 + 1)])
-    n_sites = archs.get(arch).sites or sites
+    n_sites = archs.get(arch).sites or (4 if arch == "clt" and sites == 3 else sites)  # a CLT: L inputs, L outputs
     if n_sites > 1:
         g = torch.Generator().manual_seed(5)
         layers = [data]
@@ -88,8 +88,9 @@ def _train(cfg, mesh, batches, count_at=None):
     """Runs `batches` through a Trainer on this rank; records losses, the selected latents and bytes."""
     kernels.set_select_precision(cfg.trainer.encoder_select)  # as run.train does
     sites = batches[0].shape[1] if batches[0].dim() == 3 else 0
-    full = SparseAutoencoder(cfg.sae, archs.get(cfg.sae.arch).width(D, sites), encoder_chunk=cfg.trainer.encoder_chunk,
-                             generator=torch.Generator().manual_seed(1))
+    family = archs.get(cfg.sae.arch)
+    full = SparseAutoencoder(cfg.sae, family.width(D, sites), d_out=family.out_width(D, sites),
+                             encoder_chunk=cfg.trainer.encoder_chunk, generator=torch.Generator().manual_seed(1))
     sae = apply_feature_parallel(full, mesh)
     trainer = Trainer(cfg, sae, TrainState(), engine=build_engine(cfg, sae, mesh, auto_lr(cfg)))
     comm, picks, chosen = sae.comm, [], []
@@ -189,6 +190,10 @@ def _job_world2(rank, tmp):
         cfg = _cfg(tmp, "crosscoder", n=256, fp=2, batch=16, dead_tokens=1)
         out[f"count-crosscoder-{sites}"] = _train(cfg, _mesh(cfg), _batches(16, 4, "crosscoder", sites),
                                                   count_at=(2, 3))["counts"]
+    for layers in (2, 4):
+        cfg = _cfg(tmp, "clt", n=256, fp=2, batch=16)
+        out[f"count-clt-{layers}"] = _train(cfg, _mesh(cfg), _batches(16, 4, "clt", 2 * layers),
+                                            count_at=(2, 3))["counts"]
     out["export_sharded"] = _export_both_ways(tmp, rank)
     out["heldout"] = _heldout_metrics(tmp, fp=2)
     return out
@@ -402,6 +407,14 @@ def test_collectives_per_step_are_fixed_and_independent_of_n_latents(world2, wor
         for r in ranks:
             for step in (2, 3):
                 assert r["count-128"][step] == r["count-512"][step] == want, r["count-128"]
+
+
+def test_clt_collectives_do_not_grow_with_the_number_of_layers(world2):
+    # every layer's selection in one all-gather, every layer's decode in one all-reduce; with the L0
+    # statistic and the clip norm (no AuxK yet; the encoder's input is data, so no gradient to sum)
+    for r in world2:
+        for step in (2, 3):
+            assert r["count-clt-2"][step] == r["count-clt-4"][step] == {"all_reduce": 3, "all_gather_single": 1}, r["count-clt-2"]
 
 
 def test_crosscoder_collectives_do_not_grow_with_the_number_of_sites(world2):

@@ -117,6 +117,12 @@ class Arch:
         """The dictionary's vector width for data of n_sites sites of d_model each (0: one site)."""
         return d_model
 
+    @classmethod
+    def out_width(cls, d_model: int, n_sites: int) -> int:
+        """The decoder's width (the target's): the encoder's, except where the family writes into more
+        sites than it reads."""
+        return cls.width(d_model, n_sites)
+
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(what the encoder reads, what the decoder reconstructs) of a batch: x and x for an SAE."""
         return x, x

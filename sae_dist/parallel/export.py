@@ -32,7 +32,8 @@ def full_sae(sae: SparseAutoencoder, mesh: Mesh) -> SparseAutoencoder:
         return sae
     state = gather_full_state(sae, mesh)
     whole = SparseAutoencoder(
-        sae.cfg, sae.d_model, n_local=sae.n_latents, encoder_chunk=sae.encoder_chunk, generator=torch.Generator()
+        sae.cfg, sae.d_model, n_local=sae.n_latents, encoder_chunk=sae.encoder_chunk, generator=torch.Generator(),
+        d_out=sae.d_out,
     )
     whole.load_state_dict(state)
     return whole

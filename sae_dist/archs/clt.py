@@ -1,0 +1,162 @@
+"""Cross-layer transcoder (CLT, Anthropic's Circuit Tracing 2025) over L layers, TopK per layer.
+
+A batch is (B, 2L, d): model.sites lists the L MLP inputs in layer order, then the L MLP outputs. A
+latent belongs to one layer l (latent i: layer i mod L, so every feature shard holds the same number
+of each layer's latents); it reads that layer's MLP input and writes into the MLP outputs of layers
+l..L-1:
+
+    f_l  = TopK_k(relu(x_in_l W_enc_l^T + b_enc_l))                 the k latents of layer l per token
+    y^_m = sum_{l <= m} f_l W_dec_{l->m} + b_dec_m
+    loss = sum_m FVU(y_m, y^_m)
+
+W_dec is (n, L d): a latent's L blocks, of which those of the layers before its own are zero and stay
+zero (their gradient is masked in place). The decode of the L k active latents of a token into
+every layer is one sparse decode into (B, L d), so no B x n x L buffer exists. Under feature
+parallelism the L per-layer selections go as one (L B, k) batch of rows through one all-gather, and
+the partial decodes into all layers as one all-reduce: two collectives per step for any L.
+Not yet: AuxK for CLTs (dead latents are counted, not trained), a global BatchTopK over layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sae_dist import kernels
+from sae_dist.archs import register
+from sae_dist.archs.base import Arch, SaeConfig, SaeOutput, fired_from_sparse
+from sae_dist.errors import require
+
+if TYPE_CHECKING:
+    from sae_dist.config import Config
+    from sae_dist.sae import SparseAutoencoder
+
+
+@dataclass
+class CLTConfig(SaeConfig):
+    """sae.k is per layer: a token has up to L k active latents. sae.n_latents counts all layers'."""
+
+    arch: str = "clt"
+
+
+def _layers(x: Tensor) -> int:
+    return x.shape[1] // 2
+
+
+class _MaskDecoderGrad(torch.autograd.Function):
+    """Identity on W_dec (a view, no copy); zeroes, in place, the gradient of each latent's blocks
+    for the layers before its own, so they stay zero under any optimizer."""
+
+    @staticmethod
+    def forward(ctx: Any, W: Tensor, layers: int) -> Tensor:
+        ctx.layers = layers
+        return W.view_as(W)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        L = ctx.layers
+        g = grad.view(grad.shape[0], L, -1)
+        g.mul_(valid_blocks(grad.shape[0], L, grad.device).unsqueeze(2).to(g.dtype))
+        return grad, None
+
+
+def valid_blocks(n_local: int, layers: int, device: torch.device | str = "cpu") -> Tensor:
+    """(n_local, L) bool: latent j (layer j mod L) writes into layer m iff m >= its layer."""
+    own = torch.arange(n_local, device=device) % layers
+    return torch.arange(layers, device=device).unsqueeze(0) >= own.unsqueeze(1)
+
+
+@register
+class CrossLayerTranscoder(Arch):
+    name = "clt"
+    config = CLTConfig
+    saelens_architecture = "topk"  # per layer; cfg.json adds the layers and the output width (export_fields)
+    sites = 0
+
+    @classmethod
+    def width(cls, d_model: int, n_sites: int) -> int:
+        return d_model
+
+    @classmethod
+    def out_width(cls, d_model: int, n_sites: int) -> int:
+        return d_model * max(n_sites // 2, 1)
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        super().check(cfg)
+        sites = len(cfg.model.sites) if cfg.data.source == "lm" else cfg.data.synthetic_sites
+        if cfg.data.source in ("lm", "synthetic"):
+            require(
+                sites % 2 == 0,
+                f"sae.arch=clt reads L MLP inputs then L MLP outputs, but the data has {sites} sites (odd); "
+                "list each layer's input and output in model.sites",
+            )
+            L = sites // 2
+            require(
+                cfg.sae.n_latents % (L * cfg.parallel.fp) == 0,
+                f"sae.n_latents ({cfg.sae.n_latents}) must split evenly over {L} layers and parallel.fp "
+                f"({cfg.parallel.fp}) feature shards; use a multiple of {L * cfg.parallel.fp}",
+            )
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        L = _layers(x)
+        return x[:, :L], x[:, L:].reshape(x.shape[0], -1)
+
+    def add_parameters(self, sae: SparseAutoencoder, n_local: int) -> None:
+        """The decoder blocks before each latent's own layer start (and stay) at zero; rows renormalised."""
+        L = sae.d_out // sae.d_model
+        require(n_local % L == 0, f"a feature shard's {n_local} latents do not split evenly over {L} layers")
+        with torch.no_grad():
+            W = sae.W_dec.view(n_local, L, -1)
+            W.mul_(valid_blocks(n_local, L).unsqueeze(2).to(W.dtype))
+            sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    def _select(self, sae: SparseAutoencoder, x_in: Tensor) -> tuple[Tensor, Tensor]:
+        """Per layer, the k largest pre-activations of its latents on every shard: (B, L k) values
+        (before the ReLU) and local ids. The L selections travel as one batch of L B rows."""
+        B, L, _ = x_in.shape
+        k = self.cfg.k
+        n_per = sae.n_local // L
+        W = sae.W_enc.view(n_per, L, -1)
+        b = sae.b_enc.view(n_per, L)
+        xs = sae.comm.shard_input(x_in)
+        cand, ids = [], []
+        for layer in range(L):
+            v, i, _, _ = kernels.topk_encode(xs[:, layer], W[:, layer], b[:, layer], min(k, n_per), sae.encoder_chunk)
+            cand.append(v)
+            ids.append(i * L + layer)  # the layer's own index -> the shard's local id
+        vals, idx = sae.comm.select_topk(torch.cat(cand), torch.cat(ids), k)  # (L B, k)
+        return (vals.view(L, B, k).transpose(0, 1).reshape(B, L * k),
+                idx.view(L, B, k).transpose(0, 1).reshape(B, L * k))
+
+    def encode_sparse(self, sae: SparseAutoencoder, x: Tensor) -> tuple[Tensor, Tensor]:
+        vals, idx = self._select(sae, self.split(x)[0])
+        return F.relu(vals), idx
+
+    def decode(self, sae: SparseAutoencoder, x: Tensor, vals: Tensor, idx: Tensor) -> Tensor:
+        L = sae.d_out // sae.d_model
+        W = _MaskDecoderGrad.apply(sae.W_dec, L)
+        return sae.comm.sum_partial(kernels.sparse_decode(vals, idx, W)) + sae.b_dec  # (B, L d)
+
+    def forward(self, sae: SparseAutoencoder, x: Tensor, dead_mask: Tensor | None) -> SaeOutput:
+        B = x.shape[0]
+        L = _layers(x)
+        x_in, y = self.split(x)
+        vals, idx = self.encode_sparse(sae, x)
+        y_hat = self.decode(sae, x, vals, idx)
+        per_layer = sae.fvu_sites(y.view(B, L, -1), y_hat.view(B, L, -1))
+        loss = per_layer.sum()
+        terms = {"fvu": per_layer.mean().detach()} | {f"fvu_layer{m}": v for m, v in enumerate(per_layer.detach())}
+        terms["l0"] = sae.comm.sum_scalar((vals > 0).sum(dim=1).float().mean())
+        return SaeOutput(x_hat=y_hat, loss=loss, terms=terms, fired=fired_from_sparse(sae.n_local, vals, idx))
+
+    def export_fields(self) -> dict:
+        return {"k": self.cfg.k, "apply_b_dec_to_input": False}
+
+    @classmethod
+    def config_from_export(cls, cfg: dict) -> dict:
+        return {"k": cfg["k"]}
