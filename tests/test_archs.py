@@ -68,9 +68,18 @@ def test_sparse_encoder_refuses_more_active_latents_than_max_active():
         sae(torch.randn(4, 8))
 
 
+def _sites(name: str) -> int:
+    """Sites per token in these tests: 0 (one) for an SAE, the family's own count, or 4 where it takes
+    any number (a crosscoder's sites; a CLT's 2 layers' inputs and outputs)."""
+    sites = archs.get(name).sites
+    return 0 if sites == 1 else sites or 4
+
+
 def _trained_like(name: str) -> SparseAutoencoder:
     g = torch.Generator().manual_seed(0)
-    sae = SparseAutoencoder(sae_config(arch=name, n_latents=96, k=6, **OWN.get(name, {})), 32, generator=g)
+    family = archs.get(name)
+    sae = SparseAutoencoder(sae_config(arch=name, n_latents=96, k=6, **OWN.get(name, {})),
+                            family.width(32, _sites(name)), d_out=family.out_width(32, _sites(name)), generator=g)
     with torch.no_grad():
         sae.b_dec.normal_(generator=g)
         sae.b_enc.normal_(std=0.1, generator=g)
@@ -88,8 +97,7 @@ def _trained_like(name: str) -> SparseAutoencoder:
 
 def _inputs(name: str, rows: int = 20, d: int = 32) -> torch.Tensor:
     """A batch for the family: (rows, d), or (rows, sites, d) for a multi-site family."""
-    sites = archs.get(name).sites
-    shape = (rows, d) if sites == 1 else (rows, sites or 3, d)
+    shape = (rows, _sites(name), d) if _sites(name) else (rows, d)
     return torch.randn(*shape, generator=torch.Generator().manual_seed(1))
 
 
