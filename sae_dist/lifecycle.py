@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from sae_dist import archs, kernels
-from sae_dist.checkpoint import Checkpointer, check_storage
+from sae_dist.checkpoint import CheckpointError, Checkpointer, check_storage
 from sae_dist.config import Config, flatten
 from sae_dist.data import BatchStream, Source
 from sae_dist.data.heldout import KEY as HELDOUT_KEY
@@ -96,6 +96,7 @@ def build(
     torch.manual_seed(cfg.trainer.seed)
     sites = getattr(source, "n_sites", 0)
     archs.get(cfg.sae.arch).check_sites(cfg, sites, f"the data has {sites} sites per token (0: one)")
+    archs.get(cfg.sae.arch).check_source(cfg, source)
     os.makedirs(cfg.output_dir, exist_ok=True)
     sae = build_sae(cfg, source.d_model, mesh, device, sites)
     checkpointer = None
@@ -168,7 +169,16 @@ def fit(job: Job, preemption: Preemption | None = None) -> tuple[float, int]:
     trainer.fit(iter(stream), stream.state_dict, should_stop)
     if trainer.stopped:
         assert preemption is not None
-        saved = job.checkpointer.save(trainer, deadline=preemption.deadline()) if job.checkpointer else None
+        saved = None
+        if job.checkpointer is not None:
+            try:
+                saved = job.checkpointer.save(trainer, deadline=preemption.deadline())
+            except CheckpointError as err:
+                # the step's save missed the grace period (a big shard, slow storage): it stays invisible,
+                # and the run is still a preempted one, to resume from the last complete checkpoint
+                saved = job.checkpointer.last_saved
+                log.error("the preemption checkpoint of step %d was not written within checkpoint.preempt_grace_s "
+                          "(%s); resume from the last complete one: %s", trainer.state.step, err, saved or "none")
         raise PreemptedError(trainer.state.step, saved, preemption.signum or signal.SIGTERM)
     return time.perf_counter() - t0, trainer.state.tokens - tokens0
 

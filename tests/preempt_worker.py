@@ -6,6 +6,7 @@ several ranks of a gloo group (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set by th
 
 --term-at N          the process sends itself SIGTERM right after step N
 --stall-preempt-save the preemption checkpoint's upload hangs after its first file (prints "STALLED")
+--slow-preempt-save  the preemption checkpoint's first file takes longer than the grace period
 --stall-upload-at N  the upload of step N's checkpoint stalls after its first file (prints "STALLED"),
                      as on slow storage, so a signal lands in the middle of an upload
 On a clean finish rank 0 writes OUT/history.json; on a preemption each rank writes
@@ -21,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -30,7 +32,7 @@ from conftest import synthetic_config  # noqa: E402
 from sae_dist.checkpoint import step_name  # noqa: E402
 from sae_dist.preempt import PREEMPTED_EXIT, PreemptedError  # noqa: E402
 from sae_dist.run import train  # noqa: E402
-from sae_dist.storage import Storage  # noqa: E402
+from sae_dist.storage import Storage, StorageError  # noqa: E402
 from sae_dist.tracking import NullTracker  # noqa: E402
 
 
@@ -59,6 +61,7 @@ def main() -> None:
     ap.add_argument("--grace", type=float, default=25.0)
     ap.add_argument("--term-at", type=int, default=0)
     ap.add_argument("--stall-preempt-save", action="store_true")
+    ap.add_argument("--slow-preempt-save", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.stall_upload_at:
@@ -81,6 +84,16 @@ def main() -> None:
                 threading.Event().wait()
 
         Storage.put = stuck_put  # type: ignore[method-assign]
+    if args.slow_preempt_save:  # as a million-latent shard on slow storage: the grace runs out mid-save
+        put_slowly = Storage.put
+
+        def slow_put(self, path, data, deadline):  # type: ignore[no-untyped-def]
+            if "/step-" in path and threading.current_thread() is threading.main_thread():
+                time.sleep(max(0.0, deadline - time.monotonic()) + 0.5)  # local files are never late: say so
+                raise StorageError(f"write {path}: gave up at the deadline (checkpoint.preempt_grace_s)")
+            put_slowly(self, path, data, deadline)
+
+        Storage.put = slow_put  # type: ignore[method-assign]
     cfg = synthetic_config(
         args.out,
         checkpoint={"every_steps": 10, "keep_last": 50, "resume_from": "latest" if args.resume else "",

@@ -268,3 +268,17 @@ def test_clt_recovers_90_percent_of_a_known_cross_layer_dictionary(tmp_path):
     W = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
     best = (truth @ W.T).max(dim=1).values
     assert float((best >= 0.95).float().mean()) >= 0.9, (best.sort().values[:10], out["fvu"])
+
+
+def test_clt_sites_out_of_layer_order_are_refused_before_training(tmp_path):
+    corpus = pydoc_jsonl(tmp_path / "docs.jsonl", 12)
+    sites = ["encoder.layer.1.intermediate:in", "encoder.layer.0.intermediate:in",  # layers swapped
+             "encoder.layer.1.output.dense:out", "encoder.layer.0.output.dense:out"]
+    cfg = synthetic_config(
+        tmp_path, model={"d_model": 0, "context_size": 32, "batch_contexts": 4, "dtype": "fp32", "sites": sites},
+        data={"source": "lm", "corpus": corpus, "heldout_fraction": 0.2},
+        sae={"arch": "clt", "n_latents": 64, "k": 4},
+    )
+    with pytest.raises(ConfigError, match=r"sae\.arch=clt needs model\.sites as the 2 MLP inputs in layer order"):
+        train(cfg)
+    assert not (tmp_path / "results.json").exists()

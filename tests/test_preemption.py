@@ -145,6 +145,19 @@ def test_sigkill_during_the_preemption_checkpoint_leaves_the_one_before_loadable
     assert _json(tmp_path / "history.json")["steps"] == 30
 
 
+def test_a_preemption_save_that_misses_the_grace_still_exits_preempted_and_resumes_from_the_one_before(tmp_path):
+    """At a million latents the preemption save may not fit in the grace period: the step stays
+    invisible, the process still exits with the preempted status naming the last complete checkpoint,
+    and the resumed run goes on from there."""
+    proc = _start(tmp_path, "--steps", "400", "--term-at", "25", "--slow-preempt-save", "--grace", "2")
+    assert _finish(proc) == PREEMPTED_EXIT
+    assert _complete(tmp_path) == [10, 20]
+    assert _json(tmp_path / "preempted-rank0.json")["checkpoint"].endswith(step_name(20))
+    resumed = _start(tmp_path, "--steps", "30", "--resume")
+    assert _finish(resumed) == 0
+    assert _json(tmp_path / "history.json")["steps"] == 30
+
+
 def test_a_second_signal_exits_at_once(tmp_path):
     proc = _start(tmp_path, "--steps", "400", "--term-at", "25", "--stall-preempt-save")
     _until(proc, "STALLED")  # the first signal's checkpoint hangs; a second signal must not wait for it

@@ -193,6 +193,11 @@ class Arch:
             "encoder.layer.3.output.dense:out] (data.synthetic_sites for synthetic data)",
         )
 
+    @classmethod
+    def check_source(cls, cfg: Config, source: Any) -> None:
+        """Checks of the data source itself, once it is built and before the first step (a CLT: the
+        order in which the model reaches its sites)."""
+
     @property
     def resample_every(self) -> int:
         """Steps between resamplings of dead latents (0: never)."""

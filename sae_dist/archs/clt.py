@@ -102,6 +102,22 @@ class CrossLayerTranscoder(Arch):
                 f"({cfg.parallel.fp}) feature shards; use a multiple of {L * cfg.parallel.fp}",
             )
 
+    @classmethod
+    def check_source(cls, cfg: Config, source: Any) -> None:
+        """Live LM data: the forward pass must reach input 0, output 0, input 1, output 1, ... (the sites
+        listed as the L inputs in layer order, then the L outputs)."""
+        reached = getattr(getattr(source, "hooked", None), "reached", None)
+        if not reached or not cfg.model.sites:
+            return
+        L = len(cfg.model.sites) // 2
+        want = [i for layer in range(L) for i in (layer, L + layer)]
+        require(
+            reached == want,
+            f"sae.arch=clt needs model.sites as the {L} MLP inputs in layer order, then the {L} MLP outputs "
+            f"in the same order, but the model reaches them as {[cfg.model.sites[i] for i in reached]}; "
+            "reorder model.sites",
+        )
+
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         L = _layers(x)
         return x[:, :L], x[:, L:].reshape(x.shape[0], -1)

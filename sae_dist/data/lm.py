@@ -87,6 +87,8 @@ class HookedModel:
         self.targets = [(find_module(model, parse_site(s)[0], setting), parse_site(s)[1]) for s in self.sites]
         self.module = self.targets[0][0]
         self._got: dict[int, Tensor] = {}
+        self.reached: list[int] = []
+        """Site indices in the order the last forward pass reached them."""
 
     def _record(self, i: int, value: object) -> None:
         if isinstance(value, tuple):
@@ -120,6 +122,7 @@ class HookedModel:
             for h in handles:
                 h.remove()
         got, self._got = self._got, {}
+        self.reached = list(got)  # dicts keep insertion order: the order the pass recorded them
         missing = [self.sites[i] for i in range(len(self.sites)) if i not in got]
         assert not missing, f"the forward pass never reached {missing}"
         if not self.stacked:
