@@ -20,7 +20,6 @@ from sae_dist.errors import ConfigError
 from sae_dist.errors import require as _require
 from sae_dist.optim import OPTIMIZERS
 
-
 _SITE = re.compile(r"[A-Za-z0-9_.]+(:in|:out)?")
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from sae_dist import archs, kernels
-from sae_dist.checkpoint import CheckpointError, Checkpointer, check_storage
+from sae_dist.checkpoint import Checkpointer, CheckpointError, check_storage
 from sae_dist.config import Config, flatten
 from sae_dist.data import BatchStream, Source
 from sae_dist.data.heldout import KEY as HELDOUT_KEY

@@ -81,8 +81,8 @@ def main() -> None:
         if not torch.equal(got[0], v) or (av is not None and not torch.equal(
                 got[2].sort(dim=1, descending=True).values, av)):
             raise SystemExit(f"dead={frac}: the grouped selection differs from torch.topk")
-        t0 = timed(lambda: baseline(x, W, b, args.k, args.chunk, mask, args.k_aux), args.repeats)
-        t1 = timed(lambda: reference._stream_topk(x, W, b, args.k, args.chunk, mask, args.k_aux, None),
+        t0 = timed(lambda m=mask: baseline(x, W, b, args.k, args.chunk, m, args.k_aux), args.repeats)
+        t1 = timed(lambda m=mask: reference._stream_topk(x, W, b, args.k, args.chunk, m, args.k_aux, None),
                    args.repeats)
         print(f"{frac:4.2f}  {t0:10.3f}  {t1:9.3f}  {t0 / t1:5.2f}x  {matmul / t0:.0%} -> {matmul / t1:.0%}")
 
