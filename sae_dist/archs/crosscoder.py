@@ -16,12 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from sae_dist.archs import register
-from sae_dist.archs.base import SaeOutput, fired_from_sparse
-from sae_dist.archs.topk import TopK, TopKConfig, auxk_loss, encode_with_aux
+from sae_dist.archs.topk import TopK, TopKConfig
 
 if TYPE_CHECKING:
     from sae_dist.sae import SparseAutoencoder
@@ -47,27 +45,10 @@ class Crosscoder(TopK):
         flat = x.reshape(x.shape[0], -1)
         return flat, flat
 
-    def init_from_batch(self, sae: SparseAutoencoder, x: Tensor) -> None:
-        super().init_from_batch(sae, x.reshape(x.shape[0], -1))
-
-    def forward(self, sae: SparseAutoencoder, x: Tensor, dead_mask: Tensor | None) -> SaeOutput:
-        cfg = self.cfg
-        B, S, d = x.shape
-        flat = x.reshape(B, S * d)
-        cand, ids, aux, aux_ids, total_dead = encode_with_aux(sae, sae.comm.shard_input(flat - sae.b_dec), cfg.k,
-                                                              dead_mask)
-        vals, idx = sae.comm.select_topk(cand, ids, cfg.k)
-        vals = F.relu(vals)
-        x_hat = sae.decode_sparse(vals, idx)  # (B, S d): every site's partial decode summed at once
-        per_site = sae.fvu_sites(x, x_hat.view(B, S, d))
-        loss = per_site.sum()
+    def reconstruction_loss(self, sae: SparseAutoencoder, x: Tensor, target: Tensor, x_hat: Tensor
+                            ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The per-site FVUs summed (x_hat holds every site's partial decode, summed at once); the
+        logged fvu is their mean."""
+        per_site = sae.fvu_sites(x, x_hat.view(x.shape))
         terms = {"fvu": per_site.mean().detach()} | {f"fvu_site{s}": v for s, v in enumerate(per_site.detach())}
-        if total_dead is not None:
-            aux_loss = auxk_loss(sae, flat, x_hat, aux, aux_ids, total_dead)
-            loss = loss + cfg.aux_coef * aux_loss
-            terms["auxk"] = aux_loss.detach()
-        terms["l0"] = sae.comm.sum_scalar((vals > 0).sum(dim=1).float().mean())
-        return SaeOutput(x_hat=x_hat, loss=loss, terms=terms, fired=fired_from_sparse(sae.n_local, vals, idx))
-
-    def encode_sparse(self, sae: SparseAutoencoder, x: Tensor) -> tuple[Tensor, Tensor]:
-        return super().encode_sparse(sae, x.reshape(x.shape[0], -1))
+        return per_site.sum(), terms

@@ -75,37 +75,54 @@ class TopK(Arch):
     uses_dead_mask = True
 
     def init_from_batch(self, sae: SparseAutoencoder, x: Tensor) -> None:
-        """W_enc times sae.encoder_scale, or when that is 0 times s = <x - b_dec, r> / <r, r> summed over
-        the batch and every data replica, r the batch's decoded top-k at the initial encoder: the
-        scale at which the first reconstruction is least-squares right. b_enc is 0 here, so scaling
-        the encoder leaves every selection as it is."""
+        """W_enc times sae.encoder_scale, or when that is 0 times s = <t - o, r> / <r, r> summed over the
+        batch and every data replica: t the target, o = b_dec plus any skip path, r the batch's decoded
+        top-k at the initial encoder less o; the scale at which the first reconstruction is
+        least-squares right. b_enc is 0 here, so scaling the encoder leaves every selection as it is."""
         s = self.cfg.encoder_scale
         if not s:
-            xc = x - sae.b_dec
-            r = sae.decode_sparse(*self.encode_sparse(sae, x)) - sae.b_dec
-            num = sae.comm.mean_over_data((xc * r).sum().double())
+            target = self.split(x)[1]
+            skip = self.skip(sae, x)
+            tc = target - sae.b_dec - skip
+            r = self.decode(sae, x, *self.encode_sparse(sae, x)) - sae.b_dec - skip
+            num = sae.comm.mean_over_data((tc * r).sum().double())
             den = sae.comm.mean_over_data(r.pow(2).sum().double())
             s = float(num / den) if float(den) > 0 and float(num) > 0 else 1.0
         sae.W_enc.mul_(s)
 
+    def encoder_input(self, sae: SparseAutoencoder, x_in: Tensor) -> Tensor:
+        """What the encoder multiplies, from what `split` gives it: x - b_dec for an SAE (b_dec lives
+        in the space it reads)."""
+        return x_in - sae.b_dec
+
+    def skip(self, sae: SparseAutoencoder, x: Tensor) -> Tensor | float:
+        """The reconstruction's part outside the dictionary (a skip-transcoder's linear map): none here."""
+        return 0.0
+
+    def reconstruction_loss(self, sae: SparseAutoencoder, x: Tensor, target: Tensor, x_hat: Tensor
+                            ) -> tuple[Tensor, dict[str, Tensor]]:
+        """(the loss to minimise, the terms to log) of the reconstruction x_hat of `target`: its FVU."""
+        loss = sae.fvu(target, x_hat)
+        return loss, {"fvu": loss.detach()}
+
     def forward(self, sae: SparseAutoencoder, x: Tensor, dead_mask: Tensor | None) -> SaeOutput:
         cfg = self.cfg
-        xc = sae.comm.shard_input(x - sae.b_dec)
+        x_in, target = self.split(x)
+        xc = sae.comm.shard_input(self.encoder_input(sae, x_in))
         cand, ids, aux, aux_ids, total_dead = encode_with_aux(sae, xc, cfg.k, dead_mask)
         vals, idx = sae.comm.select_topk(cand, ids, cfg.k)
         vals = F.relu(vals)  # (B, k)
-        x_hat = sae.decode_sparse(vals, idx)
-        loss = sae.fvu(x, x_hat)
-        terms = {"fvu": loss.detach()}
+        x_hat = self.decode(sae, x, vals, idx)
+        loss, terms = self.reconstruction_loss(sae, x, target, x_hat)
         if total_dead is not None:
-            aux_loss = auxk_loss(sae, x, x_hat, aux, aux_ids, total_dead)
+            aux_loss = auxk_loss(sae, target, x_hat, aux, aux_ids, total_dead)
             loss = loss + cfg.aux_coef * aux_loss
             terms["auxk"] = aux_loss.detach()
         terms["l0"] = sae.comm.sum_scalar((vals > 0).sum(dim=1).float().mean())
         return SaeOutput(x_hat=x_hat, loss=loss, terms=terms, fired=fired_from_sparse(sae.n_local, vals, idx))
 
     def encode_sparse(self, sae: SparseAutoencoder, x: Tensor) -> tuple[Tensor, Tensor]:
-        xc = sae.comm.shard_input(x - sae.b_dec)
+        xc = sae.comm.shard_input(self.encoder_input(sae, self.split(x)[0]))
         vals, idx, _, _ = kernels.topk_encode(xc, sae.W_enc, sae.b_enc, self.cfg.k, sae.encoder_chunk)
         vals, idx = sae.comm.select_topk(vals, idx, self.cfg.k)
         return F.relu(vals), idx

@@ -19,13 +19,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sae_dist import kernels
 from sae_dist.archs import register
-from sae_dist.archs.base import Arch, SaeOutput, fired_from_sparse
-from sae_dist.archs.topk import TopK, TopKConfig, auxk_loss, encode_with_aux
+from sae_dist.archs.base import Arch
+from sae_dist.archs.topk import TopK, TopKConfig
 
 if TYPE_CHECKING:
     from sae_dist.sae import SparseAutoencoder
@@ -51,46 +49,11 @@ class Transcoder(TopK):
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return x[:, 0], x[:, 1]
 
-    def init_from_batch(self, sae: SparseAutoencoder, x: Tensor) -> None:
-        """W_enc starts as the decoder's transpose, scaled by sae.encoder_scale or by the least-squares
-        scale of the first batch's output reconstruction (as TopK's, with the output as the target)."""
-        s = self.cfg.encoder_scale
-        if not s:
-            _, y = self.split(x)
-            r = self.decode(sae, x, *self.encode_sparse(sae, x)) - sae.b_dec - self._skip(sae, x)
-            yc = y - sae.b_dec - self._skip(sae, x)
-            num = sae.comm.mean_over_data((yc * r).sum().double())
-            den = sae.comm.mean_over_data(r.pow(2).sum().double())
-            s = float(num / den) if float(den) > 0 and float(num) > 0 else 1.0
-        sae.W_enc.mul_(s)
-
-    def _skip(self, sae: SparseAutoencoder, x: Tensor) -> Tensor | float:
-        return 0.0
+    def encoder_input(self, sae: SparseAutoencoder, x_in: Tensor) -> Tensor:
+        return x_in  # b_dec lives in the output space
 
     def decode(self, sae: SparseAutoencoder, x: Tensor, vals: Tensor, idx: Tensor) -> Tensor:
-        return sae.decode_sparse(vals, idx) + self._skip(sae, x)
-
-    def forward(self, sae: SparseAutoencoder, x: Tensor, dead_mask: Tensor | None) -> SaeOutput:
-        cfg = self.cfg
-        x_in, y = self.split(x)
-        cand, ids, aux, aux_ids, total_dead = encode_with_aux(sae, sae.comm.shard_input(x_in), cfg.k, dead_mask)
-        vals, idx = sae.comm.select_topk(cand, ids, cfg.k)
-        vals = F.relu(vals)
-        y_hat = self.decode(sae, x, vals, idx)
-        loss = sae.fvu(y, y_hat)
-        terms = {"fvu": loss.detach()}
-        if total_dead is not None:
-            aux_loss = auxk_loss(sae, y, y_hat, aux, aux_ids, total_dead)
-            loss = loss + cfg.aux_coef * aux_loss
-            terms["auxk"] = aux_loss.detach()
-        terms["l0"] = sae.comm.sum_scalar((vals > 0).sum(dim=1).float().mean())
-        return SaeOutput(x_hat=y_hat, loss=loss, terms=terms, fired=fired_from_sparse(sae.n_local, vals, idx))
-
-    def encode_sparse(self, sae: SparseAutoencoder, x: Tensor) -> tuple[Tensor, Tensor]:
-        xc = sae.comm.shard_input(self.split(x)[0])
-        vals, idx, _, _ = kernels.topk_encode(xc, sae.W_enc, sae.b_enc, self.cfg.k, sae.encoder_chunk)
-        vals, idx = sae.comm.select_topk(vals, idx, self.cfg.k)
-        return F.relu(vals), idx
+        return sae.decode_sparse(vals, idx) + self.skip(sae, x)
 
     def export_fields(self) -> dict:
         return {"k": self.cfg.k, "apply_b_dec_to_input": False, "sae_dist_sites": 2}
@@ -106,7 +69,7 @@ class SkipTranscoder(Transcoder):
     def add_parameters(self, sae: SparseAutoencoder, n_local: int) -> None:
         sae.W_skip = nn.Parameter(torch.zeros(sae.d_model, sae.d_model))
 
-    def _skip(self, sae: SparseAutoencoder, x: Tensor) -> Tensor:
+    def skip(self, sae: SparseAutoencoder, x: Tensor) -> Tensor:
         return self.split(x)[0] @ sae.W_skip.t()
 
     def export_shapes(self, d_model: int) -> dict[str, tuple[int, ...]]:
