@@ -101,7 +101,29 @@ def _features(name: str):  # type: ignore[no-untyped-def]
     return run
 
 
-SUBCOMMANDS = {"cache": cache_main, "eval": _features("eval"), "dashboard": _features("dashboard"),
+def convert_main() -> None:
+    """`sae-dist convert RUN --to circuit-tracer --out DIR`: a run's export in another tool's layout."""
+    import argparse
+
+    from sae_dist.circuit_tracer import write_circuit_tracer
+    from sae_dist.features.source import find_export
+
+    p = argparse.ArgumentParser(prog="sae-dist convert", description="a run's export in another tool's file layout")
+    p.add_argument("path", help="run folder (with sae/ inside) or the export folder")
+    p.add_argument("--to", required=True, choices=("circuit-tracer",),
+                   help="circuit-tracer: a cross-layer transcoder as circuit-tracer's load_clt reads it")
+    p.add_argument("--out", required=True, help="output folder")
+    a = p.parse_args()
+    try:
+        meta = write_circuit_tracer(find_export(a.path), a.out)
+    except ConfigError as err:
+        print(f"sae-dist convert: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{a.out}: {meta['n_layers']} layers x {meta['d_transcoder']} latents, top-{meta['k']} per layer "  # noqa: T201
+          f"(clt_config.json)")
+
+
+SUBCOMMANDS = {"cache": cache_main, "convert": convert_main, "eval": _features("eval"), "dashboard": _features("dashboard"),
                "steer": _features("steer")}
 
 

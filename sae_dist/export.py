@@ -40,7 +40,7 @@ def export_config(sae: SparseAutoencoder, scale: float, meta: dict[str, Any] | N
     return {
         "architecture": sae.arch.saelens_architecture,
         "d_in": sae.d_model,
-        **({"d_out": sae.d_out} if sae.d_out != sae.d_model else {}),
+        **({"d_out": sae.d_out} if sae.d_out != sae.d_model or sae.arch.sites != 1 else {}),  # multi-site: always
         "d_sae": sae.n_latents,
         "dtype": "float32",
         "device": "cpu",

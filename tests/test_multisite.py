@@ -10,7 +10,7 @@ from conftest import pydoc_jsonl, synthetic_config
 
 from sae_dist.config import ConfigError, sae_config, validate
 from sae_dist.data.synthetic import SyntheticSource
-from sae_dist.export import load_saelens
+from sae_dist.export import export_saelens, load_saelens
 from sae_dist.run import train
 from sae_dist.sae import SparseAutoencoder
 
@@ -105,10 +105,17 @@ def test_transcoder_job_on_minilm_mlp_prints_heldout_fvu_and_its_export_reproduc
     again = evaluate(sae, heldout_batches(cfg), 1.0, cfg.trainer.eval_tokens)
     assert abs(again["fvu"] - out["fvu"]) < 1e-5
     assert meta["hook_name"] == "encoder.layer.3.intermediate" and meta["hook_name_out"] == "encoder.layer.3.output.dense"
-    # the one-site tools refuse it, saying why, before loading the LM
+    # the replacement model: `sae-dist eval` splices it in place of the MLP's output. Nothing upstream is
+    # replaced, so the MLP output's FVU there is the job's held-out FVU, on the same tokens
+    from sae_dist.features.evaluate import run_eval
     from sae_dist.features.source import load_setup
 
-    with pytest.raises(ConfigError, match=r"transcoder over the sites .* not built yet"):
+    got = run_eval(load_setup(out["export_dir"], multi_site=True), str(tmp_path / "eval"))
+    assert abs(got["fvu_out0"] - out["fvu"]) < 1e-5 and got["tokens"] == cfg.trainer.eval_tokens
+    assert abs(got["l0"] - out["l0"]) < 1e-3 and abs(got["dead_fraction"] - out["dead_fraction"]) < 1e-9
+    assert 0 < got["embedding_recovered"] <= 1
+    # dashboards and steering read one-site SAEs: refused, saying why, before loading the LM
+    with pytest.raises(ConfigError, match=r"transcoder over the sites .* dashboards and steering read one-site"):
         load_setup(out["export_dir"])
 
 
@@ -282,3 +289,98 @@ def test_clt_sites_out_of_layer_order_are_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"sae\.arch=clt needs model\.sites as the 2 MLP inputs in layer order"):
         train(cfg)
     assert not (tmp_path / "results.json").exists()
+
+
+def test_clt_in_the_circuit_tracer_layout_reads_back_and_reconstructs_as_trained(tmp_path):
+    """The per-layer files hold each layer's latents (ours interleaved: latent i of layer l is i L + l);
+    the layout's semantics written from the files alone reproduce our reconstruction on raw
+    activations, and reading them back gives our export tensor for tensor."""
+    from safetensors import safe_open
+
+    from sae_dist.circuit_tracer import load_circuit_tracer, reconstruct, write_circuit_tracer
+
+    g = torch.Generator().manual_seed(0)
+    L, d, n = 3, 8, 36
+    sae = SparseAutoencoder(sae_config(arch="clt", n_latents=n, k=2), d, d_out=L * d, generator=g)
+    with torch.no_grad():
+        sae.b_enc.normal_(std=0.1, generator=g)
+        sae.b_dec.normal_(generator=g)
+    export_saelens(sae, 1.7, str(tmp_path / "sae"), {"model_name": "m", "sites": [f"s{i}" for i in range(2 * L)]})
+    meta = write_circuit_tracer(str(tmp_path / "sae"), str(tmp_path / "ct"))
+    assert (meta["n_layers"], meta["d_transcoder"], meta["k"]) == (L, n // L, 2)
+    for layer in range(L):
+        with safe_open(str(tmp_path / "ct" / f"W_dec_{layer}.safetensors"), framework="pt") as f:
+            assert f.get_slice(f"W_dec_{layer}").get_shape() == [n // L, L - layer, d]
+        with safe_open(str(tmp_path / "ct" / f"W_enc_{layer}.safetensors"), framework="pt") as f:
+            assert sorted(f.keys()) == [f"W_enc_{layer}", f"b_dec_{layer}", f"b_enc_{layer}"]
+            assert torch.equal(f.get_tensor(f"W_enc_{layer}")[1], sae.W_enc[L + layer].detach() * 1.7)
+    x = torch.randn(10, 2 * L, d, generator=g)
+    with torch.no_grad():
+        want = (sae.decode(x * 1.7, *sae.encode_sparse(x * 1.7)) / 1.7).view(10, L, d)
+        assert torch.allclose(reconstruct(str(tmp_path / "ct"), x[:, :L]), want, atol=1e-5)
+    back, _ = load_circuit_tracer(str(tmp_path / "ct"))
+    ours, _ = load_saelens(str(tmp_path / "sae"))
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(back, name), getattr(ours, name)), name
+    with pytest.raises(ConfigError, match="circuit-tracer layout is for cross-layer transcoders"):
+        export_saelens(SparseAutoencoder(sae_config(arch="topk", n_latents=8, k=2), d), 1.0, str(tmp_path / "t"))
+        write_circuit_tracer(str(tmp_path / "t"), str(tmp_path / "ct2"))
+
+
+def test_clt_replacement_model_feeds_each_layer_the_spliced_passs_own_inputs():
+    """All L MLP outputs replaced at once: layer m's output in the spliced pass is the CLT's decode of
+    the inputs the spliced pass itself gave layers 0..m (not the clean ones); special tokens keep the
+    module's own output; the ablation zeroes every MLP output."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from sae_dist.data.lm import resolve_model_path
+    from sae_dist.features.replace import SiteMeter, SiteSplice
+
+    path = resolve_model_path("minilm")
+    model, tok = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    L, d = 2, 384
+    sites = [f"encoder.layer.{m}.intermediate:in" for m in range(L)] + [f"encoder.layer.{m}.output.dense:out"
+                                                                        for m in range(L)]
+    g = torch.Generator().manual_seed(0)
+    sae = SparseAutoencoder(sae_config(arch="clt", n_latents=64, k=4), d, d_out=L * d, generator=g).eval()
+    with torch.no_grad():
+        sae.W_dec.mul_(5.0)  # a visible change to every later layer's input
+    ids = tok(["The cat sat on the mat.", "Sparse dictionaries of a language model"], padding="max_length",
+              max_length=12, truncation=True, return_tensors="pt").input_ids
+    keep = ~torch.isin(ids, torch.tensor(tok.all_special_ids))
+    meter = SiteMeter(sae, L, 10**6)
+    seen: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        clean_in = {}
+        hooks = [model.encoder.layer[1].intermediate.register_forward_pre_hook(
+            lambda _m, a: clean_in.__setitem__(1, a[0]))]
+        model(input_ids=ids)
+        hooks[0].remove()
+        own = [model.encoder.layer[m].output.dense.register_forward_hook(  # runs before the splice's hook
+            lambda _m, _a, out, m=m: seen.__setitem__(f"own{m}", out.clone())) for m in range(L)]
+        with SiteSplice(model, sae, sites, meter).active(keep):
+            hooks = own
+            for m in range(L):
+                hooks.append(model.encoder.layer[m].intermediate.register_forward_pre_hook(
+                    lambda _m, a, m=m: seen.__setitem__(f"in{m}", a[0])))
+                hooks.append(model.encoder.layer[m].output.dense.register_forward_hook(
+                    lambda _m, _a, out, m=m: seen.__setitem__(f"out{m}", out)))
+            model(input_ids=ids)
+            for h in hooks:
+                h.remove()
+        x = torch.stack([seen[f"in{m}"][keep] for m in range(L)] + [seen[f"out{m}"][keep] for m in range(L)], dim=1)
+        want = sae.decode(x, *sae.encode_sparse(x)).view(-1, L, d)
+        for m in range(L):
+            assert torch.allclose(seen[f"out{m}"][keep], want[:, m], atol=1e-4), m
+            assert torch.equal(seen[f"out{m}"][~keep], seen[f"own{m}"][~keep])  # special tokens: the module's own
+        assert not torch.allclose(seen["in1"], clean_in[1], atol=1e-3)  # layer 1 read the spliced pass's input
+        assert meter.count == int(keep.sum()) and 0 < meter.result()["l0"] <= L * 4
+        with SiteSplice(model, sae, sites).active(keep, zero=True):
+            hooks = [model.encoder.layer[m].output.dense.register_forward_hook(
+                lambda _m, _a, out, m=m: seen.__setitem__(f"zero{m}", out)) for m in range(L)]
+            model(input_ids=ids)
+            for h in hooks:
+                h.remove()
+        assert all(bool((seen[f"zero{m}"] == 0).all()) for m in range(L))
+    with pytest.raises(ConfigError, match="replaces no module's output"):
+        SiteSplice(model, SparseAutoencoder(sae_config(arch="crosscoder", n_latents=8, k=2), 2 * d), sites[:2])

@@ -126,3 +126,40 @@ def test_core_metrics_equal_saelens_and_saebench_on_the_same_model_sae_and_token
     for key, ours_key in saebench.items():
         want = peer["saebench"][key]
         assert got[RENAMED.get(ours_key, ours_key)] == pytest.approx(want, rel=1e-5, abs=1e-6), ("saebench", key)
+
+
+@pytest.mark.parametrize("arch", ["transcoder", "skip_transcoder"])
+def test_saelens_loads_our_transcoder_export_in_its_transcoder_layout(tmp_path, arch):
+    """SAELens's own `SAE.load_from_disk` builds its transcoder class from our export; its encode, kept at
+    the top k, gives our codes, and its decode (plus its skip path) gives our reconstruction of the MLP
+    output, on raw activations (the training scale folded in)."""
+    _peer_or_skip()
+    g = torch.Generator().manual_seed(0)
+    d, n = 16, 48
+    sae = SparseAutoencoder(sae_config(arch=arch, n_latents=n, k=4), d, generator=g)
+    with torch.no_grad():
+        sae.b_enc.normal_(std=0.1, generator=g)
+        sae.b_dec.normal_(generator=g)
+        if hasattr(sae, "W_skip"):
+            sae.W_skip.normal_(std=0.3, generator=g)
+    export_saelens(sae, 1.7, str(tmp_path / "sae"), {"hook_name": "h.0.mlp.in", "hook_name_out": "h.0.mlp.out",
+                                                     "model_name": "m", "sites": ["h.0.mlp:in", "h.0.mlp:out"]})
+    x = torch.randn(12, d, generator=g)
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    proc = subprocess.run([PEER, os.path.join(REPO, "tests", "peer_transcoder.py"), str(tmp_path / "sae"),
+                           str(tmp_path / "x.safetensors"), str(tmp_path / "out.safetensors")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    built = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert built == {"class": {"transcoder": "Transcoder", "skip_transcoder": "SkipTranscoder"}[arch], "d_out": d}
+    from safetensors.torch import load_file
+
+    peer = load_file(str(tmp_path / "out.safetensors"))
+    ours, _ = load_saelens(str(tmp_path / "sae"))
+    both = torch.stack([x, x], dim=1)  # (B, 2, d): the input site; the output site is not read to encode
+    with torch.no_grad():
+        vals, idx = ours.encode_sparse(both)
+        codes = torch.zeros(12, n).scatter(1, idx, vals)
+        recon = ours.decode(both, vals, idx)
+    assert torch.allclose(peer["codes"], codes, atol=1e-5)
+    assert torch.allclose(peer["recon"], recon, atol=1e-5)

@@ -131,6 +131,13 @@ class Arch:
         """The reconstruction of the batch x's target from its codes (vals, idx)."""
         return sae.decode_sparse(vals, idx)
 
+    @classmethod
+    def splice_targets(cls, n_sites: int) -> list[tuple[int, int]]:
+        """Where the family's reconstruction goes in a replacement model (sae_dist.features.replace):
+        (site index whose module output it replaces, block of the reconstruction), one per replaced
+        site. None here: an SAE replaces the site it reads (sae_dist.features.splice)."""
+        return []
+
     def export_shapes(self, d_model: int) -> dict[str, tuple[int, ...]]:
         """Shapes of the `export_replicated` tensors."""
         return {}

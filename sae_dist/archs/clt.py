@@ -118,6 +118,11 @@ class CrossLayerTranscoder(Arch):
             "reorder model.sites",
         )
 
+    @classmethod
+    def splice_targets(cls, n_sites: int) -> list[tuple[int, int]]:
+        L = n_sites // 2
+        return [(L + m, m) for m in range(L)]  # every layer's MLP output
+
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         L = _layers(x)
         return x[:, :L], x[:, L:].reshape(x.shape[0], -1)

@@ -43,7 +43,10 @@ class SkipTranscoderConfig(TranscoderConfig):
 class Transcoder(TopK):
     name = "transcoder"
     config = TranscoderConfig
-    saelens_architecture = "topk"  # its encoder and decoder; cfg.json adds the output site (export_fields)
+    saelens_architecture = "transcoder"
+    """SAELens's transcoder layout: W_enc (d_in, n), W_dec (n, d_out), b_dec (d_out,), W_skip (d_out, d_in),
+    cfg.json with d_out and hook_name_out. SAELens's transcoders apply a ReLU to every latent; ours keep the
+    top k (cfg.json's k), so its encode matches ours after that top-k (docs/extending.md)."""
     sites = 2
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -51,6 +54,10 @@ class Transcoder(TopK):
 
     def encoder_input(self, sae: SparseAutoencoder, x_in: Tensor) -> Tensor:
         return x_in  # b_dec lives in the output space
+
+    @classmethod
+    def splice_targets(cls, n_sites: int) -> list[tuple[int, int]]:
+        return [(1, 0)]  # the MLP's output
 
     def decode(self, sae: SparseAutoencoder, x: Tensor, vals: Tensor, idx: Tensor) -> Tensor:
         return sae.decode_sparse(vals, idx) + self.skip(sae, x)
@@ -63,6 +70,7 @@ class Transcoder(TopK):
 class SkipTranscoder(Transcoder):
     name = "skip_transcoder"
     config = SkipTranscoderConfig
+    saelens_architecture = "skip_transcoder"
     replicated = ("W_skip",)
     export_replicated = ("W_skip",)
 

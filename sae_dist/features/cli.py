@@ -18,10 +18,10 @@ import torch
 from sae_dist.config import ConfigError
 
 
-def _setup(path: str, device: str):  # type: ignore[no-untyped-def]
+def _setup(path: str, device: str, multi_site: bool = False):  # type: ignore[no-untyped-def]
     from sae_dist.features.source import load_setup
 
-    return load_setup(path, device)
+    return load_setup(path, device, multi_site)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -48,12 +48,15 @@ def eval_main(argv: list[str]) -> None:
     from sae_dist.features.source import find_export
 
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(find_export(a.path))), "eval")
-    results = run_eval(_setup(a.path, a.device), out, a.tokens, a.batch_contexts, a.corpus, a.max_cos_latents)
+    results = run_eval(_setup(a.path, a.device, multi_site=True), out, a.tokens, a.batch_contexts, a.corpus, a.max_cos_latents)
     spliced = ("lm_loss_recovered", "LM loss recovered") if "lm_loss_recovered" in results else (
         "embedding_recovered", "embedding recovered")
+    per_site = "".join(f" {results[k]:.4f}" for k in sorted(results) if k.startswith("fvu_out"))
+    if per_site:
+        print(f"replacement model: FVU per replaced output{per_site}")  # noqa: T201
     print(f"held-out: FVU {results['fvu']:.4f}  L0 {results['l0']:.1f}  dead {results['dead_fraction']:.2%}  "  # noqa: T201
           f"dense {results['dense_fraction']:.2%}  {spliced[1]} {results[spliced[0]]:.2%}  "
-          f"({int(results['tokens'])} tokens; SAEBench core: {out}/core.json)")
+          f"({int(results['tokens'])} tokens; " + (f"{out}/metrics.json)" if per_site else f"SAEBench core: {out}/core.json)"))
     print(json.dumps(results))  # noqa: T201
 
 

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from sae_dist.features.core import core_result
+from sae_dist.features.replace import SiteMeter, SiteSplice
 from sae_dist.features.source import FeatureSetup
 from sae_dist.features.splice import SpliceMeter
 from sae_dist.metrics import MAX_COS_LATENTS, HeldoutMeter, weight_metrics
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def evaluate_setup(setup: FeatureSetup, tokens: int = 0, batch_contexts: int = 0, corpus: str = "",
-                   split: str = "heldout") -> tuple[dict[str, Any], HeldoutMeter, SpliceMeter]:
+                   split: str = "heldout") -> tuple[dict[str, Any], HeldoutMeter | SiteMeter, SpliceMeter]:
     """Metrics over the run's held-out set (sae_dist.data.heldout; `tokens`, `batch_contexts` and
     `corpus` override its own), with the two meters (firings per latent, batches read). The held-out
     metrics count exactly its first `tokens` tokens, as the end-of-training evaluation does; the
@@ -33,8 +34,15 @@ def evaluate_setup(setup: FeatureSetup, tokens: int = 0, batch_contexts: int = 0
                     setup.settings["source"])
     tokens = tokens or int(setup.settings["tokens"])
     batch_contexts = batch_contexts or int(setup.settings["batch_contexts"])
-    heldout = HeldoutMeter(setup.sae.eval(), tokens)
-    meter = SpliceMeter(setup.model, setup.module, setup.sae, setup.causal, heldout)
+    heldout: HeldoutMeter | SiteMeter
+    if setup.cfg.get("sites"):  # a transcoder or CLT: the replacement model (sae_dist.features.replace)
+        sites = setup.cfg["sites"]
+        heldout = SiteMeter(setup.sae.eval(), len(setup.sae.arch.splice_targets(len(sites))), tokens)
+        meter = SpliceMeter(setup.model, None, setup.sae, setup.causal, sites=SiteSplice(setup.model, setup.sae, sites,
+                                                                                         heldout))
+    else:
+        heldout = HeldoutMeter(setup.sae.eval(), tokens)
+        meter = SpliceMeter(setup.model, setup.module, setup.sae, setup.causal, heldout)
     special = setup.special_ids()
     with tqdm(total=tokens, desc="eval", unit="tok", disable=None) as bar:
         for ids in setup.context_batches(split, batch_contexts, corpus):
@@ -81,8 +89,9 @@ def run_eval(setup: FeatureSetup, out_dir: str, tokens: int = 0, batch_contexts:
     results |= weights
     settings = setup.settings | {"tokens": tokens or setup.settings["tokens"], "corpus": corpus or setup.settings["corpus"],
                                  "batch_contexts": batch_contexts or setup.settings["batch_contexts"]}
-    core = core_result(results, weights, settings, setup.cfg, splice.batches, splice.positions)
-    _write_json(os.path.join(out_dir, "core.json"), core)
+    if not setup.cfg.get("sites"):  # SAEBench's core result describes an SAE of one site
+        core = core_result(results, weights, settings, setup.cfg, splice.batches, splice.positions)
+        _write_json(os.path.join(out_dir, "core.json"), core)
     if save_density_plot(heldout.fired, n, os.path.join(out_dir, "feature_density.png")):
         results["density_plot"] = os.path.join(out_dir, "feature_density.png")
     results["model_name"], results["hook_name"] = setup.cfg["model_name"], setup.cfg["hook_name"]

@@ -124,17 +124,18 @@ class FeatureSetup:
             yield torch.tensor(batch)
 
 
-def load_setup(path: str, device: str = "cpu") -> FeatureSetup:
+def load_setup(path: str, device: str = "cpu", multi_site: bool = False) -> FeatureSetup:
+    """The export at `path` with its LM. `multi_site`: the caller handles a dictionary over several
+    sites (eval's replacement model); dashboards and steering read one-site SAEs only."""
     export_dir = find_export(path)
     sae, cfg = load_saelens(export_dir)
     for key in ("model_name", "hook_name"):
         if not cfg.get(key):
             raise ConfigError(f"{export_dir}/cfg.json has no {key}; re-export with sae_dist.export.export_saelens")
-    if cfg.get("sites"):
+    if cfg.get("sites") and not multi_site:
         raise ConfigError(
-            f"{export_dir} is a {cfg.get('sae_dist_arch')} over the sites {cfg['sites']}: eval and dashboards read "
-            "one-site SAEs; the replacement-model eval of multi-site dictionaries is not built yet (their held-out "
-            "FVU per site is in the run's results.json)"
+            f"{export_dir} is a {cfg.get('sae_dist_arch')} over the sites {cfg['sites']}: dashboards and steering "
+            "read one-site SAEs; `sae-dist eval` splices transcoders and CLTs in as a replacement model"
         )
     settings = run_settings(export_dir, cfg)
     model, tokenizer = load_lm(cfg["model_name"], device, settings["lm_dtype"])

@@ -13,7 +13,8 @@ special tokens (BOS/CLS/SEP) keep their clean value, as the SAE never saw them i
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,9 @@ from torch import Tensor, nn
 
 from sae_dist.metrics import HeldoutMeter
 from sae_dist.sae import SparseAutoencoder
+
+if TYPE_CHECKING:
+    from sae_dist.features.replace import SiteSplice
 
 HiddenFn = Callable[[Tensor], Tensor]
 
@@ -87,9 +91,11 @@ def _pooled_embedding(model: nn.Module, ids: Tensor) -> Tensor:
 class SpliceMeter:
     """Accumulates clean / SAE-spliced / zero-ablated outputs over batches of contexts."""
 
-    def __init__(self, model: nn.Module, module: nn.Module, sae: SparseAutoencoder, causal: bool,
-                 heldout: HeldoutMeter | None = None) -> None:
+    def __init__(self, model: nn.Module, module: nn.Module | None, sae: SparseAutoencoder, causal: bool,
+                 heldout: HeldoutMeter | None = None, sites: SiteSplice | None = None) -> None:
+        """`module`: the hook module an SAE replaces; or `sites`: a multi-site dictionary's splice."""
         self.model, self.module, self.sae, self.causal, self.heldout = model, module, sae, causal, heldout
+        self.sites = sites
         self.sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "mse_sae": 0.0, "mse_zero": 0.0, "kl_sae": 0.0,
                      "kl_zero": 0.0}
         self.count = self.kl_count = self.positions = self.batches = 0
@@ -99,14 +105,14 @@ class SpliceMeter:
         """One batch of contexts (C, T) and its non-special mask. The SAE replaces the kept positions;
         the ablation zeroes every position (as SAEBench's does); the loss and the KL divergences are
         averaged over the positions whose input token is kept."""
-        s, sae_fn = self.sums, sae_reconstruction(self.sae, self.heldout)
+        s = self.sums
         self.batches += 1
         self.positions += ids.numel()
         if self.causal:
             ce, ref = _next_token_ce(self.model, ids, keep)
             s["clean"] += float(ce)
-            for name, fn, where in (("sae", sae_fn, keep), ("zero", zero_ablation, None)):
-                with replace_output(self.module, fn, where):
+            for name in ("sae", "zero"):
+                with self._spliced(name, keep):
                     ce, kl = _next_token_ce(self.model, ids, keep, ref)
                 s[name] += float(ce)
                 s[f"kl_{name}"] += float(kl)
@@ -114,15 +120,24 @@ class SpliceMeter:
             self.kl_count += int(keep.sum())
             return
         clean = _pooled_embedding(self.model, ids)
-        with replace_output(self.module, sae_fn, keep):
+        with self._spliced("sae", keep):
             spliced = _pooled_embedding(self.model, ids)
-        with replace_output(self.module, zero_ablation):
+        with self._spliced("zero", keep):
             ablated = _pooled_embedding(self.model, ids)
         s["sae"] += float((1 - F.cosine_similarity(spliced, clean, dim=1)).sum())
         s["zero"] += float((1 - F.cosine_similarity(ablated, clean, dim=1)).sum())
         s["mse_sae"] += float((spliced - clean).pow(2).sum())
         s["mse_zero"] += float((ablated - clean).pow(2).sum())
         self.count += ids.shape[0]
+
+    def _spliced(self, name: str, keep: Tensor) -> AbstractContextManager[None]:
+        """The dictionary's reconstruction at the kept positions ("sae"), or zeros everywhere ("zero")."""
+        if self.sites is not None:
+            return self.sites.active(keep, zero=name == "zero")
+        assert self.module is not None
+        if name == "zero":
+            return replace_output(self.module, zero_ablation)
+        return replace_output(self.module, sae_reconstruction(self.sae, self.heldout), keep)
 
     def result(self) -> dict[str, float]:
         s, n = self.sums, max(self.count, 1)
