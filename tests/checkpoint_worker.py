@@ -49,9 +49,10 @@ def probe(trainer, path: str, rank: int) -> None:
 
 def run_job(out: str, url: str, fp: int = 1, dp: int = 1, stop_after: int = 0, resume_from: str = "",
             with_probe: bool = False, engine: str = "torch", zero_stage: int = 1, param_dtype: str = "fp32",
-            **checkpoint: object) -> dict | None:
+            sae: dict | None = None, sites: int = 0, **checkpoint: object) -> dict | None:
     """The tiny synthetic job (40 steps, a checkpoint every 10) with checkpoints under `url`; returns
-    train()'s results, or None when it stopped after `stop_after`."""
+    train()'s results, or None when it stopped after `stop_after`. `sae` and `sites`: another family
+    (sae fields) on synthetic data of that many sites per token."""
 
     class TestCheckpointer(Checkpointer):
         def save(self, trainer):  # type: ignore[no-untyped-def]
@@ -75,6 +76,8 @@ def run_job(out: str, url: str, fp: int = 1, dp: int = 1, stop_after: int = 0, r
         trainer={"log_every": 1, "total_tokens": 256 * 40 * dp, "param_dtype": param_dtype},
         parallel={"fp": fp, "dp": dp, "engine": engine, "zero_stage": zero_stage},
         tracking={"enabled": False},
+        **({"sae": sae} if sae else {}),
+        **({"data": {"synthetic_sites": sites}} if sites else {}),
     )
     with mock.patch.object(sae_dist.lifecycle, "Checkpointer", TestCheckpointer):
         try:

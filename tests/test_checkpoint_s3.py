@@ -141,6 +141,35 @@ def test_fp2_stop_and_resume_from_s3_gives_identical_losses(fp2, tmp_path):
     assert _history(tmp_path) == fp2["history"][20:]
 
 
+MULTISITE = {"transcoder": ({"arch": "transcoder", "k": 4}, 2), "crosscoder": ({"arch": "crosscoder", "k": 4}, 3),
+             "clt": ({"arch": "clt", "n_latents": 252, "k": 3}, 6)}
+
+
+@pytest.mark.parametrize("family", sorted(MULTISITE))
+def test_multisite_families_stop_and_resume_from_s3_with_identical_losses(s3, tmp_path, family):
+    """Multi-site chunks through the shuffle buffer and the checkpoint: a transcoder, a crosscoder over 3
+    sites and a 3-layer CLT, stopped after their step-20 checkpoint on the moto server and resumed, give
+    the losses of the run that went straight through, bit for bit."""
+    sae, sites = MULTISITE[family]
+    straight = run_job(str(tmp_path / "straight"), _url(f"{family}-straight"), sae=sae, sites=sites)
+    assert straight is not None and straight["steps"] == 40
+    assert len(straight.get("fvu_per_site", [straight["fvu"]])) == {"transcoder": 1, "crosscoder": 3, "clt": 3}[family]
+    assert run_job(str(tmp_path / "stopped"), _url(f"{family}-stopped"), stop_after=20, sae=sae, sites=sites) is None
+    resumed = run_job(str(tmp_path / "resumed"), _url(f"{family}-resumed"), sae=sae, sites=sites,
+                      resume_from=_url(f"{family}-stopped") + "/sae")
+    assert resumed["history"] == straight["history"][20:]
+
+
+def test_clt_fp2_stop_and_resume_from_s3_gives_identical_losses(s3, tmp_path):
+    sae, sites = MULTISITE["clt"]
+    _workers([{"out": str(tmp_path / "straight"), "url": _url("clt2-straight"), "fp": 2, "sae": sae, "sites": sites},
+              {"out": str(tmp_path / "stopped"), "url": _url("clt2-stopped"), "fp": 2, "stop_after": 20, "sae": sae,
+               "sites": sites}], nproc=2)
+    _workers([{"out": str(tmp_path / "resumed"), "url": _url("clt2-resumed"), "fp": 2, "sae": sae, "sites": sites,
+               "resume_from": _url("clt2-stopped") + "/sae"}], nproc=2)
+    assert _history(tmp_path / "resumed") == _history(tmp_path / "straight")[20:]
+
+
 def test_dp2_stop_and_resume_from_s3_gives_identical_losses(dp2, s3, tmp_path):
     assert _steps(tmp_path, dp2["stopped"]) == [10, 20]
     state = json.loads(s3.fs.cat_file(f"{BUCKET}/dp2-stopped/sae/step-00000020/trainer_state.json"))
