@@ -384,3 +384,44 @@ def test_clt_replacement_model_feeds_each_layer_the_spliced_passs_own_inputs():
         assert all(bool((seen[f"zero{m}"] == 0).all()) for m in range(L))
     with pytest.raises(ConfigError, match="replaces no module's output"):
         SiteSplice(model, SparseAutoencoder(sae_config(arch="crosscoder", n_latents=8, k=2), 2 * d), sites[:2])
+
+
+def test_clt_auxk_matches_its_dense_definition_per_layer_in_float64():
+    """With dead latents, each layer's k_aux best dead latents decode the residual of every output
+    (no gradient into the reconstruction), scaled while fewer than L k_aux are dead."""
+    g = torch.Generator().manual_seed(0)
+    L, d, n, k, k_aux = 3, 5, 36, 2, 3
+    sae = SparseAutoencoder(sae_config(arch="clt", n_latents=n, k=k, k_aux=k_aux), d, d_out=L * d,
+                            generator=g).double()
+    with torch.no_grad():
+        sae.b_enc.normal_(std=0.1, generator=g)
+        sae.b_dec.normal_(generator=g)
+    x = torch.randn(9, 2 * L, d, dtype=torch.float64, generator=g)
+    dead = torch.zeros(n, dtype=torch.bool)
+    dead[::5] = True  # 8 dead, spread over the layers (fewer than L k_aux = 9: the scale is 8 / 9)
+    names = ["W_enc", "b_enc", "W_dec", "b_dec"]
+    out = sae(x, dead)
+    assert "auxk" in out.terms
+    grads = torch.autograd.grad(out.loss, [getattr(sae, nm) for nm in names])
+    W_enc, b_enc, W_dec, b_dec = (getattr(sae, nm).detach().clone().requires_grad_(True) for nm in names)
+    x_in, y = x[:, :L], x[:, L:].reshape(9, -1)
+    main = _dense_clt(x_in, y, W_enc, b_enc, W_dec, b_dec, k)
+    layer = torch.arange(n) % L
+    mask = (torch.arange(L)[None, :] >= layer[:, None]).to(x.dtype)
+    Wm = (W_dec.view(n, L, d) * mask[:, :, None]).reshape(n, L * d)
+    f = torch.zeros(9, n, dtype=x.dtype)
+    f_aux = torch.zeros(9, n, dtype=x.dtype)
+    for m in range(L):
+        pre = x_in[:, m] @ W_enc.T + b_enc
+        top = pre.masked_fill(layer != m, float("-inf")).topk(k, dim=1)
+        f = f + torch.zeros_like(f).scatter(1, top.indices, top.values.relu())
+        cand = pre.masked_fill((layer != m) | ~dead, float("-inf")).topk(k_aux, dim=1)
+        vals = cand.values.masked_fill(~cand.values.isfinite(), 0.0).relu()
+        f_aux = f_aux + torch.zeros_like(f_aux).scatter(1, cand.indices, vals)
+    residual = (y - (f @ Wm + b_dec)).detach()
+    fvu = lambda a, b: (a - b).pow(2).sum() / (a - a.mean(0)).pow(2).sum()  # noqa: E731
+    ref = main + sae.cfg.aux_coef * fvu(residual, f_aux @ Wm) * (8 / 9)
+    ref_grads = torch.autograd.grad(ref, [W_enc, b_enc, W_dec, b_dec])
+    assert torch.allclose(out.loss, ref, rtol=1e-10)
+    for name, got, want in zip(names, grads, ref_grads):
+        assert torch.allclose(got, want, rtol=1e-8, atol=1e-10), name

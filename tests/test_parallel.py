@@ -191,7 +191,7 @@ def _job_world2(rank, tmp):
         out[f"count-crosscoder-{sites}"] = _train(cfg, _mesh(cfg), _batches(16, 4, "crosscoder", sites),
                                                   count_at=(2, 3))["counts"]
     for layers in (2, 4):
-        cfg = _cfg(tmp, "clt", n=256, fp=2, batch=16)
+        cfg = _cfg(tmp, "clt", n=256, fp=2, batch=16, dead_tokens=1)
         out[f"count-clt-{layers}"] = _train(cfg, _mesh(cfg), _batches(16, 4, "clt", 2 * layers),
                                             count_at=(2, 3))["counts"]
     out["export_sharded"] = _export_both_ways(tmp, rank)
@@ -410,11 +410,12 @@ def test_collectives_per_step_are_fixed_and_independent_of_n_latents(world2, wor
 
 
 def test_clt_collectives_do_not_grow_with_the_number_of_layers(world2):
-    # every layer's selection in one all-gather, every layer's decode in one all-reduce; with the L0
-    # statistic and the clip norm (no AuxK yet; the encoder's input is data, so no gradient to sum)
+    # every layer's selection in one all-gather, every layer's decode in one all-reduce, and the same
+    # for AuxK's dead candidates and their decode; with the dead count, the L0 statistic and the clip
+    # norm (the encoder's input is data, so no gradient to sum)
     for r in world2:
         for step in (2, 3):
-            assert r["count-clt-2"][step] == r["count-clt-4"][step] == {"all_reduce": 3, "all_gather_single": 1}, r["count-clt-2"]
+            assert r["count-clt-2"][step] == r["count-clt-4"][step] == {"all_reduce": 5, "all_gather_single": 2}, r["count-clt-2"]
 
 
 def test_crosscoder_collectives_do_not_grow_with_the_number_of_sites(world2):

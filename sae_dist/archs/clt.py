@@ -14,7 +14,8 @@ zero (their gradient is masked in place). The decode of the L k active latents o
 every layer is one sparse decode into (B, L d), so no B x n x L buffer exists. Under feature
 parallelism the L per-layer selections go as one (L B, k) batch of rows through one all-gather, and
 the partial decodes into all layers as one all-reduce: two collectives per step for any L.
-Not yet: AuxK for CLTs (dead latents are counted, not trained), a global BatchTopK over layers.
+AuxK works per layer: each layer's k_aux best dead latents (one more stacked selection) decode the
+residual of every output, as TopK's do the residual of its one. Not yet: a global BatchTopK over layers.
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ class CLTConfig(SaeConfig):
     """sae.k is per layer: a token has up to L k active latents. sae.n_latents counts all layers'."""
 
     arch: str = "clt"
+    k_aux: int = 0
+    """AuxK per layer: the dead latents of each layer that model the residual of every output; 0 means
+    d_model // (2 L), so that all layers together use TopK's d_model // 2 (Gao et al.)."""
+    aux_coef: float = 1.0 / 32
+    """Weight of the AuxK loss (0 turns it off)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.k_aux >= 0, f"sae.k_aux ({self.k_aux}) must be >= 0 (0 = d_model // (2 L))")
+        require(self.aux_coef >= 0, f"sae.aux_coef ({self.aux_coef}) must be >= 0 (0 turns AuxK off)")
 
 
 def _layers(x: Tensor) -> int:
@@ -76,6 +87,7 @@ class CrossLayerTranscoder(Arch):
     config = CLTConfig
     saelens_architecture = "topk"  # per layer; cfg.json adds the layers and the output width (export_fields)
     sites = 0
+    uses_dead_mask = True
 
     @classmethod
     def width(cls, d_model: int, n_sites: int) -> int:
@@ -136,42 +148,78 @@ class CrossLayerTranscoder(Arch):
             W.mul_(valid_blocks(n_local, L).unsqueeze(2).to(W.dtype))
             sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
-    def _select(self, sae: SparseAutoencoder, x_in: Tensor) -> tuple[Tensor, Tensor]:
+    def _k_aux(self, sae: SparseAutoencoder, L: int) -> int:
+        return min(self.cfg.k_aux or max(sae.d_model // (2 * L), 1), sae.n_local // L)
+
+    def _select(self, sae: SparseAutoencoder, x_in: Tensor, dead_mask: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
         """Per layer, the k largest pre-activations of its latents on every shard: (B, L k) values
-        (before the ReLU) and local ids. The L selections travel as one batch of L B rows."""
+        (before the ReLU) and local ids; with `dead_mask`, also each layer's k_aux best dead latents on
+        this shard, as (L B, k_aux) rows of candidates and local ids (-inf where a layer has fewer).
+        The L selections travel as one batch of L B rows."""
         B, L, _ = x_in.shape
         k = self.cfg.k
         n_per = sae.n_local // L
         W = sae.W_enc.view(n_per, L, -1)
         b = sae.b_enc.view(n_per, L)
+        dead = dead_mask.view(n_per, L) if dead_mask is not None else None
+        k_aux = self._k_aux(sae, L)
         xs = sae.comm.shard_input(x_in)
-        cand, ids = [], []
+        cand, ids, aux, aux_ids = [], [], [], []
         for layer in range(L):
-            v, i, _, _ = kernels.topk_encode(xs[:, layer], W[:, layer], b[:, layer], min(k, n_per), sae.encoder_chunk)
+            v, i, a, ai = kernels.topk_encode(xs[:, layer], W[:, layer], b[:, layer], min(k, n_per), sae.encoder_chunk,
+                                              dead[:, layer] if dead is not None else None, k_aux)
             cand.append(v)
             ids.append(i * L + layer)  # the layer's own index -> the shard's local id
+            if dead is not None:
+                aux.append(a)
+                aux_ids.append(ai * L + layer)
         vals, idx = sae.comm.select_topk(torch.cat(cand), torch.cat(ids), k)  # (L B, k)
         return (vals.view(L, B, k).transpose(0, 1).reshape(B, L * k),
-                idx.view(L, B, k).transpose(0, 1).reshape(B, L * k))
+                idx.view(L, B, k).transpose(0, 1).reshape(B, L * k),
+                (torch.cat(aux), torch.cat(aux_ids)) if dead is not None else None)
 
     def encode_sparse(self, sae: SparseAutoencoder, x: Tensor) -> tuple[Tensor, Tensor]:
-        vals, idx = self._select(sae, self.split(x)[0])
+        vals, idx, _ = self._select(sae, self.split(x)[0])
         return F.relu(vals), idx
 
-    def decode(self, sae: SparseAutoencoder, x: Tensor, vals: Tensor, idx: Tensor) -> Tensor:
+    def _decode_partial(self, sae: SparseAutoencoder, vals: Tensor, idx: Tensor) -> Tensor:
         L = sae.d_out // sae.d_model
-        W = _MaskDecoderGrad.apply(sae.W_dec, L)
-        return sae.comm.sum_partial(kernels.sparse_decode(vals, idx, W)) + sae.b_dec  # (B, L d)
+        return sae.comm.sum_partial(kernels.sparse_decode(vals, idx, _MaskDecoderGrad.apply(sae.W_dec, L)))
+
+    def decode(self, sae: SparseAutoencoder, x: Tensor, vals: Tensor, idx: Tensor) -> Tensor:
+        return self._decode_partial(sae, vals, idx) + sae.b_dec  # (B, L d)
+
+    def _auxk(self, sae: SparseAutoencoder, residual: Tensor, aux: Tensor, aux_ids: Tensor, total_dead: Tensor,
+              L: int) -> Tensor:
+        """FVU of the residual of every output (no gradient into the reconstruction) by the decode of
+        each layer's k_aux best dead latents over every shard, scaled down while fewer than L k_aux
+        latents are dead (TopK's AuxK, per layer)."""
+        B, k_aux = residual.shape[0], self._k_aux(sae, L)
+        aux = aux.masked_fill(~aux.isfinite(), 0.0)
+        width = min(k_aux, aux.shape[1] * sae.comm.n_shards)
+        a_vals, a_idx = sae.comm.select_topk(aux, aux_ids, width)  # (L B, width)
+        a_vals = a_vals.view(L, B, width).transpose(0, 1).reshape(B, L * width)
+        a_idx = a_idx.view(L, B, width).transpose(0, 1).reshape(B, L * width)
+        e_hat = self._decode_partial(sae, F.relu(a_vals), a_idx)
+        return sae.fvu(residual, e_hat).nan_to_num(0.0) * min(1.0, float(total_dead) / (L * k_aux))
 
     def forward(self, sae: SparseAutoencoder, x: Tensor, dead_mask: Tensor | None) -> SaeOutput:
         B = x.shape[0]
         L = _layers(x)
         x_in, y = self.split(x)
-        vals, idx = self.encode_sparse(sae, x)
+        total_dead = sae.comm.sum_scalar(dead_mask.sum().float()) if dead_mask is not None else None
+        use_aux = total_dead is not None and bool(total_dead > 0) and self.cfg.aux_coef > 0
+        pre, idx, aux = self._select(sae, x_in, dead_mask if use_aux else None)
+        vals = F.relu(pre)
         y_hat = self.decode(sae, x, vals, idx)
         per_layer = sae.fvu_sites(y.view(B, L, -1), y_hat.view(B, L, -1))
         loss = per_layer.sum()
         terms = {"fvu": per_layer.mean().detach()} | {f"fvu_layer{m}": v for m, v in enumerate(per_layer.detach())}
+        if aux is not None and total_dead is not None:
+            aux_loss = self._auxk(sae, (y - y_hat).detach(), *aux, total_dead, L)
+            loss = loss + self.cfg.aux_coef * aux_loss
+            terms["auxk"] = aux_loss.detach()
         terms["l0"] = sae.comm.sum_scalar((vals > 0).sum(dim=1).float().mean())
         return SaeOutput(x_hat=y_hat, loss=loss, terms=terms, fired=fired_from_sparse(sae.n_local, vals, idx))
 
