@@ -1,0 +1,86 @@
+"""Memory and speed of a cross-layer transcoder's training step (`sae=clt`: the library's module, TopK
+per layer, AuxK on, Adam), against the bytes of its parameters + gradients + Adam state.
+
+    python scripts/bench_clt.py                          # L = 6 layers, d = 384, n = 49152, k = 16 per layer, B = 4096
+    python scripts/bench_clt.py --layers 2 6 12 --n 24576
+
+One process per case (peak RSS is per process): a tiny CLT warms up the libraries first, then the peak
+RSS above that level over --steps steps is the step's memory. The dense alternative would hold a
+(B, n) code matrix per layer (B n L floats: 3 GiB at the defaults) and its gradient; the sparse path
+holds the (B, L k) codes and B x chunk encoder blocks. Time: the median step after the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from sae_dist.config import sae_config
+from sae_dist.sae import SparseAutoencoder
+
+
+def worker(L: int, d: int, n: int, k: int, B: int, steps: int) -> dict:
+    def build(n_latents: int, kk: int) -> tuple[SparseAutoencoder, torch.optim.Optimizer]:
+        sae = SparseAutoencoder(sae_config(arch="clt", n_latents=n_latents, k=kk, dead_tokens=1), d, d_out=L * d,
+                                generator=torch.Generator().manual_seed(0))
+        return sae, torch.optim.Adam(sae.parameters(), lr=1e-4)
+
+    def one(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.Tensor, dead: torch.Tensor) -> float:
+        t0 = time.perf_counter()
+        out = sae(x, dead)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    g = torch.Generator().manual_seed(1)
+    small, small_opt = build(8 * L, 2)
+    for _ in range(2):
+        one(small, small_opt, torch.randn(64, 2 * L, d, generator=g), torch.zeros(8 * L, dtype=torch.bool))
+    del small, small_opt
+    with open("/proc/self/statm") as f:
+        base = int(f.read().split()[1]) * resource.getpagesize()
+    sae, opt = build(n, k)
+    dead = torch.rand(n, generator=g) < 0.5  # AuxK selects and decodes too
+    times = [one(sae, opt, torch.randn(B, 2 * L, d, generator=g), dead) for _ in range(steps)]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    params = sum(p.numel() * p.element_size() for p in sae.parameters())
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    return {"peak": peak, "model_bytes": 2 * params + state, "step_s": statistics.median(times[1:]),
+            "dense_codes_bytes": B * n * L * 4}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, nargs="+", default=[6])
+    p.add_argument("--d", type=int, default=384)
+    p.add_argument("--n", type=int, default=49152, help="latents over all layers")
+    p.add_argument("--k", type=int, default=16, help="per layer")
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a.worker, a.d, a.n, a.k, a.batch, a.steps)))  # noqa: T201
+        return
+    print(f"d={a.d} n={a.n} k={a.k} per layer B={a.batch} threads={torch.get_num_threads()}")  # noqa: T201
+    print("| layers | step s | tokens/s | peak GiB above start | params+grads+Adam GiB | ratio | dense codes GiB |")  # noqa: T201
+    print("|---|---|---|---|---|---|---|")  # noqa: T201
+    gb = 2**30
+    for L in a.layers:
+        cmd = [sys.executable, __file__, "--worker", str(L), "--d", str(a.d), "--n", str(a.n), "--k", str(a.k),
+               "--batch", str(a.batch), "--steps", str(a.steps)]
+        r = json.loads(subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout.strip().splitlines()[-1])
+        print(f"| {L} | {r['step_s']:.2f} | {a.batch / r['step_s']:.0f} | {r['peak'] / gb:.2f} | "  # noqa: T201
+              f"{r['model_bytes'] / gb:.2f} | {r['peak'] / r['model_bytes']:.2f} | {r['dense_codes_bytes'] / gb:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
