@@ -425,3 +425,43 @@ def test_clt_auxk_matches_its_dense_definition_per_layer_in_float64():
     assert torch.allclose(out.loss, ref, rtol=1e-10)
     for name, got, want in zip(names, grads, ref_grads):
         assert torch.allclose(got, want, rtol=1e-8, atol=1e-10), name
+
+
+def test_transcoder_from_the_activation_cache_replays_the_live_runs_losses(tmp_path):
+    """Multi-site chunks written to the cache (one block of sites per token) and read back in the same
+    order: training from the cache gives the live LM run's losses exactly."""
+    from sae_dist.data import build_source
+    from sae_dist.data.cache import write_cache
+
+    corpus = pydoc_jsonl(tmp_path / "docs.jsonl", 30)
+    over = dict(model={"d_model": 0, "context_size": 32, "batch_contexts": 8, "dtype": "fp32",
+                       "sites": ["encoder.layer.3.intermediate:in", "encoder.layer.3.output.dense:out"]},
+                sae={"arch": "transcoder", "n_latents": 256, "k": 8},
+                trainer={"total_tokens": 256 * 8, "eval_tokens": 256, "scale_tokens": 256},
+                checkpoint={"every_steps": 0})
+    data = {"corpus": corpus, "heldout_fraction": 0.2, "shuffle_buffer_tokens": 1024}
+    live_cfg = synthetic_config(tmp_path / "live", data={"source": "lm", **data}, **over)
+    live = train(live_cfg)
+    for split, tokens in (("train", 256 * 12), ("heldout", 512)):
+        index = write_cache(build_source(live_cfg, split).chunks(), str(tmp_path / "cache" / split), tokens, {})
+        assert index["n_sites"] == 2
+    cached = train(synthetic_config(tmp_path / "cached", data={"source": "cache", "cache_dir": str(tmp_path / "cache"),
+                                                              **data}, **over))
+    assert cached["history"] == live["history"] and cached["fvu"] == live["fvu"]
+
+
+def test_transcoder_encoder_starts_on_the_centred_input():
+    """An MLP's input has a large mean; the transcoder's b_enc starts at -mean W_enc^T (times the
+    first-batch scale), so every latent's pre-activation starts centred and almost all latents are
+    picked on some token, where uncentred about half point away from the mean and are never picked."""
+    g = torch.Generator().manual_seed(0)
+    d, n, k = 16, 256, 4
+    x = torch.randn(512, 2, d, generator=g)
+    x[:, 0] += 3.0 * torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0) * d**0.5
+    sae = SparseAutoencoder(sae_config(arch="transcoder", n_latents=n, k=k), d, generator=g)
+    uncentred = (x[:, 0] @ sae.W_enc.detach().T).topk(k, dim=1).indices.unique().numel() / n
+    sae.init_from_batch(x)
+    pre = x[:, 0] @ sae.W_enc.detach().T + sae.b_enc.detach()
+    assert float(pre.mean(0).abs().max()) < 1e-4 * float(pre.std(0).min())
+    picked = sae.encode_sparse(x)[1].unique().numel() / n
+    assert picked >= 0.9 > 0.6 >= uncentred, (picked, uncentred)

@@ -28,10 +28,15 @@ def ray_cluster():
     ray.shutdown()
 
 
-def _producers(data, n, max_in_flight=4):
+MLP = ["encoder.layer.3.intermediate:in", "encoder.layer.3.output.dense:out"]
+MODEL_SITES = ModelConfig(context_size=24, batch_contexts=3, sites=MLP)
+
+
+def _producers(data, n, max_in_flight=4, model=MODEL):
     actor = ray.remote(num_cpus=0.5, max_restarts=-1, max_task_retries=-1)(ActivationProducer)
-    producers = [actor.remote(MODEL, data, i, n, "train", 1) for i in range(n)]
-    return producers, RayStreamSource(producers, 384, MODEL.batch_contexts, max_in_flight, timeout_s=120)
+    producers = [actor.remote(model, data, i, n, "train", 1) for i in range(n)]
+    return producers, RayStreamSource(producers, 384, model.batch_contexts, max_in_flight, timeout_s=120,
+                                      n_sites=len(model.sites))
 
 
 def test_producer_is_a_plain_class_that_serves_its_own_chunks(corpus):
@@ -69,15 +74,18 @@ def test_backpressure_bounds_chunks_produced_ahead_of_the_trainer(ray_cluster, c
         ray.kill(p, no_restart=True)
 
 
-def test_killed_producer_restarts_and_no_chunk_is_lost(ray_cluster, corpus):
-    producers, source = _producers(corpus, 2)
-    ref = LMActivationSource(MODEL, corpus)
+@pytest.mark.parametrize("model", [MODEL, MODEL_SITES], ids=["one-site", "mlp-in-out"])
+def test_killed_producer_restarts_and_no_chunk_is_lost(ray_cluster, corpus, model):
+    """Also for multi-site chunks: (tokens, 2, d) blocks of an MLP's input and output, in order."""
+    producers, source = _producers(corpus, 2, model=model)
+    ref = LMActivationSource(model, corpus)
     want = [a for _, (a, _) in zip(range(12), ref.chunks())]
     it = source.chunks()
     got = [next(it)[0] for _ in range(4)]
     ray.kill(producers[1], no_restart=False)  # Ray restarts it; pending chunks are retried
     got += [next(it)[0] for _ in range(8)]
     assert source.received == list(range(12))
+    assert got[0].shape[1:] == ((2, 384) if model.sites else (384,))
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     for p in producers:

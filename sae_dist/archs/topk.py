@@ -79,6 +79,10 @@ class TopK(Arch):
         batch and every data replica: t the target, o = b_dec plus any skip path, r the batch's decoded
         top-k at the initial encoder less o; the scale at which the first reconstruction is
         least-squares right. b_enc is 0 here, so scaling the encoder leaves every selection as it is."""
+        sae.W_enc.mul_(self._first_scale(sae, x))
+
+    def _first_scale(self, sae: SparseAutoencoder, x: Tensor) -> float:
+        """sae.encoder_scale, or when that is 0 the least-squares scale of the batch x (init_from_batch)."""
         s = self.cfg.encoder_scale
         if not s:
             target = self.split(x)[1]
@@ -88,7 +92,7 @@ class TopK(Arch):
             num = sae.comm.mean_over_data((tc * r).sum().double())
             den = sae.comm.mean_over_data(r.pow(2).sum().double())
             s = float(num / den) if float(den) > 0 and float(num) > 0 else 1.0
-        sae.W_enc.mul_(s)
+        return s
 
     def encoder_input(self, sae: SparseAutoencoder, x_in: Tensor) -> Tensor:
         """What the encoder multiplies, from what `split` gives it: x - b_dec for an SAE (b_dec lives

@@ -55,6 +55,18 @@ class Transcoder(TopK):
     def encoder_input(self, sae: SparseAutoencoder, x_in: Tensor) -> Tensor:
         return x_in  # b_dec lives in the output space
 
+    def init_from_batch(self, sae: SparseAutoencoder, x: Tensor) -> None:
+        """b_enc starts at -mean(x_in) W_enc^T (the first batch's input mean over every data replica), so
+        the encoder starts on the centred input, as an SAE's does through x - b_dec. An MLP's input has a
+        large mean (MiniLM layer 3: norm 7.1 against 10.9 RMS about it): uncentred, a random latent's
+        pre-activation is mostly that mean's projection, and the half of the latents that point away
+        from it start, and mostly stay, dead. Then TopK's scale, which multiplies b_enc with W_enc."""
+        mean = sae.comm.mean_over_data(self.split(x)[0].mean(dim=0))
+        sae.b_enc.copy_(-(sae.W_enc @ mean))
+        s = self._first_scale(sae, x)
+        sae.W_enc.mul_(s)
+        sae.b_enc.mul_(s)
+
     @classmethod
     def splice_targets(cls, n_sites: int) -> list[tuple[int, int]]:
         return [(1, 0)]  # the MLP's output
