@@ -123,8 +123,9 @@ class SiteSplice:
             if zero:
                 new = torch.zeros_like(h)
             else:
-                where = keep if keep is not None and keep.shape == h.shape[:2] else torch.ones(h.shape[:2], dtype=torch.bool)
-                x = torch.zeros(int(where.sum()), len(self.sites), d)
+                where = keep if keep is not None and keep.shape == h.shape[:2] else torch.ones(
+                    h.shape[:2], dtype=torch.bool, device=h.device)
+                x = torch.zeros(int(where.sum()), len(self.sites), d, device=h.device)
                 for j, v in got.items():
                     x[:, j] = v[where].float()
                 vals, idx = sae.encode_sparse(x)
