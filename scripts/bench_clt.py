@@ -26,10 +26,10 @@ from sae_dist.config import sae_config
 from sae_dist.sae import SparseAutoencoder
 
 
-def worker(L: int, d: int, n: int, k: int, B: int, steps: int) -> dict:
+def worker(L: int, d: int, n: int, k: int, B: int, steps: int, chunk: int) -> dict:
     def build(n_latents: int, kk: int) -> tuple[SparseAutoencoder, torch.optim.Optimizer]:
         sae = SparseAutoencoder(sae_config(arch="clt", n_latents=n_latents, k=kk, dead_tokens=1), d, d_out=L * d,
-                                generator=torch.Generator().manual_seed(0))
+                                encoder_chunk=chunk, generator=torch.Generator().manual_seed(0))
         return sae, torch.optim.Adam(sae.parameters(), lr=1e-4)
 
     def one(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.Tensor, dead: torch.Tensor) -> float:
@@ -65,18 +65,19 @@ def main() -> None:
     p.add_argument("--k", type=int, default=16, help="per layer")
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--chunk", type=int, default=8192, help="trainer.encoder_chunk: latents per encoder block")
     p.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        print(json.dumps(worker(a.worker, a.d, a.n, a.k, a.batch, a.steps)))  # noqa: T201
+        print(json.dumps(worker(a.worker, a.d, a.n, a.k, a.batch, a.steps, a.chunk)))  # noqa: T201
         return
-    print(f"d={a.d} n={a.n} k={a.k} per layer B={a.batch} threads={torch.get_num_threads()}")  # noqa: T201
+    print(f"d={a.d} n={a.n} k={a.k} per layer B={a.batch} encoder_chunk={a.chunk} threads={torch.get_num_threads()}")  # noqa: T201
     print("| layers | step s | tokens/s | peak GiB above start | params+grads+Adam GiB | ratio | dense codes GiB |")  # noqa: T201
     print("|---|---|---|---|---|---|---|")  # noqa: T201
     gb = 2**30
     for L in a.layers:
         cmd = [sys.executable, __file__, "--worker", str(L), "--d", str(a.d), "--n", str(a.n), "--k", str(a.k),
-               "--batch", str(a.batch), "--steps", str(a.steps)]
+               "--batch", str(a.batch), "--steps", str(a.steps), "--chunk", str(a.chunk)]
         r = json.loads(subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout.strip().splitlines()[-1])
         print(f"| {L} | {r['step_s']:.2f} | {a.batch / r['step_s']:.0f} | {r['peak'] / gb:.2f} | "  # noqa: T201
               f"{r['model_bytes'] / gb:.2f} | {r['peak'] / r['model_bytes']:.2f} | {r['dense_codes_bytes'] / gb:.2f} |")
