@@ -111,7 +111,7 @@ def test_transcoder_job_on_minilm_mlp_prints_heldout_fvu_and_its_export_reproduc
     from sae_dist.features.source import load_setup
 
     got = run_eval(load_setup(out["export_dir"], multi_site=True), str(tmp_path / "eval"))
-    assert abs(got["fvu_out0"] - out["fvu"]) < 1e-5 and got["tokens"] == cfg.trainer.eval_tokens
+    assert abs(got["fvu"] - out["fvu"]) < 1e-5 and got["tokens"] == cfg.trainer.eval_tokens
     assert abs(got["l0"] - out["l0"]) < 1e-3 and abs(got["dead_fraction"] - out["dead_fraction"]) < 1e-9
     assert 0 < got["embedding_recovered"] <= 1
     # dashboards and steering read one-site SAEs: refused, saying why, before loading the LM
@@ -334,7 +334,8 @@ def test_clt_replacement_model_feeds_each_layer_the_spliced_passs_own_inputs():
     from transformers import AutoModel, AutoTokenizer
 
     from sae_dist.data.lm import resolve_model_path
-    from sae_dist.features.replace import SiteMeter, SiteSplice
+    from sae_dist.features.replace import SiteSplice
+    from sae_dist.metrics import HeldoutMeter
 
     path = resolve_model_path("minilm")
     model, tok = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
@@ -348,7 +349,7 @@ def test_clt_replacement_model_feeds_each_layer_the_spliced_passs_own_inputs():
     ids = tok(["The cat sat on the mat.", "Sparse dictionaries of a language model"], padding="max_length",
               max_length=12, truncation=True, return_tensors="pt").input_ids
     keep = ~torch.isin(ids, torch.tensor(tok.all_special_ids))
-    meter = SiteMeter(sae, L, 10**6)
+    meter = HeldoutMeter(sae, 10**6)
     seen: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         clean_in = {}
@@ -374,7 +375,11 @@ def test_clt_replacement_model_feeds_each_layer_the_spliced_passs_own_inputs():
             assert torch.allclose(seen[f"out{m}"][keep], want[:, m], atol=1e-4), m
             assert torch.equal(seen[f"out{m}"][~keep], seen[f"own{m}"][~keep])  # special tokens: the module's own
         assert not torch.allclose(seen["in1"], clean_in[1], atol=1e-3)  # layer 1 read the spliced pass's input
-        assert meter.count == int(keep.sum()) and 0 < meter.result()["l0"] <= L * 4
+        got = meter.result()
+        assert meter.count == int(keep.sum()) and 0 < got["l0"] <= L * 4 and len(got["fvu_per_site"]) == L
+        own = torch.cat([seen[f"own{m}"][keep] for m in range(L)], dim=1).double()
+        fvu1 = (own[:, d:] - want[:, 1].double()).pow(2).sum() / (own[:, d:] - own[:, d:].mean(0)).pow(2).sum()
+        assert abs(got["fvu_per_site"][1] - float(fvu1)) < 1e-6  # against layer 1's own output in that pass
         with SiteSplice(model, sae, sites).active(keep, zero=True):
             hooks = [model.encoder.layer[m].output.dense.register_forward_hook(
                 lambda _m, _a, out, m=m: seen.__setitem__(f"zero{m}", out)) for m in range(L)]

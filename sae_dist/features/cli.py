@@ -51,12 +51,12 @@ def eval_main(argv: list[str]) -> None:
     results = run_eval(_setup(a.path, a.device, multi_site=True), out, a.tokens, a.batch_contexts, a.corpus, a.max_cos_latents)
     spliced = ("lm_loss_recovered", "LM loss recovered") if "lm_loss_recovered" in results else (
         "embedding_recovered", "embedding recovered")
-    per_site = "".join(f" {results[k]:.4f}" for k in sorted(results) if k.startswith("fvu_out"))
+    per_site = "".join(f" {v:.4f}" for v in results.get("fvu_per_site", []))
     if per_site:
         print(f"replacement model: FVU per replaced output{per_site}")  # noqa: T201
     print(f"held-out: FVU {results['fvu']:.4f}  L0 {results['l0']:.1f}  dead {results['dead_fraction']:.2%}  "  # noqa: T201
           f"dense {results['dense_fraction']:.2%}  {spliced[1]} {results[spliced[0]]:.2%}  "
-          f"({int(results['tokens'])} tokens; " + (f"{out}/metrics.json)" if per_site else f"SAEBench core: {out}/core.json)"))
+          f"({int(results['tokens'])} tokens; " + (f"{out}/metrics.json)" if "sites" in results else f"SAEBench core: {out}/core.json)"))
     print(json.dumps(results))  # noqa: T201
 
 

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from sae_dist.features.core import core_result
-from sae_dist.features.replace import SiteMeter, SiteSplice
+from sae_dist.features.replace import SiteSplice
 from sae_dist.features.source import FeatureSetup
 from sae_dist.features.splice import SpliceMeter
 from sae_dist.metrics import MAX_COS_LATENTS, HeldoutMeter, weight_metrics
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def evaluate_setup(setup: FeatureSetup, tokens: int = 0, batch_contexts: int = 0, corpus: str = "",
-                   split: str = "heldout") -> tuple[dict[str, Any], HeldoutMeter | SiteMeter, SpliceMeter]:
+                   split: str = "heldout") -> tuple[dict[str, Any], HeldoutMeter, SpliceMeter]:
     """Metrics over the run's held-out set (sae_dist.data.heldout; `tokens`, `batch_contexts` and
     `corpus` override its own), with the two meters (firings per latent, batches read). The held-out
     metrics count exactly its first `tokens` tokens, as the end-of-training evaluation does; the
@@ -34,14 +34,11 @@ def evaluate_setup(setup: FeatureSetup, tokens: int = 0, batch_contexts: int = 0
                     setup.settings["source"])
     tokens = tokens or int(setup.settings["tokens"])
     batch_contexts = batch_contexts or int(setup.settings["batch_contexts"])
-    heldout: HeldoutMeter | SiteMeter
+    heldout = HeldoutMeter(setup.sae.eval(), tokens)
     if setup.cfg.get("sites"):  # a transcoder or CLT: the replacement model (sae_dist.features.replace)
-        sites = setup.cfg["sites"]
-        heldout = SiteMeter(setup.sae.eval(), len(setup.sae.arch.splice_targets(len(sites))), tokens)
-        meter = SpliceMeter(setup.model, None, setup.sae, setup.causal, sites=SiteSplice(setup.model, setup.sae, sites,
-                                                                                         heldout))
+        splice = SiteSplice(setup.model, setup.sae, setup.cfg["sites"], heldout)
+        meter = SpliceMeter(setup.model, None, setup.sae, setup.causal, sites=splice)
     else:
-        heldout = HeldoutMeter(setup.sae.eval(), tokens)
         meter = SpliceMeter(setup.model, setup.module, setup.sae, setup.causal, heldout)
     special = setup.special_ids()
     with tqdm(total=tokens, desc="eval", unit="tok", disable=None) as bar:
@@ -95,6 +92,8 @@ def run_eval(setup: FeatureSetup, out_dir: str, tokens: int = 0, batch_contexts:
     if save_density_plot(heldout.fired, n, os.path.join(out_dir, "feature_density.png")):
         results["density_plot"] = os.path.join(out_dir, "feature_density.png")
     results["model_name"], results["hook_name"] = setup.cfg["model_name"], setup.cfg["hook_name"]
+    if setup.cfg.get("sites"):
+        results["sites"] = setup.cfg["sites"]
     _write_json(os.path.join(out_dir, "metrics.json"), results)
     return results
 

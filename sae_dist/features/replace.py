@@ -10,8 +10,10 @@ Each replaced site is computed by the family's own encoder and decoder (`Arch.en
 `Arch.decode`) on a batch of the sites reached so far, zeros standing for those not yet reached:
 a CLT's latents of layers after m write nothing into layer m (their decoder blocks there are zero),
 so the zeros change nothing that is read. The ablation baseline zeroes every replaced output at
-every position. `SiteMeter` takes the per-site FVU of what was spliced in against what the model's
-own module gave in the same pass, and the codes' L0 and firings.
+every position. The held-out metrics (`sae_dist.metrics.HeldoutMeter`, as training's) compare what
+was spliced in with what the model's own modules gave in the same pass: the replaced outputs
+concatenated (a CLT's L d, its `d_out`), each one's FVU in `fvu_per_site`, and the codes of all layers,
+read at the last replaced site.
 """
 
 from __future__ import annotations
@@ -24,58 +26,14 @@ from torch import Tensor, nn
 
 from sae_dist.data.lm import find_module, parse_site
 from sae_dist.errors import ConfigError
+from sae_dist.metrics import HeldoutMeter
 from sae_dist.sae import SparseAutoencoder
-
-
-class SiteMeter:
-    """Per replaced site: the FVU of the replacement against the module's own output in the same pass
-    (sum of squared errors over the total variance about the mean, over the first `tokens` tokens
-    read, as HeldoutMeter counts them); and of the codes computed at the last replaced site (where
-    every layer's latents are read): L0, firings."""
-
-    def __init__(self, sae: SparseAutoencoder, sites: int, tokens: int) -> None:
-        self.sae, self.tokens = sae, tokens
-        self.sse = torch.zeros(sites, dtype=torch.float64)
-        self.sum = torch.zeros(sites, sae.d_model, dtype=torch.float64)
-        self.sq = torch.zeros(sites, dtype=torch.float64)
-        self.n = torch.zeros(sites, dtype=torch.float64)
-        self.fired = torch.zeros(sae.n_latents, dtype=torch.long)
-        self.active = 0.0
-        self.count = 0
-
-    @property
-    def full(self) -> bool:
-        return self.count >= self.tokens
-
-    def add_site(self, j: int, y: Tensor, y_hat: Tensor) -> None:
-        rows = max(min(y.shape[0], self.tokens - int(self.n[j])), 0)  # exactly the first `tokens` tokens
-        y, y_hat = y[:rows].double(), y_hat[:rows].double()
-        self.sse[j] += (y - y_hat).pow(2).sum()
-        self.sum[j] += y.sum(0)
-        self.sq[j] += y.pow(2).sum()
-        self.n[j] += y.shape[0]
-
-    def add_codes(self, vals: Tensor, idx: Tensor) -> None:
-        rows = max(min(vals.shape[0], self.tokens - self.count), 0)
-        vals, idx = vals[:rows], idx[:rows]
-        on = vals > 0
-        self.fired += torch.bincount(idx[on], minlength=self.sae.n_latents)
-        self.active += float(on.sum())
-        self.count += vals.shape[0]
-
-    def result(self) -> dict[str, float]:
-        var = self.sq - self.sum.pow(2).sum(1) / self.n.clamp_min(1)
-        fvu = (self.sse / var).tolist()
-        freq = self.fired.double() / max(self.count, 1)
-        return {"fvu": sum(fvu) / len(fvu), **{f"fvu_out{j}": v for j, v in enumerate(fvu)},
-                "l0": self.active / max(self.count, 1), "dead_fraction": float((freq == 0).double().mean()),
-                "dense_fraction": float((freq > 0.1).double().mean()), "tokens": float(self.count)}
 
 
 class SiteSplice:
     """Hooks on every site of a multi-site export (cfg.json `sites`); `active` splices it in."""
 
-    def __init__(self, model: nn.Module, sae: SparseAutoencoder, sites: list[str], meter: SiteMeter | None = None):
+    def __init__(self, model: nn.Module, sae: SparseAutoencoder, sites: list[str], meter: HeldoutMeter | None = None):
         self.sae, self.meter, self.sites = sae, meter, list(sites)
         self.replaced = dict(sae.arch.splice_targets(len(sites)))  # site index -> block of the reconstruction
         if not self.replaced:
@@ -95,10 +53,11 @@ class SiteSplice:
         """While active, each replaced site's output is the dictionary's at the `keep` positions (every
         position where keep is None); with `zero`, the replaced outputs are zeros everywhere instead."""
         got: dict[int, Tensor] = {}
+        spliced: dict[int, tuple[Tensor, Tensor]] = {}  # replaced site -> (its own output, the replacement)
         handles = []
         for i, (module, side) in enumerate(self.modules):
             if i in self.replaced:
-                handles.append(module.register_forward_hook(self._replacer(i, got, keep, zero)))
+                handles.append(module.register_forward_hook(self._replacer(i, got, spliced, keep, zero)))
             elif side == "in":
                 def pre(_mod: nn.Module, args: tuple, kwargs: dict, i: int = i) -> None:
                     got[i] = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
@@ -113,7 +72,8 @@ class SiteSplice:
             for h in handles:
                 h.remove()
 
-    def _replacer(self, i: int, got: dict[int, Tensor], keep: Tensor | None, zero: bool):  # type: ignore[no-untyped-def]
+    def _replacer(self, i: int, got: dict[int, Tensor], spliced: dict[int, tuple[Tensor, Tensor]],  # type: ignore[no-untyped-def]
+                  keep: Tensor | None, zero: bool):
         sae, d = self.sae, self.sae.d_model
 
         def hook(_mod: nn.Module, _inp: object, out: object) -> object:
@@ -131,9 +91,12 @@ class SiteSplice:
                 vals, idx = sae.encode_sparse(x)
                 block = sae.decode(x, vals, idx).view(x.shape[0], -1, d)[:, self.replaced[i]]
                 if self.meter is not None:
-                    self.meter.add_site(sorted(self.replaced).index(i), h[where], block)
+                    spliced[i] = (h[where], block)
                     if i == self.last:
-                        self.meter.add_codes(vals, idx)
+                        order = sorted(self.replaced)
+                        self.meter.add(torch.cat([spliced[j][0].float() for j in order], dim=1), vals, idx,
+                                       torch.cat([spliced[j][1] for j in order], dim=1),
+                                       sites=len(order) if len(order) > 1 else 0)
                 new = h.clone()
                 new[where] = block.to(h.dtype)
             return (new, *out[1:]) if isinstance(out, tuple) else new
