@@ -269,7 +269,11 @@ def scatter_rows(w: Tensor, idx: Tensor, x: Tensor, n: int, dtype: torch.dtype |
     def sparse_mm(rows: Tensor, m: int) -> Tensor:
         G = torch.sparse_coo_tensor(torch.stack([rows, tokens]), w.reshape(-1).to(x.dtype), (m, B),
                                     check_invariants=False)
-        return torch.sparse.mm(G, x)
+        # torch.sparse.mm(G, x) is addmm(zeros(m, d), G, x, beta=0): a zeroed (m, d) input beside its
+        # (m, d) result, twice the gradient's bytes at the peak. A stride-0 zero input and `out=` give the
+        # same values (beta = 0 never reads the input) in the result alone.
+        out = torch.empty(m, x.shape[1], dtype=x.dtype, device=x.device)
+        return torch.addmm(x.new_zeros(()).expand(m, x.shape[1]), G, x, beta=0, out=out)
 
     if dtype is None or dtype == x.dtype:
         return sparse_mm(idx.reshape(-1), n)

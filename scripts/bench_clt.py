@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -23,6 +24,7 @@ import time
 import torch
 
 from sae_dist.config import sae_config
+from sae_dist.optim import build_optimizer
 from sae_dist.sae import SparseAutoencoder
 
 
@@ -30,7 +32,7 @@ def worker(L: int, d: int, n: int, k: int, B: int, steps: int, chunk: int) -> di
     def build(n_latents: int, kk: int) -> tuple[SparseAutoencoder, torch.optim.Optimizer]:
         sae = SparseAutoencoder(sae_config(arch="clt", n_latents=n_latents, k=kk, dead_tokens=1), d, d_out=L * d,
                                 encoder_chunk=chunk, generator=torch.Generator().manual_seed(0))
-        return sae, torch.optim.Adam(sae.parameters(), lr=1e-4)
+        return sae, build_optimizer("adam", list(sae.parameters()), lr=1e-4)  # the trainer's Adam
 
     def one(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: torch.Tensor, dead: torch.Tensor) -> float:
         t0 = time.perf_counter()
@@ -78,7 +80,11 @@ def main() -> None:
     for L in a.layers:
         cmd = [sys.executable, __file__, "--worker", str(L), "--d", str(a.d), "--n", str(a.n), "--k", str(a.k),
                "--batch", str(a.batch), "--steps", str(a.steps), "--chunk", str(a.chunk)]
-        r = json.loads(subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout.strip().splitlines()[-1])
+        # glibc's mmap threshold fixed at 128 KiB, as in bench_scaling.py: freed tensors leave the process
+        # instead of staying as slack in glibc's heaps (blocks up to 32 MB by default)
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}
+        r = json.loads(subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, env=env
+                                      ).stdout.strip().splitlines()[-1])
         print(f"| {L} | {r['step_s']:.2f} | {a.batch / r['step_s']:.0f} | {r['peak'] / gb:.2f} | "  # noqa: T201
               f"{r['model_bytes'] / gb:.2f} | {r['peak'] / r['model_bytes']:.2f} | {r['dense_codes_bytes'] / gb:.2f} |")
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from sae_dist.optim import ADAM_CHUNK
+
 GB = 1e9
 BYTES = {"fp32": 4, "bf16": 2}
 
@@ -73,18 +75,26 @@ def cpu_peak(d: int, n: int, fp: int, batch: int = 4096, k: int = 32, k_aux: int
              dead: float = 1.0) -> dict[str, float]:
     """Peak bytes per rank of fp32 training with Adam on the torch engine on CPU, above the process's
     runtime (torch, gloo: measured, not modelled). Weights and Adam's moments are held throughout, on
-    top of the larger of:
+    top of the largest of:
 
     - the forward's buffers (`plan`'s, with `dead` the largest fraction of latents AuxK reads); the
       gradients are freed once applied, so none are held here;
-    - the update: the gradients, and Adam's temporaries: torch's Adam on CPU runs one parameter at a
-      time (its foreach kernels are GPU-only) and forms sqrt(v), then sqrt(v) / c, as new tensors of
-      the parameter's size, while the loop still holds the previous parameter's quotient: 3 x the
-      largest parameter (W_enc's or W_dec's rows of this shard, the same size, one after the other).
+    - the backward: the gradients, and while AuxK acts (`dead` > 0) a second decoder-sized one: TopK
+      decodes its reconstruction and AuxK's latents separately, and autograd holds the second decode's
+      (n / fp, d) gradient until it has added it into the first. (The decoder's gradient itself is
+      formed in place: `kernels.reference.scatter_rows`; torch.sparse.mm would hold a zeroed copy
+      beside it.) A CLT decodes both in one call and has no such term (archs/clt.py);
+    - the update: the gradients, and Adam's one temporary: the project's Adam (`optim.ChunkedAdam`,
+      torch's update bit for bit) forms sqrt(v) / c for one slice of `ADAM_CHUNK` elements at a time
+      into a reused buffer. (torch's own Adam on CPU forms it for a whole parameter, twice over, while
+      still holding the previous parameter's: 3 x the largest parameter, which this model counted, and
+      the measurements matched, before ChunkedAdam.)
 
-    -> the terms and `peak`."""
+    -> the terms (`transient`: the larger of the backward's and the update's temporaries) and `peak`."""
     p = plan(d, n, 1, fp, "fp32", "torch", batch=batch, k=k, k_aux=k_aux, chunk=chunk, dead=dead)
-    transient = 3 * (n // fp) * d * 4
+    backward = (n // fp) * d * 4 if dead > 0 else 0
+    update = min((n // fp) * d, ADAM_CHUNK) * 4
+    transient = max(backward, update)
     peak = p.weights + p.optimizer + max(p.buffers, p.grads + transient)
     return {"weights": p.weights, "grads": p.grads, "optimizer": p.optimizer, "buffers": p.buffers,
             "transient": transient, "peak": peak}

@@ -391,11 +391,14 @@ def test_clt_replacement_model_feeds_each_layer_the_spliced_passs_own_inputs():
         SiteSplice(model, SparseAutoencoder(sae_config(arch="crosscoder", n_latents=8, k=2), 2 * d), sites[:2])
 
 
-def test_clt_auxk_matches_its_dense_definition_per_layer_in_float64():
+@pytest.mark.parametrize("k_aux", [3, 1])
+def test_clt_auxk_matches_its_dense_definition_per_layer_in_float64(k_aux):
     """With dead latents, each layer's k_aux best dead latents decode the residual of every output
-    (no gradient into the reconstruction), scaled while fewer than L k_aux are dead."""
+    (no gradient into the reconstruction), scaled while fewer than L k_aux are dead. The two decodes
+    run as one: AuxK's 9 latents per token as rows of the reconstruction's 6 (k_aux = 3), or the
+    reconstruction's 6 as rows of AuxK's 3 (k_aux = 1)."""
     g = torch.Generator().manual_seed(0)
-    L, d, n, k, k_aux = 3, 5, 36, 2, 3
+    L, d, n, k = 3, 5, 36, 2
     sae = SparseAutoencoder(sae_config(arch="clt", n_latents=n, k=k, k_aux=k_aux), d, d_out=L * d,
                             generator=g).double()
     with torch.no_grad():
@@ -403,7 +406,7 @@ def test_clt_auxk_matches_its_dense_definition_per_layer_in_float64():
         sae.b_dec.normal_(generator=g)
     x = torch.randn(9, 2 * L, d, dtype=torch.float64, generator=g)
     dead = torch.zeros(n, dtype=torch.bool)
-    dead[::5] = True  # 8 dead, spread over the layers (fewer than L k_aux = 9: the scale is 8 / 9)
+    dead[::5] = True  # 8 dead, spread over the layers (k_aux = 3: fewer than L k_aux = 9, the scale is 8 / 9)
     names = ["W_enc", "b_enc", "W_dec", "b_dec"]
     out = sae(x, dead)
     assert "auxk" in out.terms
@@ -425,7 +428,7 @@ def test_clt_auxk_matches_its_dense_definition_per_layer_in_float64():
         f_aux = f_aux + torch.zeros_like(f_aux).scatter(1, cand.indices, vals)
     residual = (y - (f @ Wm + b_dec)).detach()
     fvu = lambda a, b: (a - b).pow(2).sum() / (a - a.mean(0)).pow(2).sum()  # noqa: E731
-    ref = main + sae.cfg.aux_coef * fvu(residual, f_aux @ Wm) * (8 / 9)
+    ref = main + sae.cfg.aux_coef * fvu(residual, f_aux @ Wm) * min(1.0, 8 / (L * k_aux))
     ref_grads = torch.autograd.grad(ref, [W_enc, b_enc, W_dec, b_dec])
     assert torch.allclose(out.loss, ref, rtol=1e-10)
     for name, got, want in zip(names, grads, ref_grads):

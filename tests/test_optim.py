@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from sae_dist.checkpoint import Checkpointer, step_name
 from sae_dist.config import ConfigError, ParallelConfig
-from sae_dist.optim import NS_COEFFICIENTS, Muon, SignumScheduleFree, newton_schulz, reset_rows
+from sae_dist.optim import NS_COEFFICIENTS, ChunkedAdam, Muon, SignumScheduleFree, newton_schulz, reset_rows
 from sae_dist.parallel.dims import init_distributed
 from sae_dist.parallel.engine import check_supported
 from sae_dist.parallel.fp import FeatureParallelComm
@@ -38,6 +38,35 @@ def _cfg(tmp, fp=1, optimizer="signum_sf", **checkpoint):
         parallel={"fp": fp, "engine": "torch"},
         checkpoint={"every_steps": 10, "keep_last": 5, "async_upload": False, **checkpoint},
     )
+
+
+@pytest.mark.parametrize("chunk", [777, 4096, 1 << 22])
+def test_chunked_adam_is_torch_adam_bit_for_bit_and_shares_its_state(chunk):
+    # slices that split rows (777), that are whole rows (4096 = some rows of 384 and not others: 4096
+    # is not a multiple of 384) and one slice per parameter; the learning rate changes every step, as
+    # under warm-up, and the gradients' scale spans six orders of magnitude
+    g = torch.Generator().manual_seed(0)
+    shapes = [(1000, 384), (1000,), (3, 5, 7)]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = ChunkedAdam(ours, lr=1e-3, chunk=chunk)
+    ref_opt = torch.optim.Adam(ref, lr=1e-3, foreach=False)
+    for step in range(6):
+        for o in (opt, ref_opt):
+            o.param_groups[0]["lr"] = 1e-3 * (step + 1) / 3
+        for a, b in zip(ours, ref):
+            a.grad = torch.randn(a.shape, generator=g) * 10.0 ** (step - 3)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref_opt.step()
+        for a, b in zip(ours, ref):
+            assert torch.equal(a, b), (chunk, step)
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(opt.state[a][key], ref_opt.state[b][key]), (chunk, step, key)
+    # a checkpoint of either loads into the other
+    again = ChunkedAdam(ref, lr=1e-3, chunk=chunk)
+    again.load_state_dict(ref_opt.state_dict())
+    assert again.state_dict()["state"][0]["exp_avg"].equal(opt.state_dict()["state"][0]["exp_avg"])
 
 
 def test_signum_sf_matches_a_hand_computed_three_steps():

@@ -15,7 +15,8 @@ every layer is one sparse decode into (B, L d), so no B x n x L buffer exists. U
 parallelism the L per-layer selections go as one (L B, k) batch of rows through one all-gather, and
 the partial decodes into all layers as one all-reduce: two collectives per step for any L.
 AuxK works per layer: each layer's k_aux best dead latents (one more stacked selection) decode the
-residual of every output, as TopK's do the residual of its one. Not yet: a global BatchTopK over layers.
+residual of every output, as TopK's do the residual of its one; that decode and the reconstruction's
+are one sparse decode and one all-reduce (a single decoder-sized gradient in the backward). Not yet: a global BatchTopK over layers.
 """
 
 from __future__ import annotations
@@ -190,19 +191,38 @@ class CrossLayerTranscoder(Arch):
     def decode(self, sae: SparseAutoencoder, x: Tensor, vals: Tensor, idx: Tensor) -> Tensor:
         return self._decode_partial(sae, vals, idx) + sae.b_dec  # (B, L d)
 
-    def _auxk(self, sae: SparseAutoencoder, residual: Tensor, aux: Tensor, aux_ids: Tensor, total_dead: Tensor,
-              L: int) -> Tensor:
-        """FVU of the residual of every output (no gradient into the reconstruction) by the decode of
-        each layer's k_aux best dead latents over every shard, scaled down while fewer than L k_aux
-        latents are dead (TopK's AuxK, per layer)."""
-        B, k_aux = residual.shape[0], self._k_aux(sae, L)
+    def _aux_select(self, sae: SparseAutoencoder, aux: Tensor, aux_ids: Tensor, B: int, L: int
+                    ) -> tuple[Tensor, Tensor]:
+        """Each layer's k_aux best dead latents over every shard, per token: (B, L k_aux) values after
+        the ReLU and local ids (AuxK, per layer)."""
         aux = aux.masked_fill(~aux.isfinite(), 0.0)
-        width = min(k_aux, aux.shape[1] * sae.comm.n_shards)
+        width = min(self._k_aux(sae, L), aux.shape[1] * sae.comm.n_shards)
         a_vals, a_idx = sae.comm.select_topk(aux, aux_ids, width)  # (L B, width)
         a_vals = a_vals.view(L, B, width).transpose(0, 1).reshape(B, L * width)
-        a_idx = a_idx.view(L, B, width).transpose(0, 1).reshape(B, L * width)
-        e_hat = self._decode_partial(sae, F.relu(a_vals), a_idx)
-        return sae.fvu(residual, e_hat).nan_to_num(0.0) * min(1.0, float(total_dead) / (L * k_aux))
+        return F.relu(a_vals), a_idx.view(L, B, width).transpose(0, 1).reshape(B, L * width)
+
+    def _decode_both(self, sae: SparseAutoencoder, vals: Tensor, idx: Tensor, a_vals: Tensor, a_idx: Tensor
+                     ) -> tuple[Tensor, Tensor]:
+        """The reconstruction's and AuxK's decodes as one sparse decode and one all-reduce, so that the
+        backward forms one (n, L d) decoder gradient, not one per decode. Both selections are cut into
+        rows of the narrower one's width c (the last row of each token padded with zero weights on
+        latent 0, which add exact zeros), decoded together, and each token's rows summed: the work is
+        the entries decoded, not twice the wider side."""
+        B, c = vals.shape[0], min(vals.shape[1], a_vals.shape[1])
+
+        def rows(v: Tensor, i: Tensor) -> tuple[Tensor, Tensor, int]:
+            r = -(-v.shape[1] // c)
+            extra = r * c - v.shape[1]
+            return F.pad(v, (0, extra)).reshape(B * r, c), F.pad(i, (0, extra)).reshape(B * r, c), r
+
+        v1, i1, r1 = rows(vals, idx)
+        v2, i2, r2 = rows(a_vals, a_idx)
+        L = sae.d_out // sae.d_model
+        out = kernels.sparse_decode(torch.cat([v1, v2]), torch.cat([i1, i2]), _MaskDecoderGrad.apply(sae.W_dec, L))
+        y_part = out[: B * r1].view(B, r1, -1).sum(1)
+        e_part = out[B * r1:].view(B, r2, -1).sum(1)
+        both = sae.comm.sum_partial(torch.cat([y_part, e_part]))
+        return both[:B] + sae.b_dec, both[B:]
 
     def forward(self, sae: SparseAutoencoder, x: Tensor, dead_mask: Tensor | None) -> SaeOutput:
         B = x.shape[0]
@@ -212,12 +232,18 @@ class CrossLayerTranscoder(Arch):
         use_aux = total_dead is not None and bool(total_dead > 0) and self.cfg.aux_coef > 0
         pre, idx, aux = self._select(sae, x_in, dead_mask if use_aux else None)
         vals = F.relu(pre)
-        y_hat = self.decode(sae, x, vals, idx)
+        if aux is not None and total_dead is not None:
+            y_hat, e_hat = self._decode_both(sae, vals, idx, *self._aux_select(sae, *aux, B, L))
+        else:
+            y_hat, e_hat = self.decode(sae, x, vals, idx), None
         per_layer = sae.fvu_sites(y.view(B, L, -1), y_hat.view(B, L, -1))
         loss = per_layer.sum()
         terms = {"fvu": per_layer.mean().detach()} | {f"fvu_layer{m}": v for m, v in enumerate(per_layer.detach())}
-        if aux is not None and total_dead is not None:
-            aux_loss = self._auxk(sae, (y - y_hat).detach(), *aux, total_dead, L)
+        if e_hat is not None and total_dead is not None:
+            # FVU of the residual of every output (no gradient into the reconstruction), scaled down
+            # while fewer than L k_aux latents are dead (TopK's AuxK, per layer)
+            aux_loss = sae.fvu((y - y_hat).detach(), e_hat).nan_to_num(0.0)
+            aux_loss = aux_loss * min(1.0, float(total_dead) / (L * self._k_aux(sae, L)))
             loss = loss + self.cfg.aux_coef * aux_loss
             terms["auxk"] = aux_loss.detach()
         terms["l0"] = sae.comm.sum_scalar((vals > 0).sum(dim=1).float().mean())

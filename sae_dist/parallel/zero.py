@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from sae_dist.config import Config, ConfigError
-from sae_dist.optim import check_state_keys
+from sae_dist.optim import ChunkedAdam, check_state_keys
 from sae_dist.parallel.dims import Mesh
 from sae_dist.parallel.dp import DataParallel
 from sae_dist.sae import SparseAutoencoder
@@ -76,8 +76,8 @@ def ds_config(cfg: Config) -> dict[str, Any]:
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.trainer.grad_clip,
         "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,  # torch.optim.Adam: the same update as the torch engine
-        "zero_force_ds_cpu_optimizer": False,  # offload with torch Adam (DeepSpeedCPUAdam needs built ops)
+        "zero_allow_untested_optimizer": True,  # ChunkedAdam: the same update as the torch engine
+        "zero_force_ds_cpu_optimizer": False,  # offload with ChunkedAdam (DeepSpeedCPUAdam needs built ops)
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -104,7 +104,7 @@ class DeepSpeedEngine:
         os.environ.setdefault("WORLD_SIZE", str(mesh.dims.world_size))
         os.environ.setdefault("LOCAL_RANK", "0")  # a Ray actor sees only its own device
         deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False)
-        optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+        optimizer = ChunkedAdam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=sae, optimizer=optimizer, config=ds_config(cfg), mpu=MeshMpu(mesh), dist_init_required=False
         )
@@ -191,7 +191,7 @@ class DeepSpeedEngine:
         sizes. A collective over dp: every replica calls it; dp rank 0 writes the file."""
         from deepspeed.utils import safe_get_full_optimizer_state
 
-        base = self.optimizer.optimizer  # torch Adam over ZeRO's flat fp32 partitions
+        base = self.optimizer.optimizer  # ChunkedAdam over ZeRO's flat fp32 partitions
         if not any(base.state.get(hp) for hp in self.optimizer.single_partition_of_fp32_groups):
             return {}  # no step yet: Adam's state does not exist
         step = next(st["step"] for st in base.state.values() if "step" in st)
