@@ -8,7 +8,11 @@
 #     N=16384 TOKENS=32768 EVERY=2 OUT=/tmp/m bash scripts/million.sh   # the same path at a toy size
 #
 # Settings (environment): N latents, TOKENS training tokens, BATCH tokens per step, EVERY steps between
-# checkpoints, OUT the run folder, PORT of the moto server, FEATURES dashboards to build, TIMEOUT
+# checkpoints, OUT the run folder, PORT of the moto server, FEATURES dashboards to build, EVAL_TOKENS
+# held-out tokens evaluated (in training and by `sae-dist eval`), DASH_TOKENS tokens the dashboards read
+# (each token costs the encoder 2 d n FLOP, 0.8 GFLOP at 2^20 latents: the default job's 50,300 and
+# 131,072 would add about 40 minutes here to a two-hour run; from 2^18 latents up the defaults are
+# 16,384 and 32,768), TIMEOUT
 # seconds an actor may take to start (cluster.timeout_s: minutes on a loaded 2-core machine). Extra
 # arguments go to the training command as Hydra overrides (e.g. `data=cache data.cache_dir=/tmp/acts`
 # to read the activation cache instead of running the LM).
@@ -22,6 +26,9 @@ EVERY=${EVERY:-16}
 OUT=${OUT:-outputs/million}
 PORT=${PORT:-9100}
 FEATURES=${FEATURES:-32}
+big=$(( N >= 262144 ))  # at the small sizes, the default job's held-out set and dashboard reading
+EVAL_TOKENS=${EVAL_TOKENS:-$(( big ? 16384 : 65536 ))}
+DASH_TOKENS=${DASH_TOKENS:-$(( big ? 32768 : 131072 ))}
 TIMEOUT=${TIMEOUT:-1800}
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 # freed tensors go back to the OS at once (glibc keeps blocks under its dynamic mmap threshold, up to
@@ -44,7 +51,7 @@ cat > "$OUT/train.sh" <<EOF
 # run by scripts/local_s3.py with the AWS variables pointing at the moto server
 set -uo pipefail
 sae-dist cluster.producers=1 parallel.fp=2 sae.n_latents=$N trainer.batch_tokens=$BATCH \\
-  trainer.total_tokens=$TOKENS trainer.log_every=4 checkpoint=s3 checkpoint.url=s3://million/runs \\
+  trainer.total_tokens=$TOKENS trainer.eval_tokens=$EVAL_TOKENS trainer.log_every=4 checkpoint=s3 checkpoint.url=s3://million/runs \\
   checkpoint.every_steps=$EVERY checkpoint.async_upload=false cluster.timeout_s=$TIMEOUT tracking=none \\
   hydra.run.dir=$OUT $* \\
   > $OUT/train.log 2>&1 &
@@ -81,5 +88,5 @@ print("training tokens/s (the attempt that finished):", r["train_tokens_per_s"])
 print("peak RSS per rank, GiB (the attempt that finished: training, export, eval):", r["peak_rss_gib"])
 PY
 sae-dist eval "$OUT" | tee "$OUT/eval.txt"
-sae-dist dashboard build "$OUT" --features "$FEATURES" --out "$OUT/dash" | tail -3
+sae-dist dashboard build "$OUT" --features "$FEATURES" --tokens "$DASH_TOKENS" --out "$OUT/dash" | tail -3
 echo "run folder: $OUT (train.log, results.json, eval/, dash/)"
