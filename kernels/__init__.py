@@ -4,6 +4,8 @@ gated SAEs) and a sparse decoder.
 Installed as `sae_dist.kernels`. `topk_encode`, `threshold_encode` and `sparse_decode` are the one
 dispatch point: Triton on a CUDA device (when Triton is installed), the torch reference in `reference.py`
 and `threshold.py` otherwise.
+`bag_decode` (a sparse decode over bags of any length: the cross-layer transcoder's triangle of decoder
+blocks) is torch's embedding_bag on every device.
 `set_backend("torch")` or the environment variable SAE_DIST_KERNELS=torch forces the reference.
 """
 
@@ -105,10 +107,17 @@ def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
     return reference.sparse_decode(vals, idx, W_dec)
 
 
+def bag_decode(vals: Tensor, idx: Tensor, offsets: Tensor, W_dec: Tensor) -> Tensor:
+    """sparse_decode over bags of any length (reference.bag_decode): torch's embedding_bag on every
+    device; no Triton kernel of its own yet."""
+    return reference.bag_decode(vals, idx, offsets, W_dec)
+
+
 __all__ = [
     "topk_encode",
     "threshold_encode",
     "sparse_decode",
+    "bag_decode",
     "set_backend",
     "set_select_precision",
     "backend_for",

@@ -257,17 +257,20 @@ def _compact(idx: Tensor, table: Tensor, dtype: torch.dtype) -> tuple[Tensor, Te
     return inv.view_as(idx), table[used].to(dtype)
 
 
-def scatter_rows(w: Tensor, idx: Tensor, x: Tensor, n: int, dtype: torch.dtype | None = None) -> Tensor:
-    """out[l] = sum over (b, j) with idx[b, j] = l of w[b, j] * x[b] -> (n, d): the weight gradient of
-    k active rows per token, a sparse (n x B) @ (B x d) product costing B * k * d (deterministic).
+def scatter_rows(w: Tensor, idx: Tensor, x: Tensor, n: int, dtype: torch.dtype | None = None,
+                 bags: Tensor | None = None) -> Tensor:
+    """out[l] = sum over entries e with idx[e] = l of w[e] * x[row of e] -> (n, d): the weight gradient of
+    k active rows per token, a sparse (n x B) @ (B x d) product costing B * k * d (deterministic). An
+    entry's row of x is its token (idx[b, j] -> row b), or `bags[e]` for flat entries (bag_decode).
 
     Accumulates in x's dtype. With another `dtype` (bf16 weights under fp32 inputs) only the rows of
     latents that occur are formed in x's dtype, then rounded into an (n, d) tensor of that dtype."""
-    B, K = idx.shape
-    tokens = torch.arange(B, device=x.device).repeat_interleave(K)
+    if bags is None:
+        B, K = idx.shape
+        bags = torch.arange(B, device=x.device).repeat_interleave(K)
 
     def sparse_mm(rows: Tensor, m: int) -> Tensor:
-        G = torch.sparse_coo_tensor(torch.stack([rows, tokens]), w.reshape(-1).to(x.dtype), (m, B),
+        G = torch.sparse_coo_tensor(torch.stack([rows, bags]), w.reshape(-1).to(x.dtype), (m, x.shape[0]),
                                     check_invariants=False)
         # torch.sparse.mm(G, x) is addmm(zeros(m, d), G, x, beta=0): a zeroed (m, d) input beside its
         # (m, d) result, twice the gradient's bytes at the peak. A stride-0 zero input and `out=` give the
@@ -283,23 +286,25 @@ def scatter_rows(w: Tensor, idx: Tensor, x: Tensor, n: int, dtype: torch.dtype |
     return full
 
 
-def bag_sum(w: Tensor, idx: Tensor, table: Tensor) -> Tensor:
+def bag_sum(w: Tensor, idx: Tensor, table: Tensor, offsets: Tensor | None = None) -> Tensor:
     """sum_j w[b, j] * table[idx[b, j]] -> (B, d) in w's dtype (embedding_bag where the dtypes agree; a
-    table in another dtype, e.g. bf16 weights under fp32 values, has its rows in use upcast)."""
+    table in another dtype, e.g. bf16 weights under fp32 values, has its rows in use upcast). With
+    `offsets`, w and idx are flat and bag r is entries offsets[r] .. offsets[r + 1] - 1."""
     if table.dtype != w.dtype:
         idx, table = _compact(idx, table, w.dtype)
-    return F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")
+    return F.embedding_bag(idx, table, offsets, per_sample_weights=w, mode="sum")
 
 
-def gather_dot(g: Tensor, idx: Tensor, table: Tensor) -> Tensor:
+def gather_dot(g: Tensor, idx: Tensor, table: Tensor, offsets: Tensor | None = None) -> Tensor:
     """out[b, j] = <g[b], table[idx[b, j]]> -> (B, k), without gathering a (B, k, d) tensor: this is
     exactly the per-sample-weights gradient of embedding_bag, whose CPU kernel is a fused loop. A table
-    in another dtype than g (bf16 weights) has its rows in use upcast; the result is in g's dtype."""
+    in another dtype than g (bf16 weights) has its rows in use upcast; the result is in g's dtype.
+    With `offsets` (flat idx, bags as in bag_sum), out[e] = <g[bag of e], table[idx[e]]>."""
     if table.dtype != g.dtype:
         idx, table = _compact(idx, table, g.dtype)
     with torch.enable_grad():
         w = torch.zeros(idx.shape, dtype=table.dtype, device=table.device, requires_grad=True)
-        out = F.embedding_bag(idx, table.detach(), per_sample_weights=w, mode="sum")
+        out = F.embedding_bag(idx, table.detach(), offsets, per_sample_weights=w, mode="sum")
         (grad,) = torch.autograd.grad(out, w, g.to(out.dtype))
     return grad
 
@@ -391,3 +396,31 @@ def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
     """sum_j vals[:, j] * W_dec[idx[:, j]] -> (B, d) in vals' dtype, with a sparse backward: dot products
     for vals, a scatter-add into the k rows for W_dec (in W_dec's dtype, which may be bf16)."""
     return SparseDecode.apply(vals, idx, W_dec)
+
+
+class BagDecode(torch.autograd.Function):
+    """sparse_decode over bags of any length (flat entries and embedding_bag offsets), same backward."""
+
+    @staticmethod
+    def forward(ctx, vals, idx, offsets, W_dec):  # type: ignore[override]
+        ctx.save_for_backward(vals, idx, offsets, W_dec)
+        return bag_sum(vals, idx, W_dec, offsets)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        vals, idx, offsets, W_dec = ctx.saved_tensors
+        grad_vals = grad_W = None
+        if ctx.needs_input_grad[0]:
+            grad_vals = gather_dot(grad_out, idx, W_dec, offsets).to(vals.dtype)
+        if ctx.needs_input_grad[3]:
+            sizes = torch.diff(offsets, append=offsets.new_tensor([idx.numel()]))
+            bags = torch.repeat_interleave(torch.arange(offsets.numel(), device=idx.device), sizes)
+            grad_W = scatter_rows(vals, idx, grad_out, W_dec.shape[0], W_dec.dtype, bags=bags)
+        return grad_vals, None, None, grad_W
+
+
+def bag_decode(vals: Tensor, idx: Tensor, offsets: Tensor, W_dec: Tensor) -> Tensor:
+    """out[r] = sum over e in bag r of vals[e] * W_dec[idx[e]] -> (R, d), for flat (E,) vals and ids and
+    (R,) bag starts `offsets` (ascending, the first 0): a sparse decode whose tokens need not all have
+    the same number of active rows (the CLT's layer blocks). Its backward is sparse_decode's."""
+    return BagDecode.apply(vals, idx, offsets, W_dec)

@@ -115,6 +115,48 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 values in a band around 1 (about [0.7, 1.2]) within 5 steps, rather than converging to exactly 1."""
 
 
+class Scratch:
+    """One reused buffer of at most `chunk` elements, for slice-wise updates."""
+
+    def __init__(self, chunk: int = ADAM_CHUNK) -> None:
+        self.chunk = chunk
+        self._buf: Tensor | None = None
+
+    def __call__(self, n: int, like: Tensor) -> Tensor:
+        buf = self._buf
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buf = torch.empty(min(max(n, 1), self.chunk), dtype=like.dtype, device=like.device)
+        return buf[:n]
+
+
+def adam_update(p: Tensor, state: dict, lr: float, betas: tuple[float, float], eps: float, scratch: Scratch) -> None:
+    """torch Adam's update of one dense, contiguous parameter (no weight decay), bit for bit, in flat
+    slices of `scratch.chunk` elements: lerp into m, v * beta2 + (1 - beta2) g^2, sqrt(v) / sqrt(c2) + eps
+    into the scratch buffer, p + (-lr / c1) m / denom. Starts the state (step, exp_avg, exp_avg_sq:
+    torch's names and dtypes) on the first call."""
+    beta1, beta2 = betas
+    if p.grad.is_sparse or torch.is_complex(p) or not (p.is_contiguous() and p.grad.is_contiguous()):
+        raise ValueError("adam_update takes dense, real, contiguous parameters and gradients")
+    if not state:
+        state["step"] = torch.tensor(0.0, dtype=torch.get_default_dtype())
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["step"] += 1
+    step = state["step"].item()
+    step_size = lr / (1 - beta1**step)
+    c2_sqrt = (1 - beta2**step) ** 0.5
+    x, g = p.view(-1), p.grad.view(-1)
+    m, v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+    for s in range(0, x.numel(), scratch.chunk):
+        e = min(s + scratch.chunk, x.numel())
+        gs, ms, vs = g[s:e], m[s:e], v[s:e]
+        ms.lerp_(gs, 1 - beta1)
+        vs.mul_(beta2).addcmul_(gs, gs, value=1 - beta2)
+        denom = torch.sqrt(vs, out=scratch(e - s, vs))
+        denom.div_(c2_sqrt).add_(eps)
+        x[s:e].addcdiv_(ms, denom, value=-step_size)
+
+
 class ChunkedAdam(torch.optim.Adam):
     """torch's Adam (no weight decay, no AMSGrad), the same update bit for bit, with its temporaries
     bounded by `chunk` elements instead of the parameter's size.
@@ -132,18 +174,11 @@ class ChunkedAdam(torch.optim.Adam):
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  chunk: int = ADAM_CHUNK) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, foreach=False)
-        self.chunk = chunk
-        self._buf: Tensor | None = None
+        self.scratch = Scratch(chunk)
 
     def _plain(self, group: dict) -> bool:
         return not (group["weight_decay"] or group["amsgrad"] or group["maximize"] or group["capturable"]
                     or group["differentiable"] or group["fused"] or torch.is_tensor(group["lr"]))
-
-    def _scratch(self, n: int, like: Tensor) -> Tensor:
-        buf = self._buf
-        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self._buf = torch.empty(min(max(n, 1), self.chunk), dtype=like.dtype, device=like.device)
-        return buf[:n]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -154,32 +189,9 @@ class ChunkedAdam(torch.optim.Adam):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps = group["lr"], group["eps"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse or torch.is_complex(p) or not (p.is_contiguous() and p.grad.is_contiguous()):
-                    raise ValueError("ChunkedAdam takes dense, real, contiguous parameters and gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.get_default_dtype())
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                step = state["step"].item()
-                step_size = lr / (1 - beta1**step)
-                c2_sqrt = (1 - beta2**step) ** 0.5
-                x, g = p.view(-1), p.grad.view(-1)
-                m, v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
-                for s in range(0, x.numel(), self.chunk):
-                    e = min(s + self.chunk, x.numel())
-                    gs, ms, vs = g[s:e], m[s:e], v[s:e]
-                    ms.lerp_(gs, 1 - beta1)
-                    vs.mul_(beta2).addcmul_(gs, gs, value=1 - beta2)
-                    denom = torch.sqrt(vs, out=self._scratch(e - s, vs))
-                    denom.div_(c2_sqrt).add_(eps)
-                    x[s:e].addcdiv_(ms, denom, value=-step_size)
+                if p.grad is not None:
+                    adam_update(p, self.state[p], group["lr"], group["betas"], group["eps"], self.scratch)
         return loss
 
 
@@ -272,6 +284,7 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.comm = comm
         self.sharded = {id(p) for p in sharded}
+        self.scratch = Scratch()
 
     @torch.no_grad()
     def step(self, closure=None) -> None:  # type: ignore[override]
@@ -300,17 +313,8 @@ class Muon(torch.optim.Optimizer):
                     p.add_(o, alpha=-group["lr"] * scale)
 
     def _adam(self, p: Tensor, group: dict) -> None:
-        """torch Adam's update (no weight decay) of one parameter."""
-        st, g = self.state[p], p.grad
-        beta1, beta2 = group["betas"]
-        if not st:
-            st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-        st["step"] += 1
-        t = float(st["step"])
-        st["exp_avg"].lerp_(g, 1 - beta1)
-        st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
-        p.addcdiv_(st["exp_avg"], denom, value=-group["lr"] / (1 - beta1**t))
+        """torch Adam's update (no weight decay) of one parameter: ChunkedAdam's, bit for bit."""
+        adam_update(p, self.state[p], group["lr"], group["betas"], group["eps"], self.scratch)
 
 
 def muon_lr(n_latents: int, batch_tokens: int) -> float:

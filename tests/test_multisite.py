@@ -291,6 +291,13 @@ def test_clt_sites_out_of_layer_order_are_refused_before_training(tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
+def test_clt_with_muon_is_refused_before_training(tmp_path):
+    cfg = synthetic_config(tmp_path, data={"synthetic_sites": 4}, sae={"arch": "clt", "n_latents": 64, "k": 4},
+                           trainer={"optimizer": "muon"})
+    with pytest.raises(ConfigError, match=r"trainer\.optimizer=muon .* use trainer\.optimizer=adam or signum_sf"):
+        validate(cfg)
+
+
 def test_clt_in_the_circuit_tracer_layout_reads_back_and_reconstructs_as_trained(tmp_path):
     """The per-layer files hold each layer's latents (ours interleaved: latent i of layer l is i L + l);
     the layout's semantics written from the files alone reproduce our reconstruction on raw

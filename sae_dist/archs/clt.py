@@ -10,13 +10,17 @@ l..L-1:
     loss = sum_m FVU(y_m, y^_m)
 
 W_dec is (n, L d): a latent's L blocks, of which those of the layers before its own are zero and stay
-zero (their gradient is masked in place). The decode of the L k active latents of a token into
-every layer is one sparse decode into (B, L d), so no B x n x L buffer exists. Under feature
+zero. Viewed as an (n L, d) table, row j L + m is latent j's block for layer m, and the decode of a
+token is L bags of rows: bag m sums the token's active latents of layers <= m at their rows for layer
+m (one `kernels.bag_decode` into (B L, d) = (B, L d)). Only the blocks on or after each latent's layer
+are ever read, so the decode and its backward do (L + 1) / (2 L) of a dense (n, L d) decode's work
+(58% at L = 6), no B x n x L buffer exists, and the zero blocks get no gradient at all. Under feature
 parallelism the L per-layer selections go as one (L B, k) batch of rows through one all-gather, and
 the partial decodes into all layers as one all-reduce: two collectives per step for any L.
 AuxK works per layer: each layer's k_aux best dead latents (one more stacked selection) decode the
 residual of every output, as TopK's do the residual of its one; that decode and the reconstruction's
-are one sparse decode and one all-reduce (a single decoder-sized gradient in the backward). Not yet: a global BatchTopK over layers.
+are one bag decode and one all-reduce (a single decoder-sized gradient in the backward). Not yet: a
+global BatchTopK over layers.
 """
 
 from __future__ import annotations
@@ -59,23 +63,6 @@ def _layers(x: Tensor) -> int:
     return x.shape[1] // 2
 
 
-class _MaskDecoderGrad(torch.autograd.Function):
-    """Identity on W_dec (a view, no copy); zeroes, in place, the gradient of each latent's blocks
-    for the layers before its own, so they stay zero under any optimizer."""
-
-    @staticmethod
-    def forward(ctx: Any, W: Tensor, layers: int) -> Tensor:
-        ctx.layers = layers
-        return W.view_as(W)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        L = ctx.layers
-        g = grad.view(grad.shape[0], L, -1)
-        g.mul_(valid_blocks(grad.shape[0], L, grad.device).unsqueeze(2).to(g.dtype))
-        return grad, None
-
-
 def valid_blocks(n_local: int, layers: int, device: torch.device | str = "cpu") -> Tensor:
     """(n_local, L) bool: latent j (layer j mod L) writes into layer m iff m >= its layer."""
     own = torch.arange(n_local, device=device) % layers
@@ -101,6 +88,12 @@ class CrossLayerTranscoder(Arch):
     @classmethod
     def check(cls, cfg: Config) -> None:
         super().check(cfg)
+        require(
+            cfg.trainer.optimizer != "muon",
+            "trainer.optimizer=muon orthogonalises the CLT's (n, L d) decoder update as one matrix, which "
+            "writes into the blocks of the layers before each latent's own (held at zero); use "
+            "trainer.optimizer=adam or signum_sf with sae.arch=clt",
+        )
         sites = len(cfg.model.sites) if cfg.data.source == "lm" else cfg.data.synthetic_sites
         if cfg.data.source in ("lm", "synthetic"):
             require(
@@ -184,9 +177,29 @@ class CrossLayerTranscoder(Arch):
         vals, idx, _ = self._select(sae, self.split(x)[0])
         return F.relu(vals), idx
 
-    def _decode_partial(self, sae: SparseAutoencoder, vals: Tensor, idx: Tensor) -> Tensor:
+    def _triangle(self, sae: SparseAutoencoder, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """The partial decodes (this shard's latents, before the all-reduce) of layer-major (B, L w)
+        selections (values, local ids), as one bag decode: -> (sum of B, L d). Bag (b, m) holds token
+        b's latents of layers <= m, latent j at row j L + m of W_dec viewed as (n L, d)."""
         L = sae.d_out // sae.d_model
-        return sae.comm.sum_partial(kernels.sparse_decode(vals, idx, _MaskDecoderGrad.apply(sae.W_dec, L)))
+        dev = pairs[0][1].device
+        vals, ids, offsets, start = [], [], [], 0
+        for v, i in pairs:
+            B, w = v.shape[0], v.shape[1] // L
+            cols = torch.cat([torch.arange((m + 1) * w, device=dev) for m in range(L)])  # layers <= m, bag m
+            target = torch.cat([torch.full(((m + 1) * w,), m, device=dev) for m in range(L)])
+            sizes = torch.arange(1, L + 1, device=dev) * w
+            firsts = torch.cumsum(sizes, 0) - sizes  # bag m's first entry within a token's
+            vals.append(v[:, cols].reshape(-1))
+            ids.append((i[:, cols] * L + target).reshape(-1))
+            offsets.append((start + torch.arange(B, device=dev).unsqueeze(1) * cols.numel() + firsts).reshape(-1))
+            start += B * cols.numel()
+        W = sae.W_dec.view(sae.W_dec.shape[0] * L, sae.d_model)
+        out = kernels.bag_decode(torch.cat(vals), torch.cat(ids), torch.cat(offsets), W)
+        return out.view(-1, L * sae.d_model)
+
+    def _decode_partial(self, sae: SparseAutoencoder, vals: Tensor, idx: Tensor) -> Tensor:
+        return sae.comm.sum_partial(self._triangle(sae, [(vals, idx)]))
 
     def decode(self, sae: SparseAutoencoder, x: Tensor, vals: Tensor, idx: Tensor) -> Tensor:
         return self._decode_partial(sae, vals, idx) + sae.b_dec  # (B, L d)
@@ -203,25 +216,10 @@ class CrossLayerTranscoder(Arch):
 
     def _decode_both(self, sae: SparseAutoencoder, vals: Tensor, idx: Tensor, a_vals: Tensor, a_idx: Tensor
                      ) -> tuple[Tensor, Tensor]:
-        """The reconstruction's and AuxK's decodes as one sparse decode and one all-reduce, so that the
-        backward forms one (n, L d) decoder gradient, not one per decode. Both selections are cut into
-        rows of the narrower one's width c (the last row of each token padded with zero weights on
-        latent 0, which add exact zeros), decoded together, and each token's rows summed: the work is
-        the entries decoded, not twice the wider side."""
-        B, c = vals.shape[0], min(vals.shape[1], a_vals.shape[1])
-
-        def rows(v: Tensor, i: Tensor) -> tuple[Tensor, Tensor, int]:
-            r = -(-v.shape[1] // c)
-            extra = r * c - v.shape[1]
-            return F.pad(v, (0, extra)).reshape(B * r, c), F.pad(i, (0, extra)).reshape(B * r, c), r
-
-        v1, i1, r1 = rows(vals, idx)
-        v2, i2, r2 = rows(a_vals, a_idx)
-        L = sae.d_out // sae.d_model
-        out = kernels.sparse_decode(torch.cat([v1, v2]), torch.cat([i1, i2]), _MaskDecoderGrad.apply(sae.W_dec, L))
-        y_part = out[: B * r1].view(B, r1, -1).sum(1)
-        e_part = out[B * r1:].view(B, r2, -1).sum(1)
-        both = sae.comm.sum_partial(torch.cat([y_part, e_part]))
+        """The reconstruction's and AuxK's decodes as one bag decode and one all-reduce, so that the
+        backward forms one (n, L d) decoder gradient, not one per decode."""
+        B = vals.shape[0]
+        both = sae.comm.sum_partial(self._triangle(sae, [(vals, idx), (a_vals, a_idx)]))
         return both[:B] + sae.b_dec, both[B:]
 
     def forward(self, sae: SparseAutoencoder, x: Tensor, dead_mask: Tensor | None) -> SaeOutput:
