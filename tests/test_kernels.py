@@ -192,6 +192,32 @@ def test_reference_sparse_decode_and_grads_match_float64_dense(shape):
     _decode_and_check(reference, B, d, n, k, salt=11)
 
 
+@pytest.mark.parametrize("table_dtype", [torch.float64, torch.bfloat16])
+def test_bag_decode_and_grads_match_float64_dense_over_bags_of_any_length(table_dtype):
+    g = torch.Generator().manual_seed(3)
+    n, d, sizes = 40, 6, [3, 0, 5, 1, 7, 2]  # an empty bag, and rows repeated within and across bags
+    E = sum(sizes)
+    vals = torch.randn(E, dtype=torch.float64, generator=g, requires_grad=True)
+    idx = torch.randint(0, n, (E,), generator=g)
+    idx[1] = idx[0]
+    offsets = torch.tensor([0] + sizes[:-1]).cumsum(0)
+    W = torch.randn(n, d, dtype=torch.float64, generator=g).to(table_dtype).requires_grad_(True)
+    out = reference.bag_decode(vals, idx, offsets, W)
+    grad_out = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    gv, gW = torch.autograd.grad(out, [vals, W], grad_out)
+    # dense: a (bags, n) code matrix
+    bag = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    Wr = W.detach().double().requires_grad_(True)
+    vr = vals.detach().clone().requires_grad_(True)
+    codes = torch.zeros(len(sizes), n, dtype=torch.float64).index_put((bag, idx), vr, accumulate=True)
+    ref = codes @ Wr
+    rv, rW = torch.autograd.grad(ref, [vr, Wr], grad_out)
+    assert out.dtype == torch.float64 and torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(gv, rv, rtol=1e-12, atol=1e-12)
+    assert gW.dtype == table_dtype and not gW[torch.tensor([i for i in range(n) if i not in set(idx.tolist())])].any()
+    assert torch.allclose(gW.double(), rW, rtol=1e-2 if table_dtype == torch.bfloat16 else 1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("select", ["fp32", "bf16"])
 def test_reference_results_do_not_depend_on_chunk_and_never_allocate_batch_by_latents(select):
     from sae_dist import kernels as K
