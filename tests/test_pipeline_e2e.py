@@ -149,7 +149,7 @@ def test_dead_trainer_actor_restarts_the_group_from_the_last_checkpoint(ray_clus
     from sae_dist.pipeline.group import trainer_name
 
     cfg = synthetic_config(
-        tmp_path, parallel={"fp": 2}, trainer={"total_tokens": 256 * 3000, "log_every": 100},
+        tmp_path, parallel={"fp": 2}, trainer={"total_tokens": 256 * 1000, "log_every": 100},
         checkpoint={"every_steps": 50, "async_upload": False},
         cluster={"trainer_cpus": 0.5, "timeout_s": 120.0},
     )
@@ -158,9 +158,9 @@ def test_dead_trainer_actor_restarts_the_group_from_the_last_checkpoint(ray_clus
     killer.join()
     assert killed.is_set()
     assert out["group_restarts"] == 1
-    assert out["steps"] == 3000
-    # the second attempt resumed: it trained fewer than all 3000 steps itself
-    assert 0 < len(out["history"]) < 3000
+    assert out["steps"] == 1000
+    # the second attempt resumed: it trained fewer than all 1000 steps itself
+    assert 0 < len(out["history"]) < 1000
 
 
 def test_sigterm_to_a_trainer_actor_checkpoints_its_step_and_the_group_resumes_from_it(ray_cluster, tmp_path, caplog):
