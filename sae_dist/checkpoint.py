@@ -260,7 +260,7 @@ class Checkpointer:
                                             daemon=True)  # an exit mid-upload leaves the step invisible
             self._thread.start()
         else:
-            self._upload(snap, deadline)
+            self._upload(snap, deadline, inline=True)
         self.last_blocking_s = time.perf_counter() - t0
         if final:
             self.close()
@@ -315,12 +315,20 @@ class Checkpointer:
             state = json.loads(json.dumps(state))
         return _Snapshot(st.step, join(self.run_root, step_name(st.step)), files, json.loads(json.dumps(st.data)), state)
 
-    def _upload(self, snap: _Snapshot, deadline: float | None = None) -> None:
-        """Runs on the upload thread (or inline). Failures are logged and kept for wait(); the step stays
-        invisible."""
+    def _upload(self, snap: _Snapshot, deadline: float | None = None, inline: bool = False) -> None:
+        """Runs on the upload thread, or `inline` on the training thread (synchronous saves). Failures are
+        logged and kept for wait(); the step stays invisible.
+
+        Inline, the ranks agree (a gather) once each has written its files and part, and rank 0 commits
+        only if all of them did: a rank whose upload failed goes on to the next step's collectives, and
+        rank 0 must not wait on its part until checkpoint.upload_timeout_s (an hour by default, beyond the
+        process group's timeout). On the upload thread no collective may run; there rank 0 waits for the
+        parts until the deadline while training goes on."""
         self._failure = None
         if deadline is None:
             deadline = time.monotonic() + self.cfg.checkpoint.upload_timeout_s
+        failure: BaseException | None = None
+        part: dict[str, Any] = {}
         try:
             files = {}
             for name, data in snap.files.items():
@@ -330,15 +338,25 @@ class Checkpointer:
                 del data  # a lazily packed file leaves host memory before the next is packed
             part = {"step": snap.step, "mesh": [self.dp_size, self.fp_size], "dp_rank": self.dp_rank,
                     "fp_rank": self.fp_rank, "files": files, "data": snap.data}
-            if self.rank != 0:
-                if self._part_name(self.dp_rank, self.fp_rank) in self._expected_parts():
-                    self.store.put(join(snap.step_dir, self._part_name(self.dp_rank, self.fp_rank)),
-                                   json.dumps(part).encode(), deadline)
-                return
-            self._commit(snap, part, deadline)
+            if self.rank != 0 and self._part_name(self.dp_rank, self.fp_rank) in self._expected_parts():
+                self.store.put(join(snap.step_dir, self._part_name(self.dp_rank, self.fp_rank)),
+                               json.dumps(part).encode(), deadline)
         except Exception as err:  # noqa: BLE001 - the upload thread must not die silently
-            self._failure = (snap.step, err)
-            log.error("checkpoint %s failed and stays invisible: %s: %s", redact(snap.step_dir), type(err).__name__, err)
+            failure = err
+        if inline and self.world > 1:
+            ok = self.gather({f"ok{self.rank}": failure is None})
+            failed = sorted(int(k[2:]) for k, v in ok.items() if not v and k != f"ok{self.rank}")
+            if failure is None and failed:
+                failure = CheckpointError(f"the upload of rank(s) {failed} failed")
+        if failure is None and self.rank == 0:
+            try:
+                self._commit(snap, part, deadline)
+            except Exception as err:  # noqa: BLE001
+                failure = err
+        if failure is not None:
+            self._failure = (snap.step, failure)
+            log.error("checkpoint %s failed and stays invisible: %s: %s", redact(snap.step_dir),
+                      type(failure).__name__, failure)
 
     def _commit(self, snap: _Snapshot, own: dict[str, Any], deadline: float) -> None:
         parts = [own]

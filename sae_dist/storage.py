@@ -185,7 +185,30 @@ class Storage:
             self.call(f"write {self.where(path)}", deadline, "pipe_file", tmp, data)
             self.call(f"rename {self.where(path)}", deadline, "mv", tmp, path)
         else:
-            self.call(f"write {self.where(path)}", deadline, "pipe_file", path, data)
+            for attempt in (1, 2):
+                try:
+                    self.call(f"write {self.where(path)}", deadline, "pipe_file", path, data)
+                    return
+                except FileNotFoundError as err:
+                    # A PUT has no object to miss: this is S3's NoSuchUpload, the answer to a retried
+                    # CompleteMultipartUpload whose first attempt completed while its answer was lost (a
+                    # client timeout on a large object; seen on a loaded moto server at 1 GiB). The
+                    # object is then whole if its size is ours (the manifest's checksums are verified at
+                    # resume); else the upload was aborted and is made again once, from the start.
+                    if self._size(path, deadline) == len(data):
+                        log.warning("storage: write %s answered %s after it completed; the object is whole",
+                                    self.where(path), type(err).__name__)
+                        return
+                    if attempt == 2:
+                        raise StorageError(f"write {self.where(path)} failed twice with {type(err).__name__}: {err}") from err
+
+    def _size(self, path: str, deadline: float | None) -> int | None:
+        """The size of the object at `path` as the store lists it now, or None if there is none."""
+        self.fs.invalidate_cache(path)
+        try:
+            return int(self.call(f"stat {self.where(path)}", deadline, "info", path)["size"])
+        except FileNotFoundError:
+            return None
 
     def get(self, path: str, deadline: float | None = None) -> bytes:
         return self.call(f"read {self.where(path)}", deadline, "cat_file", path)

@@ -10,6 +10,8 @@ with_probe          writes reconstructions of a fixed probe batch at stop_after 
                     load (OUT/recon-saved.safetensors, OUT/recon-loaded.safetensors)
 --hang-upload-at N  the upload of step N stalls after its first file and prints "STALLED"; the test then
                     SIGKILLs the process in the middle of that upload
+--fail-upload-at N  on rank --fail-rank (default 1), every write of step N fails, as a PUT that ran out
+                    of retries (StorageError)
 Rank 0 writes OUT/history.json ({"history", "steps"}) when a job trains to the end.
 """
 
@@ -32,7 +34,7 @@ import sae_dist.lifecycle  # noqa: E402
 import sae_dist.run  # noqa: E402
 from sae_dist.checkpoint import Checkpointer, step_name  # noqa: E402
 from sae_dist.data.synthetic import SyntheticSource  # noqa: E402
-from sae_dist.storage import Storage  # noqa: E402
+from sae_dist.storage import Storage, StorageError  # noqa: E402
 
 
 class Stopped(Exception):
@@ -90,6 +92,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("jobs", help="JSON list of run_job keyword arguments, run one after the other")
     ap.add_argument("--hang-upload-at", type=int, default=0)
+    ap.add_argument("--fail-upload-at", type=int, default=0)
+    ap.add_argument("--fail-rank", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.hang_upload_at:
@@ -102,6 +106,15 @@ def main() -> None:
                 threading.Event().wait()
 
         Storage.put = stalling_put  # type: ignore[method-assign]
+    if args.fail_upload_at and int(os.environ.get("RANK", "0")) == args.fail_rank:
+        put, target = Storage.put, f"/{step_name(args.fail_upload_at)}/"
+
+        def failing_put(self, path, data, deadline):  # type: ignore[no-untyped-def]
+            if target in path:
+                raise StorageError(f"write {path} failed (injected by --fail-upload-at)")
+            put(self, path, data, deadline)
+
+        Storage.put = failing_put  # type: ignore[method-assign]
     for job in json.loads(args.jobs):
         results = run_job(**job)
         if results is not None and int(os.environ.get("RANK", "0")) == 0:

@@ -284,6 +284,18 @@ def test_killed_upload_leaves_an_invisible_step_and_older_ones_intact(fp1, s3, t
     assert _steps(tmp_path, url) == [10, 20, 30, 40]
 
 
+def test_a_rank_whose_synchronous_upload_fails_leaves_the_step_invisible_and_the_group_training(fp2, s3, tmp_path):
+    """Rank 1 of an fp=2 group cannot write step 20 (its writes ran out of retries). Rank 0 learns it from
+    the ranks' agreement after the uploads instead of waiting for rank 1's part until
+    checkpoint.upload_timeout_s (an hour by default: past the process group's timeout, while rank 1 waits
+    in the next step's collective). Step 20 stays invisible, and the group trains on with its losses."""
+    url = _url("fp2-rank-failed")
+    proc = _workers([{"out": str(tmp_path), "url": url, "fp": 2, "async_upload": False}], 2, "--fail-upload-at", "20")
+    assert "the upload of rank(s) [1] failed" in proc.stderr
+    assert _steps(tmp_path, url) == [10, 30, 40]
+    assert _history(tmp_path) == fp2["history"]
+
+
 def test_checksum_mismatch_stops_resume_naming_the_file(fp1, s3, tmp_path):
     s3.fs.copy(f"{BUCKET}/fp1-stopped", f"{BUCKET}/corrupt", recursive=True)
     shard = f"{BUCKET}/corrupt/sae/step-00000020/optim-fp0of1.safetensors"

@@ -244,3 +244,33 @@ def test_corrupt_shard_of_a_cache_without_checksums_is_named(tmp_path, corruptio
     want = "is not a readable safetensors file" if corruption == "truncated" else r"shape \(100, 8\)"
     with pytest.raises(CacheError, match=rf"cache shard {shard} .*{want}.*re-create the cache"):
         next(CachedSource(url).chunks())
+
+
+@pytest.mark.parametrize("completed", [True, False])
+def test_a_write_answered_no_such_upload_is_whole_if_it_completed_else_made_again(moto, credentials, monkeypatch,
+                                                                                  completed):
+    """A PUT answered NoSuchUpload (s3fs: FileNotFoundError): what S3 says to a retried
+    CompleteMultipartUpload whose first attempt completed but whose answer was lost. The lost answer is
+    injected; the store is real. A completed object of the right size is accepted; else the write is
+    made again, once."""
+    import s3fs
+
+    from sae_dist.storage import Storage
+
+    real, calls = s3fs.S3FileSystem._call_s3, []
+
+    async def answer_lost(self, method, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if method == "put_object":
+            calls.append(kwargs["Key"])
+            if len(calls) == 1:
+                if completed:
+                    await real(self, method, *args, **kwargs)
+                raise FileNotFoundError("The specified upload does not exist.")
+        return await real(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", answer_lost)
+    store = Storage(f"s3://{BUCKET}/lost-{completed}", endpoint_url=moto, retry_initial_s=0.1)
+    path = f"{BUCKET}/lost-{completed}/shard.safetensors"
+    store.put(path, b"w" * 4096, time.monotonic() + 60)
+    assert store.get(path) == b"w" * 4096
+    assert len(calls) == (1 if completed else 2)
