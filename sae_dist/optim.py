@@ -174,6 +174,8 @@ class ChunkedAdam(torch.optim.Adam):
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  chunk: int = ADAM_CHUNK) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, foreach=False)
+        self.chunk = chunk
+        """Elements per slice: the update's one temporary (memory_plan counts it)."""
         self.scratch = Scratch(chunk)
 
     def _plain(self, group: dict) -> bool:
