@@ -44,11 +44,19 @@ class MlflowTracker(Tracker):
         for i in range(0, len(clean), 90):
             self.client.log_batch(self.run_id, params=clean[i : i + 90])
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        """Scalars as they are; a list (a multi-site family's fvu_per_site) as one metric per entry,
+        `<key>.<i>` (MLflow metrics are scalars)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k.replace("/", "."), float(v), now, step) for k, v in metrics.items()]
+        flat: dict[str, float] = {}
+        for k, v in metrics.items():
+            if isinstance(v, (list, tuple)):
+                flat |= {f"{k}.{i}": float(x) for i, x in enumerate(v)}
+            else:
+                flat[k] = float(v)
+        batch = [Metric(k.replace("/", "."), v, now, step) for k, v in flat.items()]
         self.client.log_batch(self.run_id, metrics=batch)
 
     def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:

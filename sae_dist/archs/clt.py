@@ -194,9 +194,17 @@ class CrossLayerTranscoder(Arch):
             ids.append((i[:, cols] * L + target).reshape(-1))
             offsets.append((start + torch.arange(B, device=dev).unsqueeze(1) * cols.numel() + firsts).reshape(-1))
             start += B * cols.numel()
+        v, i, o = torch.cat(vals), torch.cat(ids), torch.cat(offsets)
+        # entries at zero (a ReLU's zeros: most of AuxK's dead candidates, and padding) add nothing, and
+        # the ReLU passes no gradient back through them: dropping them changes neither the decode nor
+        # any parameter's gradient, and the backward's cost is per entry
+        keep = v.detach() != 0
+        if not bool(keep.all()):
+            bag = torch.repeat_interleave(torch.arange(o.numel(), device=dev), torch.diff(o, append=o.new_tensor([v.numel()])))
+            counts = torch.bincount(bag[keep], minlength=o.numel())
+            v, i, o = v[keep], i[keep], torch.cumsum(counts, 0) - counts
         W = sae.W_dec.view(sae.W_dec.shape[0] * L, sae.d_model)
-        out = kernels.bag_decode(torch.cat(vals), torch.cat(ids), torch.cat(offsets), W)
-        return out.view(-1, L * sae.d_model)
+        return kernels.bag_decode(v, i, o, W).view(-1, L * sae.d_model)
 
     def _decode_partial(self, sae: SparseAutoencoder, vals: Tensor, idx: Tensor) -> Tensor:
         return sae.comm.sum_partial(self._triangle(sae, [(vals, idx)]))
