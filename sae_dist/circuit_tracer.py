@@ -15,6 +15,8 @@ The activation: our CLT keeps the k largest pre-activations of each layer per to
 circuit-tracer's loader of this layout applies a plain ReLU (or a JumpReLU where `threshold_{l}` is
 present) to every latent, so its reconstructions from these files match ours only after the per-layer
 top-k that `clt_config.json` records (`activation: topk`, `k`); `reconstruct` here applies it.
+circuit-tracer 0.5.0's own `load_clt` reads these folders and, with that top-k, reconstructs as we do
+(tests/test_peer_metrics.py, in the peer venv).
 Tensors only, never pickles: safetensors and JSON.
 """
 

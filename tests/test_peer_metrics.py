@@ -163,3 +163,41 @@ def test_saelens_loads_our_transcoder_export_in_its_transcoder_layout(tmp_path, 
         recon = ours.decode(both, vals, idx)
     assert torch.allclose(peer["codes"], codes, atol=1e-5)
     assert torch.allclose(peer["recon"], recon, atol=1e-5)
+
+
+def test_circuit_tracer_loads_our_clt_and_reconstructs_as_we_do(tmp_path):
+    """circuit-tracer's own `load_clt` reads the folder `sae-dist convert --to circuit-tracer` writes: it
+    infers our sizes from the files, its per-layer pre-activations are ours (latent i of layer l is our
+    latent i L + l), and its decode of them, kept at the top k per layer, is our reconstruction of every
+    layer's MLP output on raw activations (the training scale folded in)."""
+    _peer_or_skip()
+    from safetensors.torch import load_file
+
+    from sae_dist.circuit_tracer import write_circuit_tracer
+
+    g = torch.Generator().manual_seed(0)
+    L, d, n, k, B = 3, 16, 36, 2, 10
+    sae = SparseAutoencoder(sae_config(arch="clt", n_latents=n, k=k), d, d_out=L * d, generator=g)
+    with torch.no_grad():
+        sae.b_enc.normal_(mean=0.5, std=0.1, generator=g)  # every token has active latents in every layer
+        sae.b_dec.normal_(generator=g)
+    scale = 1.7
+    export_saelens(sae, scale, str(tmp_path / "sae"), {"model_name": "m", "sites": [f"s{i}" for i in range(2 * L)]})
+    write_circuit_tracer(str(tmp_path / "sae"), str(tmp_path / "ct"))
+    x = torch.randn(B, 2 * L, d, generator=g)
+    save_file({"x": x[:, :L].transpose(0, 1).contiguous()}, str(tmp_path / "x.safetensors"))
+    proc = subprocess.run([PEER, os.path.join(REPO, "tests", "peer_clt.py"), str(tmp_path / "ct"),
+                           str(tmp_path / "x.safetensors"), str(tmp_path / "out.safetensors")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    built = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert built == {"n_layers": L, "d_transcoder": n // L, "d_model": d, "activation": "relu"}
+    peer = load_file(str(tmp_path / "out.safetensors"))
+    with torch.no_grad():
+        W, b = sae.W_enc.view(n // L, L, d), sae.b_enc.view(n // L, L)  # latent i of layer l: our i L + l
+        pre = torch.stack([(x[:, layer] * scale) @ W[:, layer].t() + b[:, layer] for layer in range(L)])
+        want = (sae.decode(x * scale, *sae.encode_sparse(x * scale)) / scale).view(B, L, d).transpose(0, 1)
+    # circuit-tracer's encoder reads raw activations (the scale folded into its weights): its
+    # pre-activations equal ours on the scaled inputs, and its reconstruction ours unscaled
+    assert torch.allclose(peer["pre"], pre, atol=1e-4)
+    assert torch.allclose(peer["recon"], want, atol=1e-5)
