@@ -9,6 +9,9 @@ Layout: W_enc and W_dec are both (n_latents, d_model), one row per latent.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -257,6 +260,26 @@ def _compact(idx: Tensor, table: Tensor, dtype: torch.dtype) -> tuple[Tensor, Te
     return inv.view_as(idx), table[used].to(dtype)
 
 
+PARALLEL_MIN_ENTRIES = 1 << 16
+"""scatter_rows splits a product of at least this many entries over torch's intra-op threads (CPU)."""
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A thread pool of this process (a forked child builds its own)."""
+    key = (os.getpid(), workers)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="scatter_rows")
+    return _POOLS[key]
+
+
+def _row_parts(entries: int, rows: int, device: torch.device) -> int:
+    """How many threads a CPU product of `entries` entries into `rows` rows is split over."""
+    if device.type != "cpu" or entries < PARALLEL_MIN_ENTRIES:
+        return 1
+    return max(1, min(torch.get_num_threads(), 8, rows))
+
+
 def scatter_rows(w: Tensor, idx: Tensor, x: Tensor, n: int, dtype: torch.dtype | None = None,
                  bags: Tensor | None = None) -> Tensor:
     """out[l] = sum over entries e with idx[e] = l of w[e] * x[row of e] -> (n, d): the weight gradient of
@@ -269,14 +292,30 @@ def scatter_rows(w: Tensor, idx: Tensor, x: Tensor, n: int, dtype: torch.dtype |
         B, K = idx.shape
         bags = torch.arange(B, device=x.device).repeat_interleave(K)
 
-    def sparse_mm(rows: Tensor, m: int) -> Tensor:
-        G = torch.sparse_coo_tensor(torch.stack([rows, bags]), w.reshape(-1).to(x.dtype), (m, x.shape[0]),
-                                    check_invariants=False)
+    def product(rows: Tensor, cols: Tensor, vals: Tensor, out: Tensor) -> None:
+        G = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (out.shape[0], x.shape[0]), check_invariants=False)
         # torch.sparse.mm(G, x) is addmm(zeros(m, d), G, x, beta=0): a zeroed (m, d) input beside its
         # (m, d) result, twice the gradient's bytes at the peak. A stride-0 zero input and `out=` give the
         # same values (beta = 0 never reads the input) in the result alone.
+        torch.addmm(x.new_zeros(()).expand(out.shape[0], x.shape[1]), G, x, beta=0, out=out)
+
+    def sparse_mm(rows: Tensor, m: int) -> Tensor:
         out = torch.empty(m, x.shape[1], dtype=x.dtype, device=x.device)
-        return torch.addmm(x.new_zeros(()).expand(m, x.shape[1]), G, x, beta=0, out=out)
+        vals = w.reshape(-1).to(x.dtype)
+        parts = _row_parts(rows.numel(), m, x.device)
+        if parts == 1:
+            product(rows, bags, vals, out)
+            return out
+        # torch's CPU product is one serial loop over the entries: split the output rows into ranges, one
+        # per thread, each range a product of its own entries (in their order: the same sums, bit for bit)
+        bounds = [m * p // parts for p in range(parts + 1)]
+        part = torch.bucketize(rows, torch.tensor(bounds[1:-1], device=rows.device), right=True)
+        jobs = []
+        for p in range(parts):
+            sel = (part == p).nonzero().squeeze(1)
+            jobs.append((rows[sel] - bounds[p], bags[sel], vals[sel], out[bounds[p]:bounds[p + 1]]))
+        list(_pool(parts).map(lambda job: product(*job), jobs))
+        return out
 
     if dtype is None or dtype == x.dtype:
         return sparse_mm(idx.reshape(-1), n)
@@ -295,18 +334,29 @@ def bag_sum(w: Tensor, idx: Tensor, table: Tensor, offsets: Tensor | None = None
     return F.embedding_bag(idx, table, offsets, per_sample_weights=w, mode="sum")
 
 
-def gather_dot(g: Tensor, idx: Tensor, table: Tensor, offsets: Tensor | None = None) -> Tensor:
+def gather_dot(g: Tensor, idx: Tensor, table: Tensor, offsets: Tensor | None = None,
+               bags: Tensor | None = None) -> Tensor:
     """out[b, j] = <g[b], table[idx[b, j]]> -> (B, k), without gathering a (B, k, d) tensor: this is
-    exactly the per-sample-weights gradient of embedding_bag, whose CPU kernel is a fused loop. A table
-    in another dtype than g (bf16 weights) has its rows in use upcast; the result is in g's dtype.
-    With `offsets` (flat idx, bags as in bag_sum), out[e] = <g[bag of e], table[idx[e]]>."""
+    exactly the per-sample-weights gradient of embedding_bag, whose CPU kernel is a fused loop (called
+    alone: autograd would run embedding_bag's forward first, a quarter of the time, for nothing). A
+    table in another dtype than g (bf16 weights) has its rows in use upcast; the result is in g's dtype.
+    With `offsets` (flat idx, bags as in bag_sum), out[e] = <g[bag of e], table[idx[e]]>; `bags`, the
+    bag of every entry, where the caller has it."""
     if table.dtype != g.dtype:
         idx, table = _compact(idx, table, g.dtype)
-    with torch.enable_grad():
-        w = torch.zeros(idx.shape, dtype=table.dtype, device=table.device, requires_grad=True)
-        out = F.embedding_bag(idx, table.detach(), offsets, per_sample_weights=w, mode="sum")
-        (grad,) = torch.autograd.grad(out, w, g.to(out.dtype))
-    return grad
+    flat = idx.reshape(-1)
+    if offsets is None:
+        B, K = idx.shape
+        offsets = torch.arange(B, device=idx.device) * K
+        bags = torch.arange(B, device=idx.device).repeat_interleave(K)
+    elif bags is None:
+        bags = torch.repeat_interleave(torch.arange(offsets.numel(), device=idx.device),
+                                       torch.diff(offsets, append=offsets.new_tensor([flat.numel()])))
+    if flat.numel() == 0:
+        return g.new_zeros(idx.shape)
+    g = g.to(table.dtype)
+    out = torch.ops.aten._embedding_bag_per_sample_weights_backward(g, table.detach(), flat, offsets, bags, 0, -1)
+    return out.view(idx.shape)
 
 
 def encoder_backward(
@@ -410,11 +460,11 @@ class BagDecode(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         vals, idx, offsets, W_dec = ctx.saved_tensors
         grad_vals = grad_W = None
+        sizes = torch.diff(offsets, append=offsets.new_tensor([idx.numel()]))
+        bags = torch.repeat_interleave(torch.arange(offsets.numel(), device=idx.device), sizes)
         if ctx.needs_input_grad[0]:
-            grad_vals = gather_dot(grad_out, idx, W_dec, offsets).to(vals.dtype)
+            grad_vals = gather_dot(grad_out, idx, W_dec, offsets, bags).to(vals.dtype)
         if ctx.needs_input_grad[3]:
-            sizes = torch.diff(offsets, append=offsets.new_tensor([idx.numel()]))
-            bags = torch.repeat_interleave(torch.arange(offsets.numel(), device=idx.device), sizes)
             grad_W = scatter_rows(vals, idx, grad_out, W_dec.shape[0], W_dec.dtype, bags=bags)
         return grad_vals, None, None, grad_W
 

@@ -199,8 +199,10 @@ class SparseAutoencoder(nn.Module):
         """Remove the gradient component parallel to each unit-norm decoder row (Gao et al.)."""
         if not self.unit_norm_decoder or self.W_dec.grad is None:
             return
-        W, g = self.W_dec, self.W_dec.grad
-        g -= (g * W).sum(dim=1, keepdim=True) * W
+        W, g = self.W_dec.detach(), self.W_dec.grad
+        # row dot products (a batched matrix-vector product), then one fused update: no temporary as
+        # large as W_dec (`g -= (g * W).sum(1) * W` made two, and half the time again)
+        g.addcmul_(torch.einsum("ij,ij->i", g, W).unsqueeze(1), W, value=-1)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

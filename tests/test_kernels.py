@@ -218,6 +218,33 @@ def test_bag_decode_and_grads_match_float64_dense_over_bags_of_any_length(table_
     assert torch.allclose(gW.double(), rW, rtol=1e-2 if table_dtype == torch.bfloat16 else 1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_scatter_rows_split_over_threads_gives_the_serial_sums_bit_for_bit(monkeypatch, table_dtype, threads):
+    """The decoder's weight gradient, split into row ranges over threads, is the one serial product's
+    to the bit (each row's entries are summed in the same order), row ranges left empty included."""
+    g = torch.Generator().manual_seed(5)
+    n, d, E, B = 50, 7, 3000, 40
+    idx = torch.randint(0, n // 2, (E,), generator=g)  # the upper half of the rows gets nothing
+    bags = torch.randint(0, B, (E,), generator=g).sort().values
+    w, x = torch.randn(E, generator=g), torch.randn(B, d, generator=g)
+    serial = reference.scatter_rows(w, idx, x, n, table_dtype, bags=bags)
+    before = torch.get_num_threads()
+    monkeypatch.setattr(reference, "PARALLEL_MIN_ENTRIES", 1)
+    try:
+        torch.set_num_threads(threads)
+        assert reference._row_parts(E, n, x.device) == threads
+        split = reference.scatter_rows(w, idx, x, n, table_dtype, bags=bags)
+        tokens = reference.scatter_rows(w.view(B, -1), idx.view(B, -1), x, n, table_dtype)  # (B, K): row b's
+    finally:
+        torch.set_num_threads(before)
+    assert split.dtype == table_dtype and torch.equal(split, serial)
+    want = torch.zeros(n, d, dtype=torch.float64).index_add_(0, idx, w.double()[:, None] * x.double()[bags])
+    assert torch.allclose(split.double(), want, rtol=1e-2 if table_dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+    rows = torch.arange(B).repeat_interleave(E // B)
+    assert torch.equal(tokens, reference.scatter_rows(w, idx, x, n, table_dtype, bags=rows))
+
+
 @pytest.mark.parametrize("select", ["fp32", "bf16"])
 def test_reference_results_do_not_depend_on_chunk_and_never_allocate_batch_by_latents(select):
     from sae_dist import kernels as K
