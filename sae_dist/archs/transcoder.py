@@ -62,7 +62,8 @@ class Transcoder(TopK):
         pre-activation is mostly that mean's projection, and the half of the latents that point away
         from it start, and mostly stay, dead. Then TopK's scale, which multiplies b_enc with W_enc."""
         mean = sae.comm.mean_over_data(self.split(x)[0].mean(dim=0))
-        sae.b_enc.copy_(-(sae.W_enc @ mean))
+        for s in range(0, sae.W_enc.shape[0], 65536):  # bf16 weights: products in the input's dtype, a block at a time
+            sae.b_enc[s:s + 65536] = -(sae.W_enc[s:s + 65536].to(mean.dtype) @ mean)
         s = self._first_scale(sae, x)
         sae.W_enc.mul_(s)
         sae.b_enc.mul_(s)
@@ -90,7 +91,8 @@ class SkipTranscoder(Transcoder):
         sae.W_skip = nn.Parameter(torch.zeros(sae.d_model, sae.d_model))
 
     def skip(self, sae: SparseAutoencoder, x: Tensor) -> Tensor:
-        return self.split(x)[0] @ sae.W_skip.t()
+        x_in = self.split(x)[0]
+        return x_in @ sae.W_skip.t().to(x_in.dtype)  # bf16 weights (trainer.param_dtype): the input's dtype
 
     def export_shapes(self, d_model: int) -> dict[str, tuple[int, ...]]:
         return {"W_skip": (d_model, d_model)}
