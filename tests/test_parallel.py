@@ -46,6 +46,8 @@ from sae_dist.trainer import Trainer, TrainState, auto_lr
 D, N, K, B, STEPS = 32, 256, 4, 64, 20
 ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "gated", "transcoder", "skip_transcoder", "crosscoder", "clt")
 """Every sparse-path family; each trains fp=2 and fp=4 against one process."""
+ZERO_MULTISITE = ("crosscoder", "clt")
+"""Families across sites that also train under ZeRO-2 at dp=2 x fp=2 against dp=1 with the doubled batch."""
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor", "broadcast",
                "reduce_scatter_tensor", "barrier", "all_gather_object", "broadcast_object_list", "gather")
 
@@ -174,6 +176,9 @@ def _job_world2(rank, tmp):
         out[f"fp2-{arch}"] = _train(cfg, _mesh(cfg), _batches(B, arch=arch))
     cfg = _cfg(tmp, "topk", fp=2, batch=2 * B)
     out["dp1-fp2-double"] = _train(cfg, _mesh(cfg), _batches(2 * B))
+    for arch in ZERO_MULTISITE:
+        cfg = _cfg(tmp, arch, fp=2, batch=2 * B)
+        out[f"dp1-fp2-double-{arch}"] = _train(cfg, _mesh(cfg), _batches(2 * B, arch=arch))
     cfg = _cfg(tmp, "topk", dp=2)
     out["dp2-fp1"] = _train(cfg, _mesh(cfg), _replica_batches(rank, 1))
     for n in (128, 512):
@@ -226,9 +231,9 @@ def _export_both_ways(tmp, rank):
     return ok
 
 
-def _replica_batches(rank, fp):
+def _replica_batches(rank, fp, arch="topk"):
     half = (rank // fp) * B
-    return [x[half : half + B] for x in _batches(2 * B)]
+    return [x[half : half + B] for x in _batches(2 * B, arch=arch)]
 
 
 def _job_world4(rank, tmp):
@@ -253,6 +258,9 @@ def _job_zero(rank, tmp):
         out[f"zero{stage}{'-offload' * offload}"] = _train(cfg, _mesh(cfg), _replica_batches(rank, 2))
     cfg = _cfg(tmp, "topk", dp=2, fp=2, engine="deepspeed", zero_stage=2, param_dtype="bf16")
     out["zero2-bf16"] = _train(cfg, _mesh(cfg), _replica_batches(rank, 2))
+    for arch in ZERO_MULTISITE:
+        cfg = _cfg(tmp, arch, dp=2, fp=2, engine="deepspeed", zero_stage=2)
+        out[f"zero2-{arch}"] = _train(cfg, _mesh(cfg), _replica_batches(rank, 2, arch))
     return out
 
 
@@ -462,6 +470,8 @@ def test_zero_stage_1_and_2_match_dp1_with_doubled_batch_and_shard_adam_over_dp(
         assert W.shape[0] == N // 2 and (W.norm(dim=1) - 1).abs().max() < 1e-6
         got, want = torch.tensor(r["zero2-bf16"]["losses"]), torch.tensor(r["zero2"]["losses"])
         assert torch.allclose(got, want, rtol=3e-2), (got - want).abs().max()
+    for arch in ZERO_MULTISITE:  # a crosscoder's and a CLT's (its zero blocks in ZeRO's flat partitions) updates
+        _assert_same_updates(zero, f"zero2-{arch}", world2[0][f"dp1-fp2-double-{arch}"])
 
 
 def test_bf16_weights_train_like_fp32_with_fp32_unit_norm_masters(tmp_path_factory):
