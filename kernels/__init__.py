@@ -4,8 +4,8 @@ gated SAEs) and a sparse decoder.
 Installed as `sae_dist.kernels`. `topk_encode`, `threshold_encode` and `sparse_decode` are the one
 dispatch point: Triton on a CUDA device (when Triton is installed), the torch reference in `reference.py`
 and `threshold.py` otherwise.
-`bag_decode` (a sparse decode over bags of any length: the cross-layer transcoder's triangle of decoder
-blocks) is torch's embedding_bag on every device.
+`bag_decode` (a sparse decode over bags of any length) and `triangle_decode` (on it, the cross-layer
+transcoder's triangle of decoder blocks) are torch's embedding_bag on every device.
 `set_backend("torch")` or the environment variable SAE_DIST_KERNELS=torch forces the reference.
 """
 
@@ -113,11 +113,18 @@ def bag_decode(vals: Tensor, idx: Tensor, offsets: Tensor, W_dec: Tensor) -> Ten
     return reference.bag_decode(vals, idx, offsets, W_dec)
 
 
+def triangle_decode(vals: Tensor, idx: Tensor, W_dec: Tensor, layers: int) -> Tensor:
+    """The cross-layer transcoder's decode (reference.triangle_decode): latent j writes into the L
+    blocks of W_dec's row from its layer j mod L on; bag_decode's kernels on every device."""
+    return reference.triangle_decode(vals, idx, W_dec, layers)
+
+
 __all__ = [
     "topk_encode",
     "threshold_encode",
     "sparse_decode",
     "bag_decode",
+    "triangle_decode",
     "set_backend",
     "set_select_precision",
     "backend_for",

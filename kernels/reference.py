@@ -469,6 +469,59 @@ class BagDecode(torch.autograd.Function):
         return grad_vals, None, None, grad_W
 
 
+def _triangle_entries(vals: Tensor, idx: Tensor, layers: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The bag entries of a triangle decode: item (r, c) (latent idx[r, c], of layer idx % layers)
+    enters bag (r, m) for each m >= its layer, at table row idx * layers + m; items at zero enter none.
+    -> (item of each entry, table row, bag, bag offsets), entries in bag order."""
+    R, c = idx.shape
+    target = torch.arange(layers, device=idx.device).view(1, -1, 1)
+    mask = ((idx % layers).unsqueeze(1) <= target) & (vals != 0).unsqueeze(1)  # (R, layers, c)
+    r, m, col = mask.nonzero(as_tuple=True)  # lexicographic: row, then target layer: bag order
+    item = r * c + col
+    rows = idx.reshape(-1)[item] * layers + m
+    bags = r * layers + m
+    counts = torch.bincount(bags, minlength=R * layers)
+    return item, rows, bags, torch.cumsum(counts, 0) - counts
+
+
+class TriangleDecode(torch.autograd.Function):
+    """A decoder whose latent j (of layer j mod L) writes into layers >= its own: bag_decode over the
+    (n L, d) view of W_dec, with the bag entries formed inside (no autograd through their gathers) and
+    each item's gradient summed over its blocks."""
+
+    @staticmethod
+    def forward(ctx, vals, idx, W_dec, layers):  # type: ignore[override]
+        item, rows, bags, offsets = _triangle_entries(vals, idx, layers)
+        v = vals.reshape(-1)[item]
+        table = W_dec.view(W_dec.shape[0] * layers, -1)
+        ctx.save_for_backward(v, item, rows, bags, offsets, W_dec)
+        ctx.layers, ctx.shape = layers, vals.shape
+        return bag_sum(v, rows, table, offsets).view(vals.shape[0], -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        v, item, rows, bags, offsets, W_dec = ctx.saved_tensors
+        table = W_dec.view(W_dec.shape[0] * ctx.layers, -1)
+        g = grad_out.reshape(-1, table.shape[1]).contiguous()  # (R L, d): one row per bag
+        grad_vals = grad_W = None
+        if ctx.needs_input_grad[0]:
+            per_entry = gather_dot(g, rows, table, offsets, bags)
+            grad_vals = torch.zeros(ctx.shape.numel(), dtype=per_entry.dtype, device=per_entry.device)
+            grad_vals = grad_vals.index_add_(0, item, per_entry).view(ctx.shape).to(v.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_W = scatter_rows(v, rows, g, table.shape[0], W_dec.dtype, bags=bags).view(W_dec.shape)
+        return grad_vals, None, grad_W, None
+
+
+def triangle_decode(vals: Tensor, idx: Tensor, W_dec: Tensor, layers: int) -> Tensor:
+    """out[r, m] = sum over c with layer(idx[r, c]) <= m of vals[r, c] * W_dec[idx[r, c], m] -> (R, L d),
+    for (R, c) values and latent ids, W_dec (n, L d) viewed as n latents x L blocks of d, a latent's layer
+    being its id mod L (the cross-layer transcoder's decode). Only the blocks on or after each latent's
+    layer are read, and only they get gradient. Items at zero are skipped, and their gradient is 0: exact
+    where the values come out of a ReLU, which passes none back at zero."""
+    return TriangleDecode.apply(vals, idx, W_dec, layers)
+
+
 def bag_decode(vals: Tensor, idx: Tensor, offsets: Tensor, W_dec: Tensor) -> Tensor:
     """out[r] = sum over e in bag r of vals[e] * W_dec[idx[e]] -> (R, d), for flat (E,) vals and ids and
     (R,) bag starts `offsets` (ascending, the first 0): a sparse decode whose tokens need not all have

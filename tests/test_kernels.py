@@ -218,6 +218,38 @@ def test_bag_decode_and_grads_match_float64_dense_over_bags_of_any_length(table_
     assert torch.allclose(gW.double(), rW, rtol=1e-2 if table_dtype == torch.bfloat16 else 1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("table_dtype", [torch.float64, torch.bfloat16])
+def test_triangle_decode_and_grads_match_float64_dense_over_the_blocks_on_or_after_each_layer(table_dtype):
+    """Latent j (layer j mod L) writes into blocks >= its layer; the blocks before it are never read
+    (filled with garbage here) and get no gradient; items at zero (a ReLU's zeros, padding) add nothing
+    and get gradient 0; a latent repeated in a row sums."""
+    g = torch.Generator().manual_seed(4)
+    L, n, d, R, c = 3, 12, 5, 7, 4
+    vals = torch.randn(R, c, dtype=torch.float64, generator=g)
+    vals[1, 2] = vals[4] = 0.0
+    idx = torch.randint(0, n, (R, c), generator=g)
+    idx[0, 1] = idx[0, 0]
+    W = torch.randn(n, L, d, dtype=torch.float64, generator=g).to(table_dtype)
+    valid = torch.arange(L).unsqueeze(0) >= (torch.arange(n) % L).unsqueeze(1)  # (n, L)
+    W = W.view(n, L * d).requires_grad_(True)
+    v = vals.clone().requires_grad_(True)
+    out = reference.triangle_decode(v, idx, W, L)
+    grad_out = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    gv, gW = torch.autograd.grad(out, [v, W], grad_out)
+    Wr = (W.detach().double().view(n, L, d) * valid.unsqueeze(2)).view(n, L * d).requires_grad_(True)
+    vr = vals.clone().requires_grad_(True)
+    codes = torch.zeros(R, n, dtype=torch.float64).index_put((torch.arange(R).unsqueeze(1).expand(R, c), idx), vr,
+                                                             accumulate=True)
+    ref = codes @ Wr
+    rv, rW = torch.autograd.grad(ref, [vr, Wr], grad_out)
+    tol = {"rtol": 1e-2, "atol": 1e-2} if table_dtype == torch.bfloat16 else {"rtol": 1e-12, "atol": 1e-12}
+    assert out.dtype == torch.float64 and torch.allclose(out, ref, **tol)
+    assert torch.allclose(gv, torch.where(vals != 0, rv, 0.0), **tol) and (gv[vals == 0] == 0).all()
+    assert gW.dtype == table_dtype and not gW.view(n, L, d)[~valid].any()
+    rW = (rW.view(n, L, d) * valid.unsqueeze(2)).view(n, L * d)  # the dense gradient on the blocks in use
+    assert torch.allclose(gW.double(), rW, rtol=1e-2 if table_dtype == torch.bfloat16 else 1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [2, 3])
 def test_scatter_rows_split_over_threads_gives_the_serial_sums_bit_for_bit(monkeypatch, table_dtype, threads):

@@ -12,14 +12,14 @@ l..L-1:
 W_dec is (n, L d): a latent's L blocks, of which those of the layers before its own are zero and stay
 zero. Viewed as an (n L, d) table, row j L + m is latent j's block for layer m, and the decode of a
 token is L bags of rows: bag m sums the token's active latents of layers <= m at their rows for layer
-m (one `kernels.bag_decode` into (B L, d) = (B, L d)). Only the blocks on or after each latent's layer
+m (one `kernels.triangle_decode`, a bag decode into (B L, d) = (B, L d)). Only the blocks on or after each latent's layer
 are ever read, so the decode and its backward do (L + 1) / (2 L) of a dense (n, L d) decode's work
 (58% at L = 6), no B x n x L buffer exists, and the zero blocks get no gradient at all. Under feature
 parallelism the L per-layer selections go as one (L B, k) batch of rows through one all-gather, and
 the partial decodes into all layers as one all-reduce: two collectives per step for any L.
 AuxK works per layer: each layer's k_aux best dead latents (one more stacked selection) decode the
 residual of every output, as TopK's do the residual of its one; that decode and the reconstruction's
-are one bag decode and one all-reduce (a single decoder-sized gradient in the backward). Not yet: a
+are one triangle decode and one all-reduce (a single decoder-sized gradient in the backward). Not yet: a
 global BatchTopK over layers.
 """
 
@@ -178,33 +178,16 @@ class CrossLayerTranscoder(Arch):
         return F.relu(vals), idx
 
     def _triangle(self, sae: SparseAutoencoder, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """The partial decodes (this shard's latents, before the all-reduce) of layer-major (B, L w)
-        selections (values, local ids), as one bag decode: -> (sum of B, L d). Bag (b, m) holds token
-        b's latents of layers <= m, latent j at row j L + m of W_dec viewed as (n L, d)."""
+        """The partial decodes (this shard's latents, before the all-reduce) of (B, w) selections (values,
+        local ids), as one triangle decode: -> (sum of B, L d). Bag (b, m) holds token b's latents of
+        layers <= m, latent j at row j L + m of W_dec viewed as (n L, d); the selections are padded with
+        zeros to one width, and entries at zero (a ReLU's zeros: most of AuxK's dead candidates, and the
+        padding) add nothing and pass no gradient, so they are skipped: the backward's cost is per entry."""
         L = sae.d_out // sae.d_model
-        dev = pairs[0][1].device
-        vals, ids, offsets, start = [], [], [], 0
-        for v, i in pairs:
-            B, w = v.shape[0], v.shape[1] // L
-            cols = torch.cat([torch.arange((m + 1) * w, device=dev) for m in range(L)])  # layers <= m, bag m
-            target = torch.cat([torch.full(((m + 1) * w,), m, device=dev) for m in range(L)])
-            sizes = torch.arange(1, L + 1, device=dev) * w
-            firsts = torch.cumsum(sizes, 0) - sizes  # bag m's first entry within a token's
-            vals.append(v[:, cols].reshape(-1))
-            ids.append((i[:, cols] * L + target).reshape(-1))
-            offsets.append((start + torch.arange(B, device=dev).unsqueeze(1) * cols.numel() + firsts).reshape(-1))
-            start += B * cols.numel()
-        v, i, o = torch.cat(vals), torch.cat(ids), torch.cat(offsets)
-        # entries at zero (a ReLU's zeros: most of AuxK's dead candidates, and padding) add nothing, and
-        # the ReLU passes no gradient back through them: dropping them changes neither the decode nor
-        # any parameter's gradient, and the backward's cost is per entry
-        keep = v.detach() != 0
-        if not bool(keep.all()):
-            bag = torch.repeat_interleave(torch.arange(o.numel(), device=dev), torch.diff(o, append=o.new_tensor([v.numel()])))
-            counts = torch.bincount(bag[keep], minlength=o.numel())
-            v, i, o = v[keep], i[keep], torch.cumsum(counts, 0) - counts
-        W = sae.W_dec.view(sae.W_dec.shape[0] * L, sae.d_model)
-        return kernels.bag_decode(v, i, o, W).view(-1, L * sae.d_model)
+        width = max(v.shape[1] for v, _ in pairs)
+        vals = torch.cat([F.pad(v, (0, width - v.shape[1])) for v, _ in pairs])
+        ids = torch.cat([F.pad(i, (0, width - i.shape[1])) for _, i in pairs])
+        return kernels.triangle_decode(vals, ids, sae.W_dec, L)
 
     def _decode_partial(self, sae: SparseAutoencoder, vals: Tensor, idx: Tensor) -> Tensor:
         return sae.comm.sum_partial(self._triangle(sae, [(vals, idx)]))
@@ -224,7 +207,7 @@ class CrossLayerTranscoder(Arch):
 
     def _decode_both(self, sae: SparseAutoencoder, vals: Tensor, idx: Tensor, a_vals: Tensor, a_idx: Tensor
                      ) -> tuple[Tensor, Tensor]:
-        """The reconstruction's and AuxK's decodes as one bag decode and one all-reduce, so that the
+        """The reconstruction's and AuxK's decodes as one triangle decode and one all-reduce, so that the
         backward forms one (n, L d) decoder gradient, not one per decode."""
         B = vals.shape[0]
         both = sae.comm.sum_partial(self._triangle(sae, [(vals, idx), (a_vals, a_idx)]))
