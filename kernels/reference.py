@@ -273,6 +273,12 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return _POOLS[key]
 
 
+def _entry_bags(offsets: Tensor, entries: int) -> Tensor:
+    """The bag of every entry, from embedding_bag's bag starts `offsets` over `entries` flat entries."""
+    sizes = torch.diff(offsets, append=offsets.new_tensor([entries]))
+    return torch.repeat_interleave(torch.arange(offsets.numel(), device=offsets.device), sizes)
+
+
 def _row_parts(entries: int, rows: int, device: torch.device) -> int:
     """How many threads a CPU product of `entries` entries into `rows` rows is split over."""
     if device.type != "cpu" or entries < PARALLEL_MIN_ENTRIES:
@@ -345,15 +351,14 @@ def gather_dot(g: Tensor, idx: Tensor, table: Tensor, offsets: Tensor | None = N
     if table.dtype != g.dtype:
         idx, table = _compact(idx, table, g.dtype)
     flat = idx.reshape(-1)
+    if flat.numel() == 0:
+        return g.new_zeros(idx.shape)
     if offsets is None:
         B, K = idx.shape
         offsets = torch.arange(B, device=idx.device) * K
         bags = torch.arange(B, device=idx.device).repeat_interleave(K)
     elif bags is None:
-        bags = torch.repeat_interleave(torch.arange(offsets.numel(), device=idx.device),
-                                       torch.diff(offsets, append=offsets.new_tensor([flat.numel()])))
-    if flat.numel() == 0:
-        return g.new_zeros(idx.shape)
+        bags = _entry_bags(offsets, flat.numel())
     g = g.to(table.dtype)
     out = torch.ops.aten._embedding_bag_per_sample_weights_backward(g, table.detach(), flat, offsets, bags, 0, -1)
     return out.view(idx.shape)
@@ -460,8 +465,7 @@ class BagDecode(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         vals, idx, offsets, W_dec = ctx.saved_tensors
         grad_vals = grad_W = None
-        sizes = torch.diff(offsets, append=offsets.new_tensor([idx.numel()]))
-        bags = torch.repeat_interleave(torch.arange(offsets.numel(), device=idx.device), sizes)
+        bags = _entry_bags(offsets, idx.numel())
         if ctx.needs_input_grad[0]:
             grad_vals = gather_dot(grad_out, idx, W_dec, offsets, bags).to(vals.dtype)
         if ctx.needs_input_grad[3]:
