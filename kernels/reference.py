@@ -302,8 +302,10 @@ def scatter_rows(w: Tensor, idx: Tensor, x: Tensor, n: int, dtype: torch.dtype |
         G = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (out.shape[0], x.shape[0]), check_invariants=False)
         # torch.sparse.mm(G, x) is addmm(zeros(m, d), G, x, beta=0): a zeroed (m, d) input beside its
         # (m, d) result, twice the gradient's bytes at the peak. A stride-0 zero input and `out=` give the
-        # same values (beta = 0 never reads the input) in the result alone.
-        torch.addmm(x.new_zeros(()).expand(out.shape[0], x.shape[1]), G, x, beta=0, out=out)
+        # same values (beta = 0 never reads the input) in the result alone. Grad mode is per thread: a
+        # pool thread has it on even inside a backward pass, and `out=` refuses inputs that require grad.
+        with torch.no_grad():
+            torch.addmm(x.new_zeros(()).expand(out.shape[0], x.shape[1]), G, x, beta=0, out=out)
 
     def sparse_mm(rows: Tensor, m: int) -> Tensor:
         out = torch.empty(m, x.shape[1], dtype=x.dtype, device=x.device)

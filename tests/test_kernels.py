@@ -277,6 +277,27 @@ def test_scatter_rows_split_over_threads_gives_the_serial_sums_bit_for_bit(monke
     assert torch.equal(tokens, reference.scatter_rows(w, idx, x, n, table_dtype, bags=rows))
 
 
+def test_scatter_rows_over_threads_inside_a_backward_with_inputs_that_require_grad(monkeypatch):
+    """Grad mode is per thread: the pool's threads have it on while a backward pass runs, so the split
+    product must not refuse inputs that require grad (a JumpReLU/gated encoder's x does)."""
+    g = torch.Generator().manual_seed(6)
+    n, d, B, K = 40, 5, 30, 4
+    idx = torch.randint(0, n, (B, K), generator=g)
+    x = torch.randn(B, d, generator=g, requires_grad=True)
+    w = torch.randn(B, K, generator=g, requires_grad=True)
+    monkeypatch.setattr(reference, "PARALLEL_MIN_ENTRIES", 1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            got = reference.scatter_rows(w, idx, x, n)
+    finally:
+        torch.set_num_threads(before)
+    want = torch.zeros(n, d, dtype=torch.float64).index_add_(
+        0, idx.reshape(-1), w.detach().double().reshape(-1, 1) * x.detach().double().repeat_interleave(K, 0))
+    assert torch.allclose(got.double(), want, atol=1e-5)
+
+
 @pytest.mark.parametrize("select", ["fp32", "bf16"])
 def test_reference_results_do_not_depend_on_chunk_and_never_allocate_batch_by_latents(select):
     from sae_dist import kernels as K
