@@ -60,3 +60,23 @@ def test_tracking_can_be_switched_off(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (tmp_path / "mlflow.db").exists()
     assert (tmp_path / "sae" / "cfg.json").exists()
+
+
+def test_a_clt_job_prints_the_held_out_fvu_of_every_output_site(tmp_path):
+    """The end of a multi-site job prints each output site's held-out FVU (a CLT: one per layer), beside
+    the overall figure, and its JSON summary carries them."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "sae_dist", "sae=clt", "data=synthetic", "data.synthetic_sites=6", "model.d_model=16",
+         "sae.n_latents=96", "sae.k=4", "trainer.total_tokens=2048", "trainer.batch_tokens=256",
+         "trainer.eval_tokens=512", "trainer.scale_tokens=256", "tracking=none", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    per_site = summary["fvu_per_site"]
+    assert len(per_site) == 3 and all(0 < v < float("inf") for v in per_site)
+    trained = json.loads((tmp_path / "results.json").read_text())
+    assert per_site == trained["fvu_per_site"]
+    (printed,) = [line for line in lines if line.startswith("held-out: FVU per output site")]
+    assert [float(v) for v in printed.split()[5:]] == [round(v, 4) for v in per_site]
