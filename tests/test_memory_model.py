@@ -66,3 +66,49 @@ def test_the_scaling_bench_slope_and_fit_check() -> None:
     assert bench_scaling.slope(1.0, 2.0, 1000, 4000) == pytest.approx(0.5)
     ok, need = bench_scaling.fits(6144, 1, argparse.Namespace(d=384, k=32, batch=4096, chunk=8192))
     assert ok and 0.6e9 < need < 2e9
+
+
+_HUGE_PAGES_PROBE = """
+import sys
+import sae_dist, torch
+t = torch.ones(64 << 18)  # 64 MiB, over glibc's mmap threshold: fresh pages
+huge = 0
+with open("/proc/self/smaps") as f:
+    lines = f.read().splitlines()
+for i, line in enumerate(lines):  # the mapping that holds t
+    if "-" in line.split()[0] and not line.startswith(("Size", "Rss")):
+        lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+        if lo <= t.data_ptr() < hi:
+            huge = int(next(x for x in lines[i + 1:] if x.startswith("AnonHugePages:")).split()[1])
+            break
+print(huge)
+"""
+
+
+def _thp_mode() -> str:
+    """The kernel's transparent-huge-page mode (always, madvise, never), 'never' where it has none."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "never"
+
+
+@pytest.mark.skipif(_thp_mode() == "never", reason="this kernel offers no transparent huge pages")
+def test_importing_sae_dist_first_puts_large_tensors_on_huge_pages_unless_the_environment_says_no():
+    """sae_dist sets THP_MEM_ALLOC_ENABLE=1 before torch's first allocation: a 64 MiB tensor then lies
+    on transparent huge pages; THP_MEM_ALLOC_ENABLE=0 in the environment is kept (THP in `madvise`
+    mode: none)."""
+    import subprocess
+
+    def huge_kib(env_value: str | None) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+        if env_value is not None:
+            env["THP_MEM_ALLOC_ENABLE"] = env_value
+        out = subprocess.run([sys.executable, "-c", _HUGE_PAGES_PROBE], env=env, capture_output=True, text=True,
+                             check=True)
+        return int(out.stdout.strip())
+
+    assert huge_kib(None) >= 32 << 10  # at least half of the 64 MiB on 2 MiB pages
+    if _thp_mode() == "madvise":
+        assert huge_kib("0") == 0
