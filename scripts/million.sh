@@ -8,7 +8,8 @@
 #     N=16384 TOKENS=32768 EVERY=2 OUT=/tmp/m bash scripts/million.sh   # the same path at a toy size
 #
 # Settings (environment): N latents, TOKENS training tokens, BATCH tokens per step, EVERY steps between
-# checkpoints, OUT the run folder, PORT of the moto server, FEATURES dashboards to build, EVAL_TOKENS
+# checkpoints, OUT the run folder, PORT of the moto server, FEATURES dashboards to build (of the first
+# latents that fire on 4,096 tokens: most of a short run's 2^20 are dead), EVAL_TOKENS
 # held-out tokens evaluated (in training and by `sae-dist eval`), DASH_TOKENS tokens the dashboards read
 # (each token costs the encoder 2 d n FLOP, 0.8 GFLOP at 2^20 latents: the default job's 50,300 and
 # 131,072 would add about 40 minutes here to a two-hour run; from 2^18 latents up the defaults are
@@ -88,5 +89,5 @@ print("training tokens/s (the attempt that finished):", r["train_tokens_per_s"])
 print("peak RSS per rank, GiB (the attempt that finished: training, export, eval):", r["peak_rss_gib"])
 PY
 sae-dist eval "$OUT" | tee "$OUT/eval.txt"
-sae-dist dashboard build "$OUT" --features "$FEATURES" --tokens "$DASH_TOKENS" --out "$OUT/dash" | tail -3
+sae-dist dashboard build "$OUT" --features "$FEATURES" --alive 4096 --tokens "$DASH_TOKENS" --out "$OUT/dash" | tail -3
 echo "run folder: $OUT (train.log, results.json, eval/, dash/)"

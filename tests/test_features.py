@@ -15,7 +15,7 @@ from threading import Thread
 import pytest
 import torch
 
-from sae_dist.config import sae_config
+from sae_dist.config import ConfigError, sae_config
 from sae_dist.data.lm import resolve_model_path
 from sae_dist.export import export_saelens
 from sae_dist.features.collect import FeatureCollector
@@ -255,6 +255,26 @@ def test_dashboard_site_has_pages_search_data_and_neuronpedia_batches(tmp_path, 
     assert feat["activations"] and NEURONPEDIA_ACTIVATION_KEYS <= set(feat["activations"][0])
     act = feat["activations"][0]
     assert len(act["tokens"]) == len(act["values"]) == 32 and max(act["values"]) > 0
+
+
+def test_dashboard_alive_builds_the_first_latents_that_fire_not_the_first_ids(tmp_path, tiny_gpt2):
+    """--alive TOKENS: a probe pass picks the first N latents that fire, so a dictionary whose first ids
+    are dead (a short run of a very large one) still gets pages with activations."""
+    from sae_dist.features.cli import dashboard_main
+
+    sae = SparseAutoencoder(sae_config(n_latents=96, k=6), 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.b_enc[:48] = -1e4  # the first half never fires
+    run = tiny_run(tmp_path, tiny_gpt2[0], sae)
+    out = str(tmp_path / "dash")
+    dashboard_main(["build", run, "--features", "8", "--alive", "512", "--tokens", "1024", "--batch-contexts", "8",
+                    "--top-k", "5", "--samples", "6", "--out", out])
+    summary = json.load(open(os.path.join(out, "features.json")))
+    ids = [row[0] for row in summary]
+    assert len(ids) == 8 and ids == sorted(ids) and min(ids) >= 48, ids
+    assert all(row[1] > 0 for row in summary)
+    with pytest.raises(ConfigError, match="--alive"):
+        dashboard_main(["build", run, "--alive", "512", "--feature-ids", "1,2", "--out", out])
 
 
 def test_dashboard_server_serves_the_site_on_localhost(tmp_path):

@@ -68,6 +68,9 @@ def dashboard_main(argv: list[str]) -> None:
     b.add_argument("--out", default="", help="site folder (default: <run>/dashboard)")
     b.add_argument("--features", type=int, default=0, help="first N latents (0 = all)")
     b.add_argument("--feature-ids", default="", help="comma-separated latent ids (instead of --features)")
+    b.add_argument("--alive", type=int, default=0, metavar="TOKENS",
+                   help="with --features N: the first N latents that fire on the split's first TOKENS tokens "
+                        "(a probe pass), not the first N ids")
     b.add_argument("--tokens", type=int, default=131072, help="tokens to read")
     b.add_argument("--split", default="train", choices=("train", "heldout"))
     b.add_argument("--top-k", type=int, default=16, help="top contexts per feature")
@@ -91,12 +94,25 @@ def dashboard_main(argv: list[str]) -> None:
     from sae_dist.features.dashboard import build_dashboard
     from sae_dist.features.source import find_export
 
+    if a.features < 0 or a.alive < 0:
+        raise ConfigError(f"--features ({a.features}) and --alive ({a.alive}) must be >= 0 (0 = all latents / "
+                          "the first ids)")
+    if a.alive and a.feature_ids:
+        raise ConfigError(f"--alive ({a.alive}) picks latents that fire, --feature-ids ({a.feature_ids}) names "
+                          "them: give one of the two")
     setup = _setup(a.path, a.device)
     n = setup.sae.n_local
     if a.feature_ids:
         features = torch.tensor([int(i) for i in a.feature_ids.split(",")])
         if features.min() < 0 or features.max() >= n:
             raise ConfigError(f"--feature-ids ({a.feature_ids}) must lie in [0, {n})")
+    elif a.alive:
+        from sae_dist.features.dashboard import fired_latents
+
+        features = fired_latents(setup, a.features or n, a.alive, a.batch_contexts, a.split, a.corpus)
+        if features.numel() == 0:
+            raise ConfigError(f"--alive ({a.alive}): no latent fired on the {a.split} split's first {a.alive} "
+                              "tokens; read more tokens or leave --alive out")
     else:
         features = torch.arange(min(a.features or n, n))
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(find_export(a.path))), "dashboard")

@@ -88,6 +88,27 @@ def collect_features(setup: FeatureSetup, features: Tensor, tokens: int, batch_c
     return collector.result()
 
 
+@torch.no_grad()
+def fired_latents(setup: FeatureSetup, n_features: int, tokens: int, batch_contexts: int = 32, split: str = "train",
+                  corpus: str = "") -> Tensor:
+    """The first `n_features` latent ids (in id order) that fire on the first `tokens` tokens of the split:
+    in a dictionary whose first latents are mostly dead (a short run of a very large one), the first N
+    ids would make pages that say "never fired". Fewer when fewer fire."""
+    sae = setup.sae.eval()
+    hooked = HookedModel(setup.model, setup.hook_name)
+    special = setup.special_ids()
+    fired = torch.zeros(sae.n_local, dtype=torch.bool)
+    seen = 0
+    for ids in setup.context_batches(split, batch_contexts, corpus):
+        keep = ~torch.isin(ids, special)
+        vals, idx = sae.encode_sparse(hooked(ids, torch.ones_like(ids))[keep].float())
+        fired[idx[vals > 0]] = True
+        seen += int(keep.sum())
+        if seen >= tokens:
+            break
+    return fired.nonzero().squeeze(1)[:n_features]
+
+
 def build_dashboard(setup: FeatureSetup, out_dir: str, features: Tensor, tokens: int, batch_contexts: int = 32,
                     split: str = "train", corpus: str = "", top_k: int = 16, n_samples: int = 16,
                     seed: int = 0, neuronpedia: bool = False) -> dict[str, Any]:
