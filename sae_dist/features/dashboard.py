@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,20 +66,27 @@ def decoder_views(W_dec: Tensor, features: Tensor, W_U: Tensor | None, m: int = 
     return views
 
 
+def _encoded_batches(setup: FeatureSetup, batch_contexts: int, split: str, corpus: str
+                     ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """(context ids, kept positions (not special tokens), the kept tokens' top-k values and ids), batch by
+    batch over the split."""
+    sae = setup.sae.eval()
+    hooked = HookedModel(setup.model, setup.hook_name)
+    special = setup.special_ids()
+    for ids in setup.context_batches(split, batch_contexts, corpus):
+        keep = ~torch.isin(ids, special)
+        vals, idx = sae.encode_sparse(hooked(ids, torch.ones_like(ids))[keep].float())  # of (N, d)
+        yield ids, keep, vals, idx
+
+
 @torch.no_grad()
 def collect_features(setup: FeatureSetup, features: Tensor, tokens: int, batch_contexts: int = 32,
                      split: str = "train", corpus: str = "", top_k: int = 16, n_samples: int = 16,
                      seed: int = 0) -> FeatureStats:
-    sae = setup.sae.eval()
-    hooked = HookedModel(setup.model, setup.hook_name)
-    special = setup.special_ids()
-    collector = FeatureCollector(sae.n_local, features, int(setup.cfg.get("context_size", 128)), top_k,
+    collector = FeatureCollector(setup.sae.n_local, features, int(setup.cfg.get("context_size", 128)), top_k,
                                  n_samples, seed)
     with tqdm(total=tokens, desc="dashboard pass", unit="tok", disable=None) as bar:
-        for ids in setup.context_batches(split, batch_contexts, corpus):
-            keep = ~torch.isin(ids, special)
-            acts = hooked(ids, torch.ones_like(ids))[keep].float()  # (N, d)
-            vals, idx = sae.encode_sparse(acts)
+        for ids, keep, vals, idx in _encoded_batches(setup, batch_contexts, split, corpus):
             collector.update(ids, keep, vals, idx)
             bar.update(int(keep.sum()))
             if collector.tokens >= tokens:
@@ -94,14 +102,9 @@ def fired_latents(setup: FeatureSetup, n_features: int, tokens: int, batch_conte
     """The first `n_features` latent ids (in id order) that fire on the first `tokens` tokens of the split:
     in a dictionary whose first latents are mostly dead (a short run of a very large one), the first N
     ids would make pages that say "never fired". Fewer when fewer fire."""
-    sae = setup.sae.eval()
-    hooked = HookedModel(setup.model, setup.hook_name)
-    special = setup.special_ids()
-    fired = torch.zeros(sae.n_local, dtype=torch.bool)
+    fired = torch.zeros(setup.sae.n_local, dtype=torch.bool)
     seen = 0
-    for ids in setup.context_batches(split, batch_contexts, corpus):
-        keep = ~torch.isin(ids, special)
-        vals, idx = sae.encode_sparse(hooked(ids, torch.ones_like(ids))[keep].float())
+    for _, keep, vals, idx in _encoded_batches(setup, batch_contexts, split, corpus):
         fired[idx[vals > 0]] = True
         seen += int(keep.sum())
         if seen >= tokens:
