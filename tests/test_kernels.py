@@ -289,6 +289,7 @@ def test_scatter_rows_over_threads_inside_a_backward_with_inputs_that_require_gr
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
+        assert reference._row_parts(idx.numel(), n, x.device) == 2  # the pool's path, not the serial one
         with torch.no_grad():
             got = reference.scatter_rows(w, idx, x, n)
     finally:

@@ -69,15 +69,15 @@ def test_the_scaling_bench_slope_and_fit_check() -> None:
 
 
 _HUGE_PAGES_PROBE = """
-import sys
+import re
 import sae_dist, torch
 t = torch.ones(64 << 18)  # 64 MiB, over glibc's mmap threshold: fresh pages
 huge = 0
 with open("/proc/self/smaps") as f:
     lines = f.read().splitlines()
 for i, line in enumerate(lines):  # the mapping that holds t
-    if "-" in line.split()[0] and not line.startswith(("Size", "Rss")):
-        lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+    if m := re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line):
+        lo, hi = int(m[1], 16), int(m[2], 16)
         if lo <= t.data_ptr() < hi:
             huge = int(next(x for x in lines[i + 1:] if x.startswith("AnonHugePages:")).split()[1])
             break
