@@ -62,11 +62,12 @@ def train_main(cfg):  # type: ignore[no-untyped-def]
     results = run_member(cfg, _train_one)
     if results.get("rank", 0):  # under torchrun only rank 0 reports
         return results["fvu"]
-    summary = {k: results[k] for k in ("fvu", "fvu_per_site", "l0", "dead_fraction", "dense_fraction", "tokens",
+    summary = {k: results[k] for k in ("fvu", "fvu_per_site", "l0", "dead_fraction", "trained_fraction", "dense_fraction", "tokens",
                                        "steps", "group_restarts") if k in results}
     if "fvu_per_site" in results:  # a family across sites: each output site's FVU, on its own variance
         print("held-out: FVU per output site" + "".join(f" {v:.4f}" for v in results["fvu_per_site"]))
-    print(f"held-out: FVU {results['fvu']:.4f}  L0 {results['l0']:.1f}  dead {results['dead_fraction']:.2%}")
+    print(f"held-out: FVU {results['fvu']:.4f}  L0 {results['l0']:.1f}  dead {results['dead_fraction']:.2%}"
+          f"  (fired in training: {results['trained_fraction']:.2%})")
     print(json.dumps(summary | {"export_dir": results["export_dir"]}))
     return results["fvu"]
 

@@ -196,6 +196,15 @@ def export_meta(cfg: Config) -> dict[str, Any]:
     return meta
 
 
+def trained_fraction(trainer: Any) -> float:
+    """Fraction of the dictionary that fired (entered a top-k, or was active) on at least one token of the
+    whole training run, from the trainer's firing counters (restored on resume; a latent resampled by
+    sae.resample_every counts as fired). Unlike the held-out dead fraction it has no floor from the
+    held-out set's size: 16,384 held-out tokens of k firings each can show at most 16,384 k latents alive."""
+    ever = (trainer.tokens_since_fired < trainer.state.tokens).sum().float()
+    return float(trainer.sae.comm.sum_scalar(ever)) / trainer.sae.n_latents
+
+
 def finish(job: Job, heldout: Iterable[Tensor], fit_s: float, tokens: int) -> dict[str, Any]:
     """The SAELens export, then the held-out metrics of that export (the SAE folded into the export's
     float32 values, in place, so that `sae-dist eval` of the export prints the same figures), results.json,
@@ -208,7 +217,7 @@ def finish(job: Job, heldout: Iterable[Tensor], fit_s: float, tokens: int) -> di
     export_dir = os.path.join(cfg.output_dir, "sae")
     export_on_mesh(sae, mesh, state.scale, export_dir, export_meta(cfg))
     results = evaluate(fold_scale_(sae, state.scale), covering(heldout, cfg.trainer.eval_tokens), 1.0,
-                       cfg.trainer.eval_tokens) | weight_metrics(sae)
+                       cfg.trainer.eval_tokens) | weight_metrics(sae) | {"trained_fraction": trained_fraction(trainer)}
     tracker.log_metrics({f"eval/{k}": v for k, v in results.items()}, state.step)
     # every rank's peak resident memory over this process (training, export, this eval), in GiB
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
