@@ -46,8 +46,8 @@ def test_default_job_small_budget_tracks_in_mlflow(tmp_path):
     shared = [k for k, v in trained.items() if isinstance(v, float) and k in evaluated]
     assert {"fvu", "l0", "dead_fraction", "explained_variance", "cossim", "l2_ratio", "tokens"} <= set(shared)
     assert trained["tokens"] == 4096
-    for key in shared:
-        assert abs(trained[key] - evaluated[key]) <= 1e-9, (key, trained[key], evaluated[key])
+    for key in shared:  # to 1e-9 relative: mse (~70 here) differed by 2e-8 on one AMD EPYC machine
+        assert abs(trained[key] - evaluated[key]) <= 1e-9 * max(1.0, abs(evaluated[key])), (key, trained[key], evaluated[key])
 
 
 def test_tracking_can_be_switched_off(tmp_path):
