@@ -238,3 +238,13 @@ def test_topk_encoder_starts_at_the_least_squares_scale_of_its_first_reconstruct
         half = fresh(encoder_scale=0.5)
         half.init_from_batch(xd)
         assert torch.allclose(half.W_enc, W * 0.5)
+
+
+def test_trained_fraction_counts_the_latents_that_fired_in_training(tmp_path):
+    """One step of 16 tokens with k = 4 can fire at most 64 of 256 latents; the held-out dead fraction
+    (another set of tokens) says nothing of that, the training counters do."""
+    one = train(synthetic_config(tmp_path / "one", trainer={"total_tokens": 16, "batch_tokens": 16, "warmup_tokens": 0}))
+    assert one["steps"] == 1
+    assert 4 / 256 <= one["trained_fraction"] <= 64 / 256, one["trained_fraction"]
+    many = train(synthetic_config(tmp_path / "many", trainer={"total_tokens": 256 * 20}))
+    assert many["trained_fraction"] > 64 / 256 and many["trained_fraction"] >= 1 - many["dead_fraction"] - 0.05
