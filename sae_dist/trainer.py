@@ -100,11 +100,20 @@ DEAD_WINDOW_FRACTION = 32
 (docs/training.md has the measurements behind 32)."""
 
 
+DEAD_WINDOW_FIRINGS = 128
+"""Nor is the automatic window shorter than this many firings of an average latent (n / k tokens
+each): at n / k = 1536 the run's 32nd held 21 and AuxK doubled the dead latents (docs/training.md)."""
+
+
 def dead_window(cfg: Config) -> int:
-    """sae.dead_tokens, or min(10M, trainer.total_tokens / 32) when it is 0."""
+    """sae.dead_tokens, or when it is 0 min(10M, max(trainer.total_tokens / 32, 128 n / k)): a 32nd of
+    the run, but at least 128 expected firings of an average latent (k: the family's latents per token)."""
     if cfg.sae.dead_tokens > 0:
         return cfg.sae.dead_tokens
-    return max(1, min(DEAD_WINDOW_MAX, cfg.trainer.total_tokens // DEAD_WINDOW_FRACTION))
+    from sae_dist import archs
+
+    firings = DEAD_WINDOW_FIRINGS * cfg.sae.n_latents // max(1, archs.get(cfg.sae.arch).firings_per_token(cfg))
+    return max(1, min(DEAD_WINDOW_MAX, max(cfg.trainer.total_tokens // DEAD_WINDOW_FRACTION, firings)))
 
 
 def lr_at(step: int, total_steps: int, base: float, warmup: int, decay_fraction: float) -> float:

@@ -334,7 +334,13 @@ def test_automatic_schedule_scales_with_the_batch_and_the_token_budget(tmp_path)
     assert auto_lr(cfg(4096)) == pytest.approx(2 * base)  # square root of the batch
     assert auto_lr(cfg(2048, dp=2)) == pytest.approx(2 * base)  # every replica's tokens count
     assert auto_lr(cfg(4096, lr=1e-3)) == 1e-3
-    assert dead_window(cfg(1024)) == 1_048_576 // 32 and dead_window(cfg(1024, total=10**10)) == 10_000_000
+    # a 32nd of the run, but at least 128 firings of an average latent (n / k = 4096 tokens each here)
+    assert dead_window(cfg(1024)) == 128 * 16384 // 4 and dead_window(cfg(1024, total=10**10)) == 10_000_000
+    assert dead_window(cfg(1024, total=2**26)) == 2**26 // 32
+    # a CLT's latents per token are k on every one of its L layers: 16 x 6 over 6144 latents
+    clt = synthetic_config(tmp_path, sae={"arch": "clt", "n_latents": 6144, "k": 16, "dead_tokens": 0},
+                           data={"synthetic_sites": 12}, trainer={"total_tokens": 2**17})
+    assert dead_window(clt) == 128 * 6144 // (16 * 6)
     c = cfg(4096, warmup_tokens=51_200)
     trainer = Trainer(c, SparseAutoencoder(c.sae, 32), TrainState())
     assert trainer.warmup_steps == 13 and trainer.total_steps == 256  # ceil(51200 / 4096) steps of warm-up

@@ -38,10 +38,11 @@ class SaeConfig:
     average over the batch); the others reach their L0 through a penalty and ignore it."""
     dead_tokens: int = 0
     """A latent counts as dead (AuxK trains it on the residual; resampling families resample it) after
-    this many training tokens without firing. 0 = automatic: trainer.total_tokens / 32, at most 10M, Gao
-    et al.'s window, which is meant for runs of billions of tokens: under it a run of a million never
-    calls a latent dead, AuxK never acts, and a fast learning rate leaves a third of the latents dead
-    (docs/training.md)."""
+    this many training tokens without firing. 0 = automatic: trainer.total_tokens / 32, but at least 128
+    n / k (128 firings of an average latent), at most 10M, Gao et al.'s window, which is meant for runs
+    of billions of tokens: under it a run of a million never calls a latent dead, AuxK never acts, and a
+    fast learning rate leaves a third of the latents dead; a window of a few expected firings calls
+    healthy latents dead and AuxK then doubles the dead fraction (docs/training.md)."""
     fanout_n_latents: list[int] = field(default_factory=list)
     """Train one SAE per size listed here from a single activation stream (the LM forward is paid
     once); empty = one SAE of n_latents."""
@@ -204,6 +205,12 @@ class Arch:
     def check_source(cls, cfg: Config, source: Any) -> None:
         """Checks of the data source itself, once it is built and before the first step (a CLT: the
         order in which the model reaches its sites)."""
+
+    @classmethod
+    def firings_per_token(cls, cfg: Config) -> int:
+        """Latents of the whole dictionary active on an average token (sae.k for the top-k families):
+        an average latent fires once in n_latents / this many tokens (the automatic dead window)."""
+        return cfg.sae.k
 
     @property
     def resample_every(self) -> int:

@@ -109,6 +109,13 @@ class CrossLayerTranscoder(Arch):
             )
 
     @classmethod
+    def firings_per_token(cls, cfg: Config) -> int:
+        """k per layer over L layers (L from model.sites or data.synthetic_sites; an activation cache's
+        sites are not in the config, so there k alone: a longer window, never a shorter one)."""
+        sites = len(cfg.model.sites) if cfg.data.source == "lm" else cfg.data.synthetic_sites
+        return cfg.sae.k * max(sites // 2, 1) if cfg.data.source in ("lm", "synthetic") else cfg.sae.k
+
+    @classmethod
     def check_source(cls, cfg: Config, source: Any) -> None:
         """Live LM data: the forward pass must reach input 0, output 0, input 1, output 1, ... (the sites
         listed as the L inputs in layer order, then the L outputs)."""
