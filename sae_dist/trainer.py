@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from sae_dist import archs
 from sae_dist.config import Config
 from sae_dist.optim import (
     SignumScheduleFree,
@@ -110,8 +111,6 @@ def dead_window(cfg: Config) -> int:
     the run, but at least 128 expected firings of an average latent (k: the family's latents per token)."""
     if cfg.sae.dead_tokens > 0:
         return cfg.sae.dead_tokens
-    from sae_dist import archs
-
     firings = DEAD_WINDOW_FIRINGS * cfg.sae.n_latents // max(1, archs.get(cfg.sae.arch).firings_per_token(cfg))
     return max(1, min(DEAD_WINDOW_MAX, max(cfg.trainer.total_tokens // DEAD_WINDOW_FRACTION, firings)))
 

@@ -94,8 +94,8 @@ class CrossLayerTranscoder(Arch):
             "writes into the blocks of the layers before each latent's own (held at zero); use "
             "trainer.optimizer=adam or signum_sf with sae.arch=clt",
         )
-        sites = len(cfg.model.sites) if cfg.data.source == "lm" else cfg.data.synthetic_sites
-        if cfg.data.source in ("lm", "synthetic"):
+        sites = cls._configured_sites(cfg)
+        if sites is not None:
             require(
                 sites % 2 == 0,
                 f"sae.arch=clt reads L MLP inputs then L MLP outputs, but the data has {sites} sites (odd); "
@@ -108,12 +108,20 @@ class CrossLayerTranscoder(Arch):
                 f"({cfg.parallel.fp}) feature shards; use a multiple of {L * cfg.parallel.fp}",
             )
 
+    @staticmethod
+    def _configured_sites(cfg: Config) -> int | None:
+        """Sites per token as the config states them (model.sites, data.synthetic_sites); None for an
+        activation cache, whose index says (check_sites reads it there)."""
+        if cfg.data.source == "lm":
+            return len(cfg.model.sites)
+        return cfg.data.synthetic_sites if cfg.data.source == "synthetic" else None
+
     @classmethod
     def firings_per_token(cls, cfg: Config) -> int:
-        """k per layer over L layers (L from model.sites or data.synthetic_sites; an activation cache's
-        sites are not in the config, so there k alone: a longer window, never a shorter one)."""
-        sites = len(cfg.model.sites) if cfg.data.source == "lm" else cfg.data.synthetic_sites
-        return cfg.sae.k * max(sites // 2, 1) if cfg.data.source in ("lm", "synthetic") else cfg.sae.k
+        """k per layer over L layers; from an activation cache (L not in the config) k alone: a longer
+        window, never a shorter one."""
+        sites = cls._configured_sites(cfg)
+        return cfg.sae.k * max(sites // 2, 1) if sites is not None else cfg.sae.k
 
     @classmethod
     def check_source(cls, cfg: Config, source: Any) -> None:
