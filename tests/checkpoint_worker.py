@@ -120,6 +120,11 @@ def main() -> None:
         if results is not None and int(os.environ.get("RANK", "0")) == 0:
             with open(os.path.join(job["out"], "history.json"), "w") as fh:
                 json.dump({"history": results["history"], "steps": results["steps"]}, fh)
+    if torch.distributed.is_initialized():
+        # torchrun's group outlives the jobs; left to the interpreter's exit, gloo's teardown can race its
+        # own threads and abort a rank ("terminate called without an active exception") under load
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
