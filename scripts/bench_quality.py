@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -48,10 +49,12 @@ def ours(cache: str, n: int, batch: int, tokens: int, extra: list[str], out: str
                 "command": " ".join(cmd[:-2])}
 
 
-def row_order(cache: str, batch: int, tokens: int) -> torch.Tensor:
-    """The cache rows a default `sae-dist data=cache` job trains on, in its order: this project's own
-    BatchStream (shuffle buffer, seed, cycling) over a source whose "activations" are row numbers."""
-    from sae_dist.config import DataConfig, TrainerConfig
+def row_order(cache: str, batch: int, tokens: int, seed: int = 0, shuffle_buffer_tokens: int | None = None
+              ) -> torch.Tensor:
+    """The cache rows a `sae-dist data=cache trainer.seed=SEED` job trains on, in its order: this
+    project's own BatchStream (shuffle buffer, seed, cycling) over a source whose "activations" are row
+    numbers. `shuffle_buffer_tokens`: data.shuffle_buffer_tokens when the job overrides it."""
+    from sae_dist.config import DataConfig
     from sae_dist.data import BatchStream
     from sae_dist.data.cache import CachedSource
 
@@ -69,22 +72,25 @@ def row_order(cache: str, batch: int, tokens: int) -> torch.Tensor:
                 pos += 1
                 yield torch.arange(self.starts[i], self.starts[i] + self.sizes[i], dtype=torch.float64)[:, None], pos
 
-    stream = BatchStream(Rows(), batch, DataConfig().shuffle_buffer_tokens, TrainerConfig().seed)
+    buffer = DataConfig().shuffle_buffer_tokens if shuffle_buffer_tokens is None else shuffle_buffer_tokens
+    stream = BatchStream(Rows(), batch, buffer, seed)
     steps = tokens // batch
     return torch.cat([b[:, 0] for _, b in zip(range(steps), stream)]).long()
 
 
-def peer(python: str, cache: str, n: int, k: int, batch: int, tokens: int, eval_tokens: int, out: str) -> dict:
-    """sparsify on the same cache rows in the same order, through scripts/peer_sparsify.py in its venv."""
+def peer(python: str, cache: str, n: int, k: int, batch: int, tokens: int, eval_tokens: int, out: str,
+         seed: int = 0) -> dict:
+    """sparsify on the same cache rows in the same order, through scripts/peer_sparsify.py in its venv;
+    `seed` is sparsify's init seed and the row order of `sae-dist ... trainer.seed=SEED`."""
     from safetensors.torch import save_file
 
     os.makedirs(out, exist_ok=True)
     result, order = os.path.join(out, "peer.json"), os.path.join(out, "order.safetensors")
-    save_file({"rows": row_order(cache, batch, tokens)}, order)
+    save_file({"rows": row_order(cache, batch, tokens, seed)}, order)
     cmd = [python, os.path.join(ROOT, "scripts", "peer_sparsify.py"), "--train", os.path.join(cache, "train"),
            "--heldout", os.path.join(cache, "heldout"), "--n-latents", str(n), "--k", str(k),
            "--batch-tokens", str(batch), "--tokens", str(tokens), "--eval-tokens", str(eval_tokens),
-           "--order", order, "--out", result]
+           "--seed", str(seed), "--order", order, "--out", result]
     log.info("%s", " ".join(cmd))
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     with open(result) as fh:
@@ -104,6 +110,8 @@ def main() -> None:
     ap.add_argument("--extra", nargs="*", default=[], help="more overrides for every sae-dist run")
     ap.add_argument("--peer", choices=["sparsify"], help="also train the peer on the same data")
     ap.add_argument("--peer-python", default=os.path.join(ROOT, ".venv-sparsify", "bin", "python"))
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0],
+                    help="trainer.seed of each run (init and row order; the peer gets the same rows and seed)")
     ap.add_argument("--out", default="/tmp/bench_quality")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -117,35 +125,46 @@ def main() -> None:
         for batch in args.batches:
             if f"{batch}x{n}" in args.skip:
                 continue
-            tag = f"b{batch}_n{n}"
-            row = {"n": n, "batch": batch,
-                   "ours": ours(args.cache, n, batch, args.tokens, [f"sae.k={args.k}", *args.extra],
-                                os.path.join(args.out, tag, "ours"))}
-            if args.peer:
-                row["peer"] = peer(args.peer_python, args.cache, n, args.k, batch, args.tokens,
-                                   int(row["ours"]["tokens"]), os.path.join(args.out, tag, "peer"))
-            log.info("%s: %s", tag, json.dumps(row))
-            rows.append(row)
-            with open(os.path.join(args.out, "rows.json"), "w") as fh:
-                json.dump(rows, fh, indent=1)
+            for seed in args.seeds:
+                tag = f"b{batch}_n{n}" + (f"_s{seed}" if seed else "")
+                extra = [f"sae.k={args.k}", *([f"trainer.seed={seed}"] if seed else []), *args.extra]
+                row = {"n": n, "batch": batch, "seed": seed,
+                       "ours": ours(args.cache, n, batch, args.tokens, extra, os.path.join(args.out, tag, "ours"))}
+                if args.peer:
+                    row["peer"] = peer(args.peer_python, args.cache, n, args.k, batch, args.tokens,
+                                       int(row["ours"]["tokens"]), os.path.join(args.out, tag, "peer"), seed)
+                log.info("%s: %s", tag, json.dumps(row))
+                rows.append(row)
+                with open(os.path.join(args.out, "rows.json"), "w") as fh:
+                    json.dump(rows, fh, indent=1)
     print(f"\nheld-out metrics, {args.tokens} training tokens; CPU: {_cpu()}; "
           f"load average {os.getloadavg()[0]:.1f} at the end\n")
-    head = "| n | batch | FVU | L0 | dead | tokens/s |"
+    head = "| n | batch | seed | FVU | L0 | dead | tokens/s |"
     if args.peer:
         head += f" {args.peer} FVU | L0 | dead | tokens/s |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for row in rows:
-        o = row["ours"]
-        line = f"| {row['n']} | {row['batch']} | {o['fvu']:.4f} | {o['l0']:.1f} | {o['dead_fraction']:.2%} | {o['tokens_per_s']:.0f} |"
-        if "peer" in row:
-            p = row["peer"]
-            line += f" {p['fvu']:.4f} | {p['l0']:.1f} | {p['dead_fraction']:.2%} | {p['tokens_per_s']:.0f} |"
-        print(line)
+        print(f"| {row['n']} | {row['batch']} | {row['seed']} | {cells(row['ours'])}" + (f" {cells(row['peer'])}" if "peer" in row else ""))
+    if len(args.seeds) > 1:
+        for n, batch in sorted({(r["n"], r["batch"]) for r in rows}):
+            group = [r for r in rows if (r["n"], r["batch"]) == (n, batch)]
+            line = f"| {n} | {batch} | mean of {len(group)} | {cells(mean_of([r['ours'] for r in group]))}"
+            if args.peer:
+                line += f" {cells(mean_of([r['peer'] for r in group]))}"
+            print(line)
     print("\ncommands:")
     for row in rows:
         print(f"- `{row['ours']['command']}`" + (f"; peer: `{row['peer']['command']}`" if "peer" in row else ""))
 
+
+def mean_of(results: list[dict]) -> dict:
+    """The seeds' mean of each metric the table prints."""
+    return {key: statistics.mean(r[key] for r in results) for key in ("fvu", "l0", "dead_fraction", "tokens_per_s")}
+
+
+def cells(r: dict) -> str:
+    return f"{r['fvu']:.4f} | {r['l0']:.1f} | {r['dead_fraction']:.2%} | {r['tokens_per_s']:.0f} |"
 
 if __name__ == "__main__":
     main()

@@ -92,3 +92,25 @@ def test_a_cached_heldout_split_is_read_once_not_cycled(tmp_path):
     chunks = list(itertools.islice(heldout_batches(cfg), 5))
     assert [int(c.shape[0]) for c in chunks] == [100, 100, 100]  # evaluation counts each token once
     assert all(torch.equal(c, src.chunk(i)) for i, c in enumerate(chunks))
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_the_peer_benchmark_feeds_the_rows_a_cache_job_trains_on_in_its_order(tmp_path, seed):
+    """scripts/bench_quality.py hands sparsify the cache rows of `sae-dist data=cache trainer.seed=SEED`
+    in the job's order (row_order); the comparison is only fair if that is what the job's stream yields."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    from bench_quality import row_order
+
+    src = SyntheticSource(4, 16, 2, seed=1, chunk_tokens=300)
+    write_cache(src.chunks(), str(tmp_path / "c" / "train"), 2700, {})
+    rows = torch.cat([src.chunk(i) for i in range(9)])
+    cfg = synthetic_config(tmp_path, data={"source": "cache", "cache_dir": str(tmp_path / "c"),
+                                           "shuffle_buffer_tokens": 1200}, trainer={"seed": seed})
+    stream = BatchStream(CachedSource(str(tmp_path / "c" / "train")), 256, cfg.data.shuffle_buffer_tokens, seed)
+    trained = torch.cat([b for _, b in zip(range(16), stream)])  # 4096 tokens: the cache cycles once
+    order = row_order(str(tmp_path / "c"), 256, 4096, seed, shuffle_buffer_tokens=1200)
+    assert torch.equal(rows[order], trained)
+    assert not torch.equal(order, torch.arange(4096) % 2700)  # shuffled, so the check has teeth
