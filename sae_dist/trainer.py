@@ -64,7 +64,8 @@ def auto_lr(cfg: Config, name: str | None = None) -> float:
         return cfg.trainer.lr
     n, name = cfg.sae.n_latents, name or optimizer_of(cfg)
     if name == "signum_sf":
-        return 5e-3 / math.sqrt(n / 2**14)
+        steps = max(1, cfg.trainer.total_tokens // step_tokens(cfg))
+        return 5e-3 / math.sqrt(n / 2**14) * math.sqrt(max(1.0, AUTO_ADAM_MIN_STEPS / steps))
     if name == "muon":
         return muon_lr(n, step_tokens(cfg))
     return 2e-4 / math.sqrt(n / 2**14) * cfg.trainer.lr_scale * math.sqrt(step_tokens(cfg) / LR_BATCH)

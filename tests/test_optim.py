@@ -347,5 +347,8 @@ def test_automatic_schedule_scales_with_the_batch_and_the_token_budget(tmp_path)
     assert trainer.optimizer_name == "adam"
     assert optimizer_of(cfg(1024, total=1024 * 127, optimizer="auto")) == "signum_sf"  # fewer than 128 steps
     assert optimizer_of(cfg(1024, total=1024 * 128, optimizer="auto")) == "adam"
-    assert auto_lr(cfg(1024, total=1024 * 64, optimizer="auto")) == pytest.approx(5e-3)  # signum_sf's own rule
+    # signum_sf: sparsify's rule from 128 steps up, sqrt(128 / steps) times it below (64 steps: x sqrt 2)
+    assert auto_lr(cfg(1024, total=1024 * 64, optimizer="auto")) == pytest.approx(5e-3 * 2**0.5)
+    assert auto_lr(cfg(1024, total=1024 * 32, optimizer="signum_sf")) == pytest.approx(1e-2)
+    assert auto_lr(cfg(1024, total=1024 * 512, optimizer="signum_sf")) == pytest.approx(5e-3)
     assert optimizer_of(cfg(512, total=1024 * 64, dp=2, optimizer="auto", param_dtype="bf16")) == "adam"  # ZeRO
