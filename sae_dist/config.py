@@ -157,11 +157,11 @@ class TrainerConfig:
     batch 4x larger averages away half the gradient noise, so each of its 4x fewer steps can be 2x longer.
     signum_sf: 5e-3 / sqrt(n_latents / 2**14) x sqrt(max(1, 128 / steps)): sparsify's rule for it (no
     lr_scale), 25x Adam's unscaled rate, made larger for runs shorter than the 128 steps from which auto
-    picks Adam (x 1.41 at 64 steps: FVU 0.1551 -> 0.1516 at n = 6144, batch 16384; 0.1521 over three seeds against
-    sparsify's 0.1532, docs/training.md). The
-    base iterate takes these large sign steps, but the weights in use are its running average, which
-    moves far less per step and averages the steps' noise away; a sign step's length does not depend
-    on the gradient, so a run of fewer steps covers less ground unless each is longer.
+    picks Adam (x 1.41 at 64 steps: FVU 0.1551 -> 0.1516 at n = 6144, batch 16384; 0.1521 over three
+    seeds against sparsify's 0.1532, docs/training.md). The base iterate takes these large sign steps,
+    but the weights in use are its running average, which moves far less per step and averages the
+    steps' noise away; a sign step's length does not depend on the gradient, so a run of fewer steps
+    covers less ground unless each is longer.
     muon: 2e-2 (optim.muon_lr), 10x sparsify's 2e-3, best of four rates at 262,144 tokens of batch 4096;
     over a million tokens it leaves many latents dead (docs/training.md)."""
     lr_scale: float = 6.0
