@@ -145,7 +145,8 @@ def main() -> None:
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for row in rows:
-        print(f"| {row['n']} | {row['batch']} | {row['seed']} | {cells(row['ours'])}" + (f" {cells(row['peer'])}" if "peer" in row else ""))
+        peer_cells = f" {cells(row['peer'])}" if "peer" in row else ""
+        print(f"| {row['n']} | {row['batch']} | {row['seed']} | {cells(row['ours'])}{peer_cells}")
     if len(args.seeds) > 1:
         for n, batch in sorted({(r["n"], r["batch"]) for r in rows}):
             group = [r for r in rows if (r["n"], r["batch"]) == (n, batch)]
@@ -164,7 +165,9 @@ def mean_of(results: list[dict]) -> dict:
 
 
 def cells(r: dict) -> str:
+    """One side's table cells: FVU, L0, dead, tokens/s."""
     return f"{r['fvu']:.4f} | {r['l0']:.1f} | {r['dead_fraction']:.2%} | {r['tokens_per_s']:.0f} |"
+
 
 if __name__ == "__main__":
     main()

@@ -97,9 +97,16 @@ def test_a_cached_heldout_split_is_read_once_not_cycled(tmp_path):
 @pytest.mark.parametrize("seed", [0, 3])
 def test_the_peer_benchmark_feeds_the_rows_a_cache_job_trains_on_in_its_order(tmp_path, seed):
     """scripts/bench_quality.py hands sparsify the cache rows of `sae-dist data=cache trainer.seed=SEED`
-    in the job's order (row_order); the comparison is only fair if that is what the job's stream yields."""
+    in the job's order (row_order); the comparison is only fair if that is what the job's own stream
+    (lifecycle.batches over the configured source) yields."""
     import os
     import sys
+    from types import SimpleNamespace
+
+    from sae_dist.data import build_source
+    from sae_dist.lifecycle import batches
+    from sae_dist.parallel import single_process
+    from sae_dist.trainer import TrainState
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
     from bench_quality import row_order
@@ -108,9 +115,11 @@ def test_the_peer_benchmark_feeds_the_rows_a_cache_job_trains_on_in_its_order(tm
     write_cache(src.chunks(), str(tmp_path / "c" / "train"), 2700, {})
     rows = torch.cat([src.chunk(i) for i in range(9)])
     cfg = synthetic_config(tmp_path, data={"source": "cache", "cache_dir": str(tmp_path / "c"),
-                                           "shuffle_buffer_tokens": 1200}, trainer={"seed": seed})
-    stream = BatchStream(CachedSource(str(tmp_path / "c" / "train")), 256, cfg.data.shuffle_buffer_tokens, seed)
-    trained = torch.cat([b for _, b in zip(range(16), stream)])  # 4096 tokens: the cache cycles once
+                                           "shuffle_buffer_tokens": 1200},
+                           trainer={"seed": seed, "batch_tokens": 256})
+    job = SimpleNamespace(cfg=cfg, mesh=single_process(cfg.parallel, cfg.sae.n_latents),
+                          source=build_source(cfg, "train"), trainer=SimpleNamespace(state=TrainState()))
+    trained = torch.cat([b for _, b in zip(range(16), batches(job))])  # 4096 tokens: the cache cycles once
     order = row_order(str(tmp_path / "c"), 256, 4096, seed, shuffle_buffer_tokens=1200)
     assert torch.equal(rows[order], trained)
     assert not torch.equal(order, torch.arange(4096) % 2700)  # shuffled, so the check has teeth
