@@ -28,7 +28,31 @@ STATE_KEYS = {
 (its vectors train with Adam), so a checkpoint is told apart by the smallest set that holds its keys."""
 
 
-class SignumScheduleFree(torch.optim.Optimizer):
+class WithoutDynamo:
+    """torch.optim.Optimizer's add_param_group, zero_grad, state_dict and load_state_dict, without the
+    wrapper that imports the compiler stack on their first call.
+
+    torch marks those four "not for dynamo to trace" with a decorator that imports torch._dynamo (and
+    sympy and triton with it) the first time one runs: about 145 MB of resident memory in every process
+    that builds any torch optimizer, a third of a trainer rank's runtime on CPU (docs/memory.md), for a
+    compiler this project never calls. The methods themselves are torch's (`__wrapped__`, which
+    functools.wraps keeps), so the optimizers behave as before; only tracing them with torch.compile
+    would differ, and nothing here compiles an optimizer. First in the bases of each optimizer below."""
+
+    def add_param_group(self, param_group: dict) -> None:
+        torch.optim.Optimizer.add_param_group.__wrapped__(self, param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        torch.optim.Optimizer.zero_grad.__wrapped__(self, set_to_none)
+
+    def state_dict(self) -> dict:
+        return torch.optim.Optimizer.state_dict.__wrapped__(self)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        torch.optim.Optimizer.load_state_dict.__wrapped__(self, state_dict)
+
+
+class SignumScheduleFree(WithoutDynamo, torch.optim.Optimizer):
     """Sign descent (steepest descent in the max-norm: Bernstein et al. 2018, signSGD) under schedule-free
     averaging (Defazio et al. 2024, "The Road Less Scheduled"), the update EleutherAI's sparsify trains
     SAEs with by default (its SignSGD inside the schedulefree package's wrapper, momentum 0.95). Per
@@ -129,11 +153,15 @@ class Scratch:
         return buf[:n]
 
 
-def adam_update(p: Tensor, state: dict, lr: float, betas: tuple[float, float], eps: float, scratch: Scratch) -> None:
+def adam_update(
+    p: Tensor, state: dict, lr: float, betas: tuple[float, float], eps: float, scratch: Scratch, lazy: bool = False
+) -> None:
     """torch Adam's update of one dense, contiguous parameter (no weight decay), bit for bit, in flat
     slices of `scratch.chunk` elements: lerp into m, v * beta2 + (1 - beta2) g^2, sqrt(v) / sqrt(c2) + eps
     into the scratch buffer, p + (-lr / c1) m / denom. Starts the state (step, exp_avg, exp_avg_sq:
-    torch's names and dtypes) on the first call."""
+    torch's names and dtypes) on the first call.
+
+    `lazy`: elements whose gradient is exactly zero keep their weight and both moments (`lazy_update`)."""
     beta1, beta2 = betas
     if p.grad.is_sparse or torch.is_complex(p) or not (p.is_contiguous() and p.grad.is_contiguous()):
         raise ValueError("adam_update takes dense, real, contiguous parameters and gradients")
@@ -150,6 +178,9 @@ def adam_update(p: Tensor, state: dict, lr: float, betas: tuple[float, float], e
     for s in range(0, x.numel(), scratch.chunk):
         e = min(s + scratch.chunk, x.numel())
         gs, ms, vs = g[s:e], m[s:e], v[s:e]
+        if lazy:
+            lazy_update(x[s:e], gs, ms, vs, step_size, c2_sqrt, betas, eps, scratch)
+            continue
         ms.lerp_(gs, 1 - beta1)
         vs.mul_(beta2).addcmul_(gs, gs, value=1 - beta2)
         denom = torch.sqrt(vs, out=scratch(e - s, vs))
@@ -157,7 +188,29 @@ def adam_update(p: Tensor, state: dict, lr: float, betas: tuple[float, float], e
         x[s:e].addcdiv_(ms, denom, value=-step_size)
 
 
-class ChunkedAdam(torch.optim.Adam):
+def lazy_update(
+    x: Tensor, g: Tensor, m: Tensor, v: Tensor, step_size: float, c2_sqrt: float, betas: tuple[float, float],
+    eps: float, scratch: Scratch,
+) -> None:
+    """One slice of "lazy" Adam: Adam's update where g != 0; where g == 0 the weight, m and v stay as they
+    are. Sparse ("lazy") Adam updates only the rows a step's gradient touches (torch.optim.SparseAdam,
+    TensorFlow Addons' LazyAdam), with the bias corrections of the global step; this is the same rule
+    on dense tensors. In a TopK SAE the rows of a latent that did not fire (and that AuxK did not pick)
+    have exactly zero gradient, so they are the ones left alone. Dense Adam would keep moving them for
+    about ten steps on their momentum (m shrinks by beta1 a step, v barely), along their last gradients:
+    those that pushed the latent out of the top k (docs/training.md measures what this does to dead
+    latents). The weight is untouched by dividing its m by an infinite denominator: x - s * m / inf = x.
+    Temporaries: the scratch buffer and a boolean mask of the slice."""
+    beta1, beta2 = betas
+    active = g.ne(0)
+    f = scratch(g.numel(), g)
+    m.lerp_(g, f.zero_().masked_fill_(active, 1 - beta1))  # m + 0 * (g - m) = m where g == 0
+    v.mul_(f.fill_(1.0).masked_fill_(active, beta2)).addcmul_(g, g, value=1 - beta2)
+    denom = torch.sqrt(v, out=f).div_(c2_sqrt).add_(eps).masked_fill_(active.logical_not_(), math.inf)
+    x.addcdiv_(m, denom, value=-step_size)
+
+
+class ChunkedAdam(WithoutDynamo, torch.optim.Adam):
     """torch's Adam (no weight decay, no AMSGrad), the same update bit for bit, with its temporaries
     bounded by `chunk` elements instead of the parameter's size.
 
@@ -172,11 +225,14 @@ class ChunkedAdam(torch.optim.Adam):
     torch's own step."""
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 chunk: int = ADAM_CHUNK) -> None:
+                 chunk: int = ADAM_CHUNK, lazy: bool = False) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, foreach=False)
         self.chunk = chunk
         """Elements per slice: the update's one temporary (memory_plan counts it)."""
         self.scratch = Scratch(chunk)
+        self.lazy = lazy
+        """Leave elements with a zero gradient alone, weight and moments (`lazy_update`): trainer.lazy_adam.
+        The state is Adam's either way, so a checkpoint resumes under either setting."""
 
     def _plain(self, group: dict) -> bool:
         return not (group["weight_decay"] or group["amsgrad"] or group["maximize"] or group["capturable"]
@@ -193,7 +249,8 @@ class ChunkedAdam(torch.optim.Adam):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    adam_update(p, self.state[p], group["lr"], group["betas"], group["eps"], self.scratch)
+                    adam_update(p, self.state[p], group["lr"], group["betas"], group["eps"], self.scratch,
+                                self.lazy)
         return loss
 
 
@@ -230,7 +287,7 @@ class ShardComm(Protocol):
     def sum_over_shards(self, t: Tensor) -> Tensor: ...
 
 
-class Muon(torch.optim.Optimizer):
+class Muon(WithoutDynamo, torch.optim.Optimizer):
     """Muon (Keller Jordan et al. 2024, "Muon: an optimizer for hidden layers"): momentum SGD whose update
     for a matrix is orthogonalised by `newton_schulz`; parameters of other shapes (the biases, an
     architecture's per-latent vectors) train with Adam (betas 0.9, 0.999) at the same learning rate.
@@ -338,12 +395,13 @@ def build_optimizer(
     unit_rows: tuple[Tensor, ...] = (),
     comm: ShardComm | None = None,
     sharded: tuple[Tensor, ...] = (),
+    lazy: bool = False,
 ) -> torch.optim.Optimizer:
     """`trainer.optimizer` over `params`; `unit_rows` as for SignumScheduleFree (Adam's engine renormalises
     the parameter alone: its update has no second iterate, nor has Muon's); `comm` and `sharded` as for
-    Muon (the SAE's comm and its parameters split across feature shards)."""
+    Muon (the SAE's comm and its parameters split across feature shards); `lazy` as for ChunkedAdam."""
     if name == "adam":
-        return ChunkedAdam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+        return ChunkedAdam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, lazy=lazy)
     if name == "signum_sf":
         return SignumScheduleFree(params, lr=lr, momentum=0.95, unit_rows=unit_rows)
     if name == "muon":
