@@ -164,6 +164,12 @@ class TrainerConfig:
     covers less ground unless each is longer.
     muon: 2e-2 (optim.muon_lr), 10x sparsify's 2e-3, best of four rates at 262,144 tokens of batch 4096;
     over a million tokens it leaves many latents dead (docs/training.md)."""
+    lazy_adam: str = "auto"
+    """Adam's update of the elements whose gradient is exactly zero in a step (optim.lazy_update): on
+    leaves them alone, weight and moments, as sparse ("lazy") Adam does; off is torch's Adam, which keeps
+    moving them on their momentum. In a TopK SAE those are the rows of the latents that did not fire.
+    auto: off (the DeepSpeed engine's ZeRO Adam has no such mode; on needs parallel.engine=torch).
+    Only adam reads it (sae_dist/trainer.py's optimizer_of)."""
     lr_scale: float = 6.0
     """Multiplier on Adam's automatic learning rate (short runs like a higher one). 6 with topk's
     automatic encoder scale, best at batch 4096 for FVU with under 5% dead; the plain transposed
@@ -213,6 +219,10 @@ class TrainerConfig:
         _require(
             self.optimizer in ("auto", *OPTIMIZERS),
             f"trainer.optimizer ({self.optimizer!r}) must be one of auto, {', '.join(OPTIMIZERS)}",
+        )
+        _require(
+            self.lazy_adam in ("auto", "on", "off"),
+            f"trainer.lazy_adam ({self.lazy_adam!r}) must be auto, on or off",
         )
         _require(
             0 <= self.decay_fraction <= 1, f"trainer.decay_fraction ({self.decay_fraction}) must be in [0, 1]"

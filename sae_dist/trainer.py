@@ -75,6 +75,11 @@ AUTO_ADAM_MIN_STEPS = 128
 """trainer.optimizer=auto picks Adam for runs of at least this many steps, signum_sf for shorter ones."""
 
 
+def lazy_adam(cfg: Config) -> bool:
+    """trainer.lazy_adam resolved for the torch engine (config.py's TrainerConfig.lazy_adam)."""
+    return cfg.trainer.lazy_adam == "on"
+
+
 def optimizer_of(cfg: Config) -> str:
     """trainer.optimizer resolved: auto is adam on the DeepSpeed engine (its ZeRO optimizer) and for runs
     of at least AUTO_ADAM_MIN_STEPS steps, signum_sf for shorter ones (docs/training.md: at 64 steps of
@@ -172,9 +177,9 @@ class TorchEngine:
 
     def __init__(
         self, sae: SparseAutoencoder, lr: float, optimizer: torch.optim.Optimizer | None = None, data: Any = None,
-        kind: str = "adam",
+        kind: str = "adam", lazy: bool = False,
     ) -> None:
-        self.sae, self.data = sae, data
+        self.sae, self.data, self.lazy = sae, data, lazy
         self.optimizer = optimizer or self.build(kind, lr)
         self.data_replicas = data.size if data is not None else 1
 
@@ -183,7 +188,8 @@ class TorchEngine:
         sae = self.sae
         unit_rows = (sae.W_dec,) if sae.unit_norm_decoder else ()
         sharded, _ = sharded_params(sae)
-        return build_optimizer(kind, list(sae.parameters()), lr, unit_rows, comm=sae.comm, sharded=tuple(sharded))
+        return build_optimizer(kind, list(sae.parameters()), lr, unit_rows, comm=sae.comm, sharded=tuple(sharded),
+                               lazy=self.lazy)
 
     def before_forward(self) -> None:
         """Schedule-free: the weights move from the average to the point the gradient is taken at."""
@@ -243,7 +249,7 @@ class Trainer:
         self.checkpointer = checkpointer
         self.base_lr = auto_lr(cfg)
         self.optimizer_name = optimizer_of(cfg)
-        self.engine = engine or TorchEngine(sae, self.base_lr, optimizer, kind=self.optimizer_name)
+        self.engine = engine or TorchEngine(sae, self.base_lr, optimizer, kind=self.optimizer_name, lazy=lazy_adam(cfg))
         self.optimizer = self.engine.optimizer
         self.data_replicas: int = self.engine.data_replicas
         """Each step trains on batch_tokens from every data replica."""

@@ -32,9 +32,12 @@ STEPS = 20
 
 
 def _cfg(tmp, fp=1, optimizer="signum_sf", **checkpoint):
+    """`optimizer` "lazy_adam" is trainer.optimizer=adam with trainer.lazy_adam=on."""
+    lazy = "on" if optimizer == "lazy_adam" else "auto"
+    optimizer = "adam" if optimizer == "lazy_adam" else optimizer
     return synthetic_config(
         tmp,
-        trainer={"optimizer": optimizer, "total_tokens": 256 * STEPS, "log_every": 1},
+        trainer={"optimizer": optimizer, "lazy_adam": lazy, "total_tokens": 256 * STEPS, "log_every": 1},
         parallel={"fp": fp, "engine": "torch"},
         checkpoint={"every_steps": 10, "keep_last": 5, "async_upload": False, **checkpoint},
     )
@@ -67,6 +70,57 @@ def test_chunked_adam_is_torch_adam_bit_for_bit_and_shares_its_state(chunk):
     again = ChunkedAdam(ref, lr=1e-3, chunk=chunk)
     again.load_state_dict(ref_opt.state_dict())
     assert again.state_dict()["state"][0]["exp_avg"].equal(opt.state_dict()["state"][0]["exp_avg"])
+
+
+@pytest.mark.parametrize("chunk", [777, 1 << 22])
+def test_lazy_adam_is_sparse_adam_on_the_rows_with_gradient_and_leaves_the_others(chunk):
+    """torch's SparseAdam (the reference of "lazy" Adam: it updates the rows present in a sparse gradient,
+    with the global step's bias corrections) on the same gradients with their zero rows left out; a
+    slice of 777 elements splits rows. A row without gradient keeps its weight and moments bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(300, 24, generator=g))
+    ref = torch.nn.Parameter(ours.detach().clone())
+    opt = ChunkedAdam([ours], lr=1e-2, chunk=chunk, lazy=True)
+    ref_opt = torch.optim.SparseAdam([ref], lr=1e-2)
+    dense = ChunkedAdam([torch.nn.Parameter(ours.detach().clone())], lr=1e-2, chunk=chunk)
+    start = ours.detach().clone()
+    for step in range(6):
+        grad = torch.randn(ours.shape, generator=g)
+        grad[torch.rand(300, generator=g) < 0.5] = 0.0  # half the rows (latents) have no gradient
+        grad[:10] = 0.0  # rows 0-9 never get one
+        before = {k: t.clone() for k, t in opt.state[ours].items()} if step else {}
+        kept = ours.detach().clone()
+        ours.grad = grad.clone()
+        ref.grad = grad.to_sparse(sparse_dim=1)  # the rows with gradient
+        opt.step()
+        ref_opt.step()
+        idle = grad.eq(0).all(dim=1)
+        assert torch.equal(ours[idle], kept[idle])
+        for key in ("exp_avg", "exp_avg_sq"):
+            if before:
+                assert torch.equal(opt.state[ours][key][idle], before[key][idle]), (step, key)
+            assert torch.allclose(opt.state[ours][key], ref_opt.state[ref][key], rtol=1e-5, atol=1e-7), (step, key)
+        # SparseAdam adds eps to sqrt(v) before the bias correction, torch's Adam after: within 0.2% of a step
+        assert torch.allclose(ours, ref, rtol=0, atol=2e-5), step
+        dense.param_groups[0]["params"][0].grad = grad.clone()
+        dense.step()
+    assert torch.equal(ours[:10], start[:10]) and torch.equal(opt.state[ours]["exp_avg"][:10], torch.zeros(10, 24))
+    assert not torch.allclose(dense.param_groups[0]["params"][0], ours)  # dense Adam moved the idle rows
+
+
+def test_lazy_adam_changes_the_synthetic_job_that_the_fp_and_resume_tests_train(tmp_path):
+    """Latents that do not fire in a step exist in `_cfg`'s job, so its lazy_adam cases test the lazy path."""
+    lazy = train(_cfg(tmp_path / "lazy", optimizer="lazy_adam"))
+    dense = train(_cfg(tmp_path / "dense", optimizer="adam"))
+    assert lazy["history"][0] == dense["history"][0]
+    assert lazy["history"][-1] != dense["history"][-1]
+
+
+def test_lazy_adam_on_the_deepspeed_engine_is_refused_before_any_work(tmp_path):
+    cfg = synthetic_config(tmp_path, trainer={"optimizer": "adam", "lazy_adam": "on"}, parallel={"dp": 2})
+    with pytest.raises(ConfigError, match=r"trainer\.lazy_adam \(on\) needs the torch engine, but parallel\.engine "
+                       r"\(auto\) is deepspeed for parallel\.dp \(2\).*set parallel\.engine=torch"):
+        check_supported(cfg, torch.device("cpu"))
 
 
 def test_signum_sf_matches_a_hand_computed_three_steps():
@@ -169,7 +223,7 @@ def _export(out: dict) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(out["export_dir"], "sae_weights.safetensors"))
 
 
-@pytest.mark.parametrize("optimizer", ["signum_sf", "muon"])
+@pytest.mark.parametrize("optimizer", ["signum_sf", "muon", "lazy_adam"])
 def test_resumes_bit_exactly(tmp_path, optimizer):
     straight = train(_cfg(tmp_path / "straight", optimizer=optimizer))
     assert len(straight["history"]) == STEPS
@@ -244,7 +298,7 @@ def _rank(rank: int, port: int, tmp: str, optimizer: str) -> None:
             json.dump({"history": out["history"], "export_dir": out["export_dir"]}, fh)
 
 
-@pytest.fixture(scope="module", params=["signum_sf", "muon"])
+@pytest.fixture(scope="module", params=["signum_sf", "muon", "lazy_adam"])
 def fp2(tmp_path_factory, request):
     tmp = str(tmp_path_factory.mktemp(f"fp2-{request.param}"))
     mp.spawn(_rank, args=(_free_port(), tmp, request.param), nprocs=2)
