@@ -165,9 +165,9 @@ class TrainerConfig:
     muon: 2e-2 (optim.muon_lr), 10x sparsify's 2e-3, best of four rates at 262,144 tokens of batch 4096;
     over a million tokens it leaves many latents dead (docs/training.md)."""
     lazy_adam: str = "auto"
-    """Adam's update of the elements whose gradient is exactly zero in a step (optim.lazy_update): on
-    leaves them alone, weight and moments, as sparse ("lazy") Adam does; off is torch's Adam, which keeps
-    moving them on their momentum. In a TopK SAE those are the rows of the latents that did not fire.
+    """Adam's update of the rows whose gradient is all zero in a step (optim.lazy_rows): on leaves them
+    alone, weights and moments, as sparse ("lazy") Adam does; off is torch's Adam, which keeps moving
+    them on their momentum. In a TopK SAE those are the rows of the latents that did not fire.
     auto: off (the DeepSpeed engine's ZeRO Adam has no such mode; on needs parallel.engine=torch).
     Only adam reads it (sae_dist/trainer.py's optimizer_of)."""
     lr_scale: float = 6.0

@@ -140,7 +140,8 @@ values in a band around 1 (about [0.7, 1.2]) within 5 steps, rather than converg
 
 
 class Scratch:
-    """One reused buffer of at most `chunk` elements, for slice-wise updates."""
+    """One reused buffer for slice-wise updates of at most `chunk` elements (more only for a lazy Adam
+    row longer than that)."""
 
     def __init__(self, chunk: int = ADAM_CHUNK) -> None:
         self.chunk = chunk
@@ -149,7 +150,7 @@ class Scratch:
     def __call__(self, n: int, like: Tensor) -> Tensor:
         buf = self._buf
         if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self._buf = torch.empty(min(max(n, 1), self.chunk), dtype=like.dtype, device=like.device)
+            buf = self._buf = torch.empty(max(n, 1), dtype=like.dtype, device=like.device)
         return buf[:n]
 
 
@@ -161,7 +162,8 @@ def adam_update(
     into the scratch buffer, p + (-lr / c1) m / denom. Starts the state (step, exp_avg, exp_avg_sq:
     torch's names and dtypes) on the first call.
 
-    `lazy`: elements whose gradient is exactly zero keep their weight and both moments (`lazy_update`)."""
+    `lazy`: rows (along the first dim) whose gradient is all zero keep their weights and both moments;
+    the other rows get the update above (`lazy_rows`)."""
     beta1, beta2 = betas
     if p.grad.is_sparse or torch.is_complex(p) or not (p.is_contiguous() and p.grad.is_contiguous()):
         raise ValueError("adam_update takes dense, real, contiguous parameters and gradients")
@@ -173,14 +175,14 @@ def adam_update(
     step = state["step"].item()
     step_size = lr / (1 - beta1**step)
     c2_sqrt = (1 - beta2**step) ** 0.5
+    if lazy:
+        lazy_rows(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step_size, c2_sqrt, betas, eps, scratch)
+        return
     x, g = p.view(-1), p.grad.view(-1)
     m, v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
     for s in range(0, x.numel(), scratch.chunk):
         e = min(s + scratch.chunk, x.numel())
         gs, ms, vs = g[s:e], m[s:e], v[s:e]
-        if lazy:
-            lazy_update(x[s:e], gs, ms, vs, step_size, c2_sqrt, betas, eps, scratch)
-            continue
         ms.lerp_(gs, 1 - beta1)
         vs.mul_(beta2).addcmul_(gs, gs, value=1 - beta2)
         denom = torch.sqrt(vs, out=scratch(e - s, vs))
@@ -188,26 +190,35 @@ def adam_update(
         x[s:e].addcdiv_(ms, denom, value=-step_size)
 
 
-def lazy_update(
-    x: Tensor, g: Tensor, m: Tensor, v: Tensor, step_size: float, c2_sqrt: float, betas: tuple[float, float],
+def lazy_rows(
+    p: Tensor, g: Tensor, m: Tensor, v: Tensor, step_size: float, c2_sqrt: float, betas: tuple[float, float],
     eps: float, scratch: Scratch,
 ) -> None:
-    """One slice of "lazy" Adam: Adam's update where g != 0; where g == 0 the weight, m and v stay as they
-    are. Sparse ("lazy") Adam updates only the rows a step's gradient touches (torch.optim.SparseAdam,
-    TensorFlow Addons' LazyAdam), with the bias corrections of the global step; this is the same rule
-    on dense tensors. In a TopK SAE the rows of a latent that did not fire (and that AuxK did not pick)
-    have exactly zero gradient, so they are the ones left alone. Dense Adam would keep moving them for
-    about ten steps on their momentum (m shrinks by beta1 a step, v barely), along their last gradients:
-    those that pushed the latent out of the top k (docs/training.md measures what this does to dead
-    latents). The weight is untouched by dividing its m by an infinite denominator: x - s * m / inf = x.
-    Temporaries: the scratch buffer and a boolean mask of the slice."""
+    """"Lazy" Adam of one parameter: Adam's update of its rows with a nonzero gradient; a row whose
+    gradient is all zero keeps its weights, m and v as they are. Sparse Adam does this with the rows a
+    sparse gradient holds (torch.optim.SparseAdam, TensorFlow Addons' LazyAdam), with the bias
+    corrections of the global step; this is the same rule on dense tensors. Every per-latent parameter
+    here has a row per latent (W_enc, W_dec (n, d); b_enc (n,)), and in a TopK SAE a latent that did
+    not fire in the step (and that AuxK did not pick) has exactly zero gradient. Dense Adam keeps moving
+    such a latent for about ten steps on its momentum (m shrinks by beta1 a step, v barely), along its
+    last gradients: those that pushed it out of the top k (docs/training.md measures what that does to
+    dead latents). Idle rows' weights stay because their denominator is made infinite: x - s m / inf
+    = x. Slices of whole rows, at most `scratch.chunk` elements (one row if a row is longer); the
+    temporaries are the scratch buffer and a few values per row."""
     beta1, beta2 = betas
-    active = g.ne(0)
-    f = scratch(g.numel(), g)
-    m.lerp_(g, f.zero_().masked_fill_(active, 1 - beta1))  # m + 0 * (g - m) = m where g == 0
-    v.mul_(f.fill_(1.0).masked_fill_(active, beta2)).addcmul_(g, g, value=1 - beta2)
-    denom = torch.sqrt(v, out=f).div_(c2_sqrt).add_(eps).masked_fill_(active.logical_not_(), math.inf)
-    x.addcdiv_(m, denom, value=-step_size)
+    rows = p.shape[0] if p.dim() else 1
+    x, g, m, v = (t.view(rows, -1) for t in (p, g, m, v))
+    per = max(1, scratch.chunk // x.shape[1])
+    for s in range(0, rows, per):
+        e = min(s + per, rows)
+        gs, ms, vs = g[s:e], m[s:e], v[s:e]
+        # (rows, 1); all zero <=> max and min zero: two reductions, a fraction of a pass over the slice
+        active = gs.amax(dim=1, keepdim=True).ne(0) | gs.amin(dim=1, keepdim=True).ne(0)
+        ms.lerp_(gs, active * (1 - beta1))  # m + 0 (g - m) = m in an idle row
+        vs.mul_(torch.where(active, beta2, 1.0)).addcmul_(gs, gs, value=1 - beta2)
+        denom = torch.sqrt(vs, out=scratch(vs.numel(), vs).view_as(vs))
+        denom.div_(c2_sqrt).add_(torch.where(active, eps, math.inf))
+        x[s:e].addcdiv_(ms, denom, value=-step_size)
 
 
 class ChunkedAdam(WithoutDynamo, torch.optim.Adam):
@@ -231,7 +242,7 @@ class ChunkedAdam(WithoutDynamo, torch.optim.Adam):
         """Elements per slice: the update's one temporary (memory_plan counts it)."""
         self.scratch = Scratch(chunk)
         self.lazy = lazy
-        """Leave elements with a zero gradient alone, weight and moments (`lazy_update`): trainer.lazy_adam.
+        """Leave rows with a zero gradient alone, weights and moments (`lazy_rows`): trainer.lazy_adam.
         The state is Adam's either way, so a checkpoint resumes under either setting."""
 
     def _plain(self, group: dict) -> bool:

@@ -75,8 +75,9 @@ def test_chunked_adam_is_torch_adam_bit_for_bit_and_shares_its_state(chunk):
 @pytest.mark.parametrize("chunk", [777, 1 << 22])
 def test_lazy_adam_is_sparse_adam_on_the_rows_with_gradient_and_leaves_the_others(chunk):
     """torch's SparseAdam (the reference of "lazy" Adam: it updates the rows present in a sparse gradient,
-    with the global step's bias corrections) on the same gradients with their zero rows left out; a
-    slice of 777 elements splits rows. A row without gradient keeps its weight and moments bit for bit."""
+    with the global step's bias corrections) on the same gradients with their zero rows left out; 777
+    elements make slices of 32 rows of 24. A row without gradient keeps its weights and moments bit for
+    bit."""
     g = torch.Generator().manual_seed(0)
     ours = torch.nn.Parameter(torch.randn(300, 24, generator=g))
     ref = torch.nn.Parameter(ours.detach().clone())
