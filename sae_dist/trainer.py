@@ -76,8 +76,9 @@ AUTO_ADAM_MIN_STEPS = 128
 
 
 def lazy_adam(cfg: Config) -> bool:
-    """trainer.lazy_adam resolved for the torch engine (config.py's TrainerConfig.lazy_adam)."""
-    return cfg.trainer.lazy_adam == "on"
+    """trainer.lazy_adam resolved for the torch engine, the only one that reads it: auto is on
+    (config.py's TrainerConfig.lazy_adam)."""
+    return cfg.trainer.lazy_adam != "off"
 
 
 def optimizer_of(cfg: Config) -> str:

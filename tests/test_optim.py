@@ -32,9 +32,9 @@ STEPS = 20
 
 
 def _cfg(tmp, fp=1, optimizer="signum_sf", **checkpoint):
-    """`optimizer` "lazy_adam" is trainer.optimizer=adam with trainer.lazy_adam=on."""
-    lazy = "on" if optimizer == "lazy_adam" else "auto"
-    optimizer = "adam" if optimizer == "lazy_adam" else optimizer
+    """`optimizer` "lazy_adam" / "dense_adam" is trainer.optimizer=adam with trainer.lazy_adam=on / off."""
+    lazy = {"lazy_adam": "on", "dense_adam": "off"}.get(optimizer, "auto")
+    optimizer = "adam" if optimizer in ("lazy_adam", "dense_adam") else optimizer
     return synthetic_config(
         tmp,
         trainer={"optimizer": optimizer, "lazy_adam": lazy, "total_tokens": 256 * STEPS, "log_every": 1},
@@ -110,9 +110,10 @@ def test_lazy_adam_is_sparse_adam_on_the_rows_with_gradient_and_leaves_the_other
 
 
 def test_lazy_adam_changes_the_synthetic_job_that_the_fp_and_resume_tests_train(tmp_path):
-    """Latents that do not fire in a step exist in `_cfg`'s job, so its lazy_adam cases test the lazy path."""
+    """Latents that do not fire in a step exist in `_cfg`'s job, so its lazy_adam cases test the lazy path
+    (and trainer.lazy_adam=off turns it off)."""
     lazy = train(_cfg(tmp_path / "lazy", optimizer="lazy_adam"))
-    dense = train(_cfg(tmp_path / "dense", optimizer="adam"))
+    dense = train(_cfg(tmp_path / "dense", optimizer="dense_adam"))
     assert lazy["history"][0] == dense["history"][0]
     assert lazy["history"][-1] != dense["history"][-1]
 
