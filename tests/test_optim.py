@@ -43,16 +43,18 @@ def _cfg(tmp, fp=1, optimizer="signum_sf", **checkpoint):
     )
 
 
+@pytest.mark.parametrize("lazy", [False, True])
 @pytest.mark.parametrize("chunk", [777, 4096, 1 << 22])
-def test_chunked_adam_is_torch_adam_bit_for_bit_and_shares_its_state(chunk):
+def test_chunked_adam_is_torch_adam_bit_for_bit_and_shares_its_state(chunk, lazy):
     # slices that split rows (777), that are whole rows (4096 = some rows of 384 and not others: 4096
     # is not a multiple of 384) and one slice per parameter; the learning rate changes every step, as
-    # under warm-up, and the gradients' scale spans six orders of magnitude
+    # under warm-up, and the gradients' scale spans six orders of magnitude. Every row has a gradient,
+    # so lazy Adam (whose slices are whole rows) is torch's Adam too
     g = torch.Generator().manual_seed(0)
     shapes = [(1000, 384), (1000,), (3, 5, 7)]
     ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    opt = ChunkedAdam(ours, lr=1e-3, chunk=chunk)
+    opt = ChunkedAdam(ours, lr=1e-3, chunk=chunk, lazy=lazy)
     ref_opt = torch.optim.Adam(ref, lr=1e-3, foreach=False)
     for step in range(6):
         for o in (opt, ref_opt):
