@@ -164,15 +164,18 @@ class TrainerConfig:
     covers less ground unless each is longer.
     muon: 2e-2 (optim.muon_lr), 10x sparsify's 2e-3, best of four rates at 262,144 tokens of batch 4096;
     over a million tokens it leaves many latents dead (docs/training.md)."""
-    lazy_adam: str = "auto"
-    """Adam's update of the rows whose gradient is all zero in a step (optim.lazy_rows): on leaves them
-    alone, weights and moments, as sparse ("lazy") Adam does; off is torch's Adam, which keeps moving
-    them on their momentum. In a TopK SAE those are the rows of the latents that did not fire.
-    auto: on for the torch engine's adam; the DeepSpeed engine's ZeRO Adam updates every element (on
-    needs parallel.engine=torch). Measured on the default job's data (docs/training.md): at n = 49152,
-    batch 4096, dead latents 37.53% -> 28.22% for FVU 0.1217 -> 0.1222; at n = 6144 3.66% -> 3.14%
-    (batch 4096) and 4.87% -> 3.35% (batch 1024), FVU within 0.0005. The update costs 1.2x dense Adam's.
-    Only adam reads it (muon's vectors and signum_sf are unchanged)."""
+    lazy_rows: str = "auto"
+    """What the optimizer does with a row (along a parameter's first dim) whose gradient is all zero in a
+    step. In a TopK SAE those are the rows of W_enc, W_dec and b_enc of a latent that did not fire and
+    that AuxK did not pick. on: the row is left alone, as sparse ("lazy") Adam does: adam keeps its
+    weights and both moments (optim.lazy_adam_update), signum_sf its average x as well as its z. off:
+    the dense update, which keeps moving such a latent (Adam on its momentum, signum_sf's average toward
+    its last sign steps), along the gradients that pushed it out of the top k. auto: on wherever it
+    applies (adam and signum_sf on the torch engine); the DeepSpeed engine's ZeRO Adam updates every
+    element (on needs parallel.engine=torch), and muon has no lazy form. Measured on the default job's
+    data (docs/training.md): fewer dead latents at every setting tried for at most 0.0005 FVU, most at
+    n = 49152 (batch 4096, adam: 37.53% -> 28.22% dead; batch 16384, signum_sf: 19.05% -> 10.13%).
+    Adam's update costs 1.2x the dense one."""
     lr_scale: float = 6.0
     """Multiplier on Adam's automatic learning rate (short runs like a higher one). 6 with topk's
     automatic encoder scale, best at batch 4096 for FVU with under 5% dead; the plain transposed
@@ -224,8 +227,8 @@ class TrainerConfig:
             f"trainer.optimizer ({self.optimizer!r}) must be one of auto, {', '.join(OPTIMIZERS)}",
         )
         _require(
-            self.lazy_adam in ("auto", "on", "off"),
-            f"trainer.lazy_adam ({self.lazy_adam!r}) must be auto, on or off",
+            self.lazy_rows in ("auto", "on", "off"),
+            f"trainer.lazy_rows ({self.lazy_rows!r}) must be auto, on or off",
         )
         _require(
             0 <= self.decay_fraction <= 1, f"trainer.decay_fraction ({self.decay_fraction}) must be in [0, 1]"

@@ -76,13 +76,21 @@ class SignumScheduleFree(WithoutDynamo, torch.optim.Optimizer):
 
     `unit_rows`: parameters whose rows stay unit-norm (a unit-norm decoder). z's rows are renormalised
     after each update here, x's (the parameter) by the engine after the step, as with Adam.
+
+    `lazy` (trainer.lazy_rows): a row (along the first dim) whose gradient is all zero keeps its x as
+    well as its z. Without it, such a row's average still moves toward its z, which holds the sign steps
+    of the row's last gradients: for a latent that has dropped out of the top k, the steps that pushed
+    it out. With it, a row's x averages the z's of the steps it had a gradient in, each weighted by the
+    global c, as lazy Adam keeps the global step's bias corrections (docs/training.md measures it).
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.95, unit_rows: tuple[Tensor, ...] = ()) -> None:
+    def __init__(self, params, lr: float, momentum: float = 0.95, unit_rows: tuple[Tensor, ...] = (),
+                 lazy: bool = False) -> None:
         if not 0.0 < momentum < 1.0:
             raise ValueError(f"momentum ({momentum}) must be in (0, 1)")
         super().__init__(params, {"lr": lr, "momentum": momentum})
         self.unit_rows = {id(p) for p in unit_rows}
+        self.lazy = lazy
         self._x: dict[int, Tensor] = {}
         """Parameter id -> x while the parameter holds y (between gradient_point() and step())."""
 
@@ -124,7 +132,13 @@ class SignumScheduleFree(WithoutDynamo, torch.optim.Optimizer):
                 st["step"] += 1
                 st["lr_max"].fill_(lr_max)
                 st["weight_sum"].fill_(weight_sum)
-                p.copy_(x.lerp_(z, lr_max**2 / weight_sum if weight_sum > 0 else 1.0))
+                c = lr_max**2 / weight_sum if weight_sum > 0 else 1.0
+                if self.lazy and p.dim():
+                    rows = p.shape[0]
+                    x.view(rows, -1).lerp_(z.view(rows, -1), active_rows(p.grad.reshape(rows, -1)) * c)
+                    p.copy_(x)
+                else:
+                    p.copy_(x.lerp_(z, c))
 
     @torch.no_grad()
     def reset_rows(self, p: Tensor, rows: Tensor) -> None:
@@ -163,7 +177,7 @@ def adam_update(
     torch's names and dtypes) on the first call.
 
     `lazy`: rows (along the first dim) whose gradient is all zero keep their weights and both moments;
-    the other rows get the update above (`lazy_rows`)."""
+    the other rows get the update above (`lazy_adam_update`)."""
     beta1, beta2 = betas
     if p.grad.is_sparse or torch.is_complex(p) or not (p.is_contiguous() and p.grad.is_contiguous()):
         raise ValueError("adam_update takes dense, real, contiguous parameters and gradients")
@@ -176,7 +190,7 @@ def adam_update(
     step_size = lr / (1 - beta1**step)
     c2_sqrt = (1 - beta2**step) ** 0.5
     if lazy:
-        lazy_rows(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step_size, c2_sqrt, betas, eps, scratch)
+        lazy_adam_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step_size, c2_sqrt, betas, eps, scratch)
         return
     x, g = p.view(-1), p.grad.view(-1)
     m, v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
@@ -190,7 +204,13 @@ def adam_update(
         x[s:e].addcdiv_(ms, denom, value=-step_size)
 
 
-def lazy_rows(
+def active_rows(g: Tensor) -> Tensor:
+    """(rows, 1) True where a row of g (rows, cols) is not all zero: its max or its min is nonzero (two
+    reductions, a fraction of a pass over g; a NaN row counts as active)."""
+    return g.amax(dim=1, keepdim=True).ne(0) | g.amin(dim=1, keepdim=True).ne(0)
+
+
+def lazy_adam_update(
     p: Tensor, g: Tensor, m: Tensor, v: Tensor, step_size: float, c2_sqrt: float, betas: tuple[float, float],
     eps: float, scratch: Scratch,
 ) -> None:
@@ -212,8 +232,7 @@ def lazy_rows(
     for s in range(0, rows, per):
         e = min(s + per, rows)
         gs, ms, vs = g[s:e], m[s:e], v[s:e]
-        # (rows, 1); all zero <=> max and min zero: two reductions, a fraction of a pass over the slice
-        active = gs.amax(dim=1, keepdim=True).ne(0) | gs.amin(dim=1, keepdim=True).ne(0)
+        active = active_rows(gs)
         ms.lerp_(gs, active * (1 - beta1))  # m + 0 (g - m) = m in an idle row
         vs.mul_(torch.where(active, beta2, 1.0)).addcmul_(gs, gs, value=1 - beta2)
         denom = torch.sqrt(vs, out=scratch(vs.numel(), vs).view_as(vs))
@@ -242,7 +261,7 @@ class ChunkedAdam(WithoutDynamo, torch.optim.Adam):
         """Elements per slice: the update's one temporary (memory_plan counts it)."""
         self.scratch = Scratch(chunk)
         self.lazy = lazy
-        """Leave rows with a zero gradient alone, weights and moments (`lazy_rows`): trainer.lazy_adam.
+        """Leave rows with a zero gradient alone, weights and moments (`lazy_adam_update`): trainer.lazy_rows.
         The state is Adam's either way, so a checkpoint resumes under either setting."""
 
     def _plain(self, group: dict) -> bool:
@@ -410,11 +429,12 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """`trainer.optimizer` over `params`; `unit_rows` as for SignumScheduleFree (Adam's engine renormalises
     the parameter alone: its update has no second iterate, nor has Muon's); `comm` and `sharded` as for
-    Muon (the SAE's comm and its parameters split across feature shards); `lazy` as for ChunkedAdam."""
+    Muon (the SAE's comm and its parameters split across feature shards); `lazy` as for ChunkedAdam and
+    SignumScheduleFree (muon has no lazy form: Newton-Schulz mixes the rows)."""
     if name == "adam":
         return ChunkedAdam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, lazy=lazy)
     if name == "signum_sf":
-        return SignumScheduleFree(params, lr=lr, momentum=0.95, unit_rows=unit_rows)
+        return SignumScheduleFree(params, lr=lr, momentum=0.95, unit_rows=unit_rows, lazy=lazy)
     if name == "muon":
         if comm is None:
             raise ValueError("muon needs the SAE's comm (sae.comm): Newton-Schulz sums over feature shards")

@@ -75,10 +75,10 @@ AUTO_ADAM_MIN_STEPS = 128
 """trainer.optimizer=auto picks Adam for runs of at least this many steps, signum_sf for shorter ones."""
 
 
-def lazy_adam(cfg: Config) -> bool:
-    """trainer.lazy_adam resolved for the torch engine, the only one that reads it: auto is on
-    (config.py's TrainerConfig.lazy_adam)."""
-    return cfg.trainer.lazy_adam != "off"
+def lazy_rows(cfg: Config) -> bool:
+    """trainer.lazy_rows resolved for the torch engine, the only one that reads it: auto is on (for adam
+    and signum_sf; config.py's TrainerConfig.lazy_rows)."""
+    return cfg.trainer.lazy_rows != "off"
 
 
 def optimizer_of(cfg: Config) -> str:
@@ -250,7 +250,7 @@ class Trainer:
         self.checkpointer = checkpointer
         self.base_lr = auto_lr(cfg)
         self.optimizer_name = optimizer_of(cfg)
-        self.engine = engine or TorchEngine(sae, self.base_lr, optimizer, kind=self.optimizer_name, lazy=lazy_adam(cfg))
+        self.engine = engine or TorchEngine(sae, self.base_lr, optimizer, kind=self.optimizer_name, lazy=lazy_rows(cfg))
         self.optimizer = self.engine.optimizer
         self.data_replicas: int = self.engine.data_replicas
         """Each step trains on batch_tokens from every data replica."""

@@ -51,10 +51,10 @@ def probe(trainer, path: str, rank: int) -> None:
 
 def run_job(out: str, url: str, fp: int = 1, dp: int = 1, stop_after: int = 0, resume_from: str = "",
             with_probe: bool = False, engine: str = "torch", zero_stage: int = 1, param_dtype: str = "fp32",
-            sae: dict | None = None, sites: int = 0, lazy_adam: str = "auto", **checkpoint: object) -> dict | None:
+            sae: dict | None = None, sites: int = 0, lazy_rows: str = "auto", **checkpoint: object) -> dict | None:
     """The tiny synthetic job (40 steps, a checkpoint every 10) with checkpoints under `url`; returns
     train()'s results, or None when it stopped after `stop_after`. `sae` and `sites`: another family
-    (sae fields) on synthetic data of that many sites per token; `lazy_adam` the torch engine's."""
+    (sae fields) on synthetic data of that many sites per token; `lazy_rows` the torch engine's."""
 
     class TestCheckpointer(Checkpointer):
         def save(self, trainer):  # type: ignore[no-untyped-def]
@@ -75,7 +75,7 @@ def run_job(out: str, url: str, fp: int = 1, dp: int = 1, stop_after: int = 0, r
         out,
         checkpoint={"url": url, "every_steps": 10, "keep_last": 5, "resume_from": resume_from,
                     "retry_initial_s": 0.2, "op_timeout_s": 20.0, "when_busy": "wait", **checkpoint},
-        trainer={"log_every": 1, "total_tokens": 256 * 40 * dp, "param_dtype": param_dtype, "lazy_adam": lazy_adam},
+        trainer={"log_every": 1, "total_tokens": 256 * 40 * dp, "param_dtype": param_dtype, "lazy_rows": lazy_rows},
         parallel={"fp": fp, "dp": dp, "engine": engine, "zero_stage": zero_stage},
         tracking={"enabled": False},
         **({"sae": sae} if sae else {}),

@@ -202,7 +202,7 @@ def test_zero2_stop_and_resume_from_s3_gives_identical_losses(zero2, s3, tmp_pat
 def test_zero2_checkpoint_resumes_on_the_torch_engine(zero2, tmp_path):
     """The same file layout for both engines: a ZeRO checkpoint continues under plain (dense) torch Adam."""
     _workers([{"out": str(tmp_path), "url": _url("zero2-to-torch"), "dp": 2, "resume_from": zero2["stopped"] + "/sae",
-               "lazy_adam": "off"}], nproc=2)
+               "lazy_rows": "off"}], nproc=2)
     history = _history(tmp_path)
     assert torch.allclose(torch.tensor(history), torch.tensor(zero2["history"][20:]), rtol=1e-5, atol=1e-7)
 

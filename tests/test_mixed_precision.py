@@ -24,7 +24,7 @@ OVERRIDES = {
     "data": {"synthetic_n_features": 256, "synthetic_k": 4},
     "sae": {"n_latents": 512, "k": 8, "dead_tokens": 20000},
     "trainer": {"total_tokens": 512 * 60, "batch_tokens": 512, "encoder_chunk": 128, "log_every": 20, "device": "cpu",
-                "optimizer": "adam", "lazy_adam": "off"},  # both engines run dense Adam: a difference is the weights' precision
+                "optimizer": "adam", "lazy_rows": "off"},  # both engines run dense Adam: a difference is the weights' precision
 }
 
 

@@ -31,13 +31,13 @@ from sae_dist.tracking import NullTracker
 STEPS = 20
 
 
-def _cfg(tmp, fp=1, optimizer="signum_sf", **checkpoint):
-    """`optimizer` "lazy_adam" / "dense_adam" is trainer.optimizer=adam with trainer.lazy_adam=on / off."""
-    lazy = {"lazy_adam": "on", "dense_adam": "off"}.get(optimizer, "auto")
-    optimizer = "adam" if optimizer in ("lazy_adam", "dense_adam") else optimizer
+def _cfg(tmp, fp=1, optimizer="signum_sf", lazy="auto", **checkpoint):
+    """`optimizer` "lazy_adam" is trainer.optimizer=adam with trainer.lazy_rows=on; `lazy` is lazy_rows."""
+    lazy = "on" if optimizer == "lazy_adam" else lazy
+    optimizer = "adam" if optimizer == "lazy_adam" else optimizer
     return synthetic_config(
         tmp,
-        trainer={"optimizer": optimizer, "lazy_adam": lazy, "total_tokens": 256 * STEPS, "log_every": 1},
+        trainer={"optimizer": optimizer, "lazy_rows": lazy, "total_tokens": 256 * STEPS, "log_every": 1},
         parallel={"fp": fp, "engine": "torch"},
         checkpoint={"every_steps": 10, "keep_last": 5, "async_upload": False, **checkpoint},
     )
@@ -111,18 +111,19 @@ def test_lazy_adam_is_sparse_adam_on_the_rows_with_gradient_and_leaves_the_other
     assert not torch.allclose(dense.param_groups[0]["params"][0], ours)  # dense Adam moved the idle rows
 
 
-def test_lazy_adam_changes_the_synthetic_job_that_the_fp_and_resume_tests_train(tmp_path):
-    """Latents that do not fire in a step exist in `_cfg`'s job, so its lazy_adam cases test the lazy path
-    (and trainer.lazy_adam=off turns it off)."""
-    lazy = train(_cfg(tmp_path / "lazy", optimizer="lazy_adam"))
-    dense = train(_cfg(tmp_path / "dense", optimizer="dense_adam"))
+@pytest.mark.parametrize("optimizer", ["adam", "signum_sf"])
+def test_lazy_rows_change_the_synthetic_job_that_the_fp_and_resume_tests_train(tmp_path, optimizer):
+    """Latents that do not fire in a step exist in `_cfg`'s job, so its fp=2 and resume cases of adam and
+    signum_sf (lazy by default) test the lazy path, and trainer.lazy_rows=off turns it off."""
+    lazy = train(_cfg(tmp_path / "lazy", optimizer=optimizer))
+    dense = train(_cfg(tmp_path / "dense", optimizer=optimizer, lazy="off"))
     assert lazy["history"][0] == dense["history"][0]
     assert lazy["history"][-1] != dense["history"][-1]
 
 
 def test_lazy_adam_on_the_deepspeed_engine_is_refused_before_any_work(tmp_path):
-    cfg = synthetic_config(tmp_path, trainer={"optimizer": "adam", "lazy_adam": "on"}, parallel={"dp": 2})
-    with pytest.raises(ConfigError, match=r"trainer\.lazy_adam \(on\) needs the torch engine, but parallel\.engine "
+    cfg = synthetic_config(tmp_path, trainer={"optimizer": "adam", "lazy_rows": "on"}, parallel={"dp": 2})
+    with pytest.raises(ConfigError, match=r"trainer\.lazy_rows \(on\) needs the torch engine, but parallel\.engine "
                        r"\(auto\) is deepspeed for parallel\.dp \(2\).*set parallel\.engine=torch"):
         check_supported(cfg, torch.device("cpu"))
 
@@ -151,6 +152,31 @@ def test_signum_sf_matches_a_hand_computed_three_steps():
     st = opt.state[p]
     assert torch.equal(st["z"], torch.tensor([0.5, -2.5]))
     assert (float(st["step"]), float(st["lr_max"]), float(st["weight_sum"])) == (3.0, 1.0, 2.25)
+
+
+def test_lazy_signum_sf_leaves_rows_without_gradient_and_steps_the_others_as_the_dense_update():
+    g = torch.Generator().manual_seed(0)
+    lazy_p = torch.nn.Parameter(torch.randn(40, 6, generator=g))
+    dense_p = torch.nn.Parameter(lazy_p.detach().clone())
+    lazy = SignumScheduleFree([lazy_p], lr=0.1, lazy=True)
+    dense = SignumScheduleFree([dense_p], lr=0.1)
+    idle = torch.arange(40) < 10
+    for step in range(5):
+        grad = torch.randn(40, 6, generator=g)
+        if step >= 2:
+            grad[idle] = 0.0  # rows 0-9 stop getting a gradient after two steps
+        x_before = lazy_p.detach().clone()
+        z_before = lazy.state[lazy_p]["z"].clone() if step else None
+        for opt, p in ((lazy, lazy_p), (dense, dense_p)):
+            opt.gradient_point()
+            p.grad = grad.clone()
+            opt.step()
+        if step < 2:  # every row has a gradient: the dense update, bit for bit
+            assert torch.equal(lazy_p, dense_p) and torch.equal(lazy.state[lazy_p]["z"], dense.state[dense_p]["z"])
+        else:
+            assert torch.equal(lazy_p[idle], x_before[idle]) and torch.equal(lazy.state[lazy_p]["z"][idle], z_before[idle])
+            assert not torch.equal(dense_p[idle], x_before[idle])  # the dense average kept moving toward z
+            assert not torch.equal(lazy_p[~idle], x_before[~idle])
 
 
 def test_signum_sf_keeps_unit_rows_of_z_and_refuses_a_step_without_gradient_point():

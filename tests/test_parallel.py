@@ -64,7 +64,7 @@ def _cfg(tmp, arch="topk", n=N, dp=1, fp=1, batch=B, engine="torch", zero_stage=
         tmp,
         sae={"arch": arch, "n_latents": n, "k": K, "dead_tokens": dead_tokens, **sae},
         trainer={"batch_tokens": batch, "total_tokens": batch * dp * STEPS, "encoder_chunk": 32, "warmup_tokens": 5 * batch * dp,
-                 "optimizer": "adam", "lazy_adam": "off",  # as ZeRO's: layouts and engines compare like for like
+                 "optimizer": "adam", "lazy_rows": "off",  # as ZeRO's: layouts and engines compare like for like
                  "param_dtype": param_dtype},
         parallel={"dp": dp, "fp": fp, "engine": engine, "zero_stage": zero_stage, "offload_optimizer": offload},
     )

@@ -13,7 +13,7 @@ from sae_dist.parallel.dims import Mesh, resolve_backend
 from sae_dist.parallel.dp import DataParallel
 from sae_dist.parallel.zero import DeepSpeedEngine
 from sae_dist.sae import SparseAutoencoder
-from sae_dist.trainer import TorchEngine, lazy_adam, optimizer_of
+from sae_dist.trainer import TorchEngine, lazy_rows, optimizer_of
 
 
 def engine_name(cfg: Config) -> str:
@@ -38,11 +38,11 @@ def check_supported(cfg: Config, device: torch.device) -> None:
             f"trainer.optimizer ({t.optimizer}) runs on the torch engine only, but {why}, whose ZeRO optimizer is "
             f"Adam; {fix}, or set trainer.optimizer=adam"
         )
-    if t.lazy_adam == "on" and engine_name(cfg) == "deepspeed":
+    if t.lazy_rows == "on" and engine_name(cfg) == "deepspeed":
         raise ConfigError(
-            f"trainer.lazy_adam (on) needs the torch engine, but parallel.engine ({p.engine}) is deepspeed for "
+            f"trainer.lazy_rows (on) needs the torch engine, but parallel.engine ({p.engine}) is deepspeed for "
             f"parallel.dp ({p.dp}) / trainer.param_dtype ({t.param_dtype}), whose ZeRO Adam updates every element; "
-            "set parallel.engine=torch, or trainer.lazy_adam=auto"
+            "set parallel.engine=torch, or trainer.lazy_rows=auto (dense Adam there)"
         )
     if engine_name(cfg) == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(
@@ -56,4 +56,4 @@ def build_engine(cfg: Config, sae: SparseAutoencoder, mesh: Mesh, lr: float) -> 
     if engine_name(cfg) == "deepspeed":
         return DeepSpeedEngine(sae, lr, cfg, mesh)
     return TorchEngine(sae, lr, data=DataParallel(mesh) if mesh.dp > 1 else None, kind=optimizer_of(cfg),
-                       lazy=lazy_adam(cfg))
+                       lazy=lazy_rows(cfg))
