@@ -56,6 +56,10 @@ class LocalComm:
         """Minimum over shards of a per-shard statistic."""
         return value
 
+    def min_over_shards(self, t: Tensor) -> Tensor:
+        """Elementwise minimum over the feature shards of one data replica, outside autograd."""
+        return t
+
     def sum_over_shards(self, t: Tensor) -> Tensor:
         """Sum over shards of a small per-shard tensor, outside autograd (Muon's Gram matrices)."""
         return t

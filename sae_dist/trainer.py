@@ -216,6 +216,15 @@ class TorchEngine:
         """The weights were written outside the optimizer (nothing to do: every optimizer updates them in
         place, and signum_sf starts its state from them at its first step)."""
 
+    @torch.no_grad()
+    def shift(self, p: Tensor, delta: Tensor) -> None:
+        """Adds `delta` to the weights `p` outside the optimizer; signum_sf's base iterate z moves with
+        them, so its average and its iterate keep their distance (Adam's and muon's state is unchanged)."""
+        p.add_(delta)
+        z = self.optimizer.state.get(p, {}).get("z")
+        if z is not None:
+            z.add_(delta)
+
     def weight_tensors(self) -> dict[str, Tensor]:
         """The module's state (live references)."""
         return self.sae.state_dict()
@@ -316,6 +325,7 @@ class Trainer:
         self.tokens_since_fired += tokens
         if fired is not None:
             self.tokens_since_fired[fired] = 0
+        self.revive(out)
         self.state.step += 1
         self.state.tokens += tokens
         every = self.sae.arch.resample_every
@@ -323,6 +333,24 @@ class Trainer:
             self.resample_dead(x)
         self.history.append(float(out.loss.detach()))
         return out
+
+    @torch.no_grad()
+    def revive(self, out: SaeOutput) -> None:
+        """Raises b_enc of the latents that have not fired for sae.revive_after x n / k tokens by
+        sae.revive_step x the batch's mean k-th activation, up to sae.revive_cap x it (TopKConfig has
+        why). Elementwise on this shard's latents, with the k-th activation averaged over data replicas,
+        so every replica and every feature layout applies the same change."""
+        after = getattr(self.cfg.sae, "revive_after", 0.0)
+        if not after or out.kth is None:
+            return
+        window = after * self.cfg.sae.n_latents / self.sae.arch.firings_per_token(self.cfg)
+        rows = self.tokens_since_fired >= window
+        theta = float(self.sae.comm.mean_over_data(out.kth.mean()))
+        if not bool(rows.any()):  # the same on every data replica: they share tokens_since_fired
+            return
+        b = self.sae.b_enc.detach()
+        raised = torch.minimum(b + self.cfg.sae.revive_step * theta, b.clamp_min(self.cfg.sae.revive_cap * theta))
+        self.engine.shift(self.sae.b_enc, torch.where(rows, raised - b, torch.zeros_like(b)))
 
     @torch.no_grad()
     def resample_dead(self, x: Tensor) -> int:

@@ -26,7 +26,9 @@ from sae_dist.parallel.dims import init_distributed
 from sae_dist.parallel.engine import check_supported
 from sae_dist.parallel.fp import FeatureParallelComm
 from sae_dist.run import train
+from sae_dist.sae import SaeOutput, SparseAutoencoder
 from sae_dist.tracking import NullTracker
+from sae_dist.trainer import Trainer, TrainState
 
 STEPS = 20
 
@@ -405,8 +407,7 @@ def test_sharded_newton_schulz_over_gloo_matches_unsharded(tmp_path):
 
 
 def test_automatic_schedule_scales_with_the_batch_and_the_token_budget(tmp_path):
-    from sae_dist.sae import SparseAutoencoder
-    from sae_dist.trainer import Trainer, TrainState, auto_lr, dead_window, optimizer_of
+    from sae_dist.trainer import auto_lr, dead_window, optimizer_of
 
     def cfg(batch, total=1_048_576, dp=1, **trainer):
         return synthetic_config(tmp_path, sae={"n_latents": 16384, "k": 4, "dead_tokens": 0},
@@ -436,3 +437,46 @@ def test_automatic_schedule_scales_with_the_batch_and_the_token_budget(tmp_path)
     assert auto_lr(cfg(1024, total=1024 * 32, optimizer="signum_sf")) == pytest.approx(1e-2)
     assert auto_lr(cfg(1024, total=1024 * 512, optimizer="signum_sf")) == pytest.approx(5e-3)
     assert optimizer_of(cfg(512, total=1024 * 64, dp=2, optimizer="auto", param_dtype="bf16")) == "adam"  # ZeRO
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "signum_sf"])
+def test_revival_raises_b_enc_of_starving_latents_by_a_step_up_to_the_cap(tmp_path, optimizer):
+    """Latents without a firing for sae.revive_after x n / k tokens get b_enc + revive_step x the mean
+    k-th activation, no higher than revive_cap x it (one already above stays); the others are left
+    alone; signum_sf's base iterate z moves with its average, so their distance is unchanged."""
+    cfg = synthetic_config(tmp_path, trainer={"optimizer": optimizer}, parallel={"engine": "torch"})
+    trainer = Trainer(cfg, SparseAutoencoder(cfg.sae, 32), TrainState())
+    trainer.train_step(torch.randn(256, 32))  # the optimizer's state exists
+    window = cfg.sae.revive_after * cfg.sae.n_latents / cfg.sae.k
+    trainer.tokens_since_fired.zero_()
+    trainer.tokens_since_fired[:3] = int(window)
+    trainer.tokens_since_fired[3] = int(window) - 1
+    b = trainer.sae.b_enc.detach()
+    b[:4] = torch.tensor([-0.5, 0.2, 0.6, -0.5])
+    z = trainer.optimizer.state[trainer.sae.b_enc].get("z")
+    gap = (b - z).clone() if z is not None else None
+    before = b.clone()
+    theta = torch.tensor([1.0, 2.0, 3.0])  # mean 2: a step of 0.08, the cap at 0.5
+    trainer.revive(SaeOutput(x_hat=torch.zeros(3, 32), loss=torch.zeros(()), kth=theta))
+    assert cfg.sae.revive_step == 0.04 and cfg.sae.revive_cap == 0.25
+    assert torch.allclose(b[:4], torch.tensor([-0.42, 0.28, 0.6, -0.5]))  # step; step; above the cap; not yet
+    assert torch.equal(b[4:], before[4:])
+    if gap is not None:
+        assert torch.allclose(b - z, gap)
+
+
+def test_revival_acts_in_the_synthetic_job_that_the_fp_and_resume_tests_train(tmp_path):
+    """Starving latents exist in `_cfg`'s job, so its fp=2 and resume cases test the revival, and
+    sae.revive_after=0 turns it off."""
+    on = train(_cfg(tmp_path / "on", optimizer="lazy_adam"))
+    cfg = _cfg(tmp_path / "off", optimizer="lazy_adam")
+    cfg.sae.revive_after = 0.0
+    off = train(cfg)
+    assert on["history"][0] == off["history"][0]
+    assert on["history"][-1] != off["history"][-1]
+
+
+def test_revival_settings_are_checked_before_any_work(tmp_path):
+    for field, value in (("revive_after", -1.0), ("revive_step", -0.1), ("revive_cap", -1.0)):
+        with pytest.raises(ConfigError, match=rf"sae\.{field} \({value}\) must be >= 0"):
+            synthetic_config(tmp_path, sae={field: value})

@@ -407,10 +407,11 @@ def zip_n(it, n):
 
 def test_collectives_per_step_are_fixed_and_independent_of_n_latents(world2, world4):
     # TopK + AuxK with dead latents present. fp=2: dead count, L0, clip norm, 2 x decode, encoder-input
-    # gradient (6 all-reduces) + 2 candidate all-gathers. dp=2 adds the gradient reduction (3
-    # all-reduces) and the global-batch variance for the two FVUs (2 all-gathers).
-    fp_only = {"all_reduce": 6, "all_gather_single": 2}
-    both = {"all_reduce": 9, "all_gather_single": 4}
+    # gradient, each token's k-th activation for the revival of starving latents (7 all-reduces) + 2
+    # candidate all-gathers. dp=2 adds the gradient reduction (3 all-reduces), the revival's mean k-th
+    # activation (1) and the global-batch variance for the two FVUs (2 all-gathers).
+    fp_only = {"all_reduce": 7, "all_gather_single": 2}
+    both = {"all_reduce": 11, "all_gather_single": 4}
     for ranks, want in ((world2, fp_only), (world4, both)):
         for r in ranks:
             for step in (2, 3):

@@ -68,6 +68,9 @@ class SaeOutput:
     """Loss terms and batch statistics, detached scalars."""
     fired: Tensor | None = None
     """(n_local,) bool: latents of this shard that fired on the batch."""
+    kth: Tensor | None = None
+    """(B,) the smallest selected activation of each token (the top-k families): what a latent must beat
+    to be selected there (the trainer's revival of starving latents)."""
 
 
 class Arch:

@@ -133,6 +133,13 @@ class FeatureParallelComm(LocalComm):
             dist.all_reduce(out, op=dist.ReduceOp.MIN)
         return out
 
+    def min_over_shards(self, t: Tensor) -> Tensor:
+        if self.fp_group is None:
+            return t
+        out = t.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.MIN, group=self.fp_group)
+        return out
+
     def shard_input(self, x: Tensor) -> Tensor:
         return x if self.fp_group is None else _SumBackward.apply(x, self.fp_group)
 

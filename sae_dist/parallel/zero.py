@@ -164,6 +164,17 @@ class DeepSpeedEngine:
         master partitions, which the next step would otherwise restore."""
         self.optimizer.refresh_fp32_params()
 
+    @torch.no_grad()
+    def shift(self, p: Tensor, delta: Tensor) -> None:
+        """Adds `delta` to the weights `p` outside the optimizer: to its fp32 master (assembled from and
+        written back to the dp partitions: a collective over dp) and to the model's copy, rounded to its
+        dtype."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        master = safe_get_full_fp32_param(p) + delta.to(torch.float32)
+        safe_set_full_fp32_param(p, master)
+        p.copy_(master.to(p.dtype))
+
     def weight_tensors(self) -> dict[str, Tensor]:
         """The module's state with every parameter as its fp32 master (for bf16 weights, assembled from
         the dp partitions: a collective over dp, every replica calls it)."""
