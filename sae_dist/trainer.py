@@ -122,6 +122,20 @@ def dead_window(cfg: Config) -> int:
     return max(1, min(DEAD_WINDOW_MAX, max(cfg.trainer.total_tokens // DEAD_WINDOW_FRACTION, firings)))
 
 
+REVIVE_WINDOW_FRACTION = 64
+"""Nor does a latent starve (`revive_window`) before a 64th of the run has gone by without it firing."""
+
+
+def revive_window(cfg: Config) -> float:
+    """Tokens without firing after which a latent starves and revival raises its b_enc: max(sae.revive_after
+    x n / k, trainer.total_tokens / 64); 0 when revival is off or the family has no revive_after."""
+    after = getattr(cfg.sae, "revive_after", 0.0)
+    if not after:
+        return 0.0
+    firings = max(1, archs.get(cfg.sae.arch).firings_per_token(cfg))
+    return max(after * cfg.sae.n_latents / firings, cfg.trainer.total_tokens / REVIVE_WINDOW_FRACTION)
+
+
 def lr_at(step: int, total_steps: int, base: float, warmup: int, decay_fraction: float) -> float:
     """Linear warm-up, constant, then linear decay to zero over the last `decay_fraction` of steps."""
     if step < warmup:
@@ -336,14 +350,12 @@ class Trainer:
 
     @torch.no_grad()
     def revive(self, out: SaeOutput) -> None:
-        """Raises b_enc of the latents that have not fired for sae.revive_after x n / k tokens by
-        sae.revive_step x the batch's mean k-th activation, up to sae.revive_cap x it (TopKConfig has
-        why). Elementwise on this shard's latents, with the k-th activation averaged over data replicas,
+        """Raises b_enc of the latents that have not fired for `revive_window` tokens by sae.revive_step
+        x the batch's mean k-th activation, up to sae.revive_cap x it (TopKConfig has why). Elementwise on this shard's latents, with the k-th activation averaged over data replicas,
         so every replica and every feature layout applies the same change."""
-        after = getattr(self.cfg.sae, "revive_after", 0.0)
-        if not after or out.kth is None:
+        window = revive_window(self.cfg)
+        if not window or out.kth is None:
             return
-        window = after * self.cfg.sae.n_latents / self.sae.arch.firings_per_token(self.cfg)
         rows = self.tokens_since_fired >= window
         theta = float(self.sae.comm.mean_over_data(out.kth.mean()))
         if not bool(rows.any()):  # the same on every data replica: they share tokens_since_fired

@@ -28,7 +28,7 @@ from sae_dist.parallel.fp import FeatureParallelComm
 from sae_dist.run import train
 from sae_dist.sae import SaeOutput, SparseAutoencoder
 from sae_dist.tracking import NullTracker
-from sae_dist.trainer import Trainer, TrainState
+from sae_dist.trainer import Trainer, TrainState, revive_window
 
 STEPS = 20
 
@@ -441,25 +441,26 @@ def test_automatic_schedule_scales_with_the_batch_and_the_token_budget(tmp_path)
 
 @pytest.mark.parametrize("optimizer", ["adam", "signum_sf"])
 def test_revival_raises_b_enc_of_starving_latents_by_a_step_up_to_the_cap(tmp_path, optimizer):
-    """Latents without a firing for sae.revive_after x n / k tokens get b_enc + revive_step x the mean
+    """Latents without a firing for `revive_window` tokens get b_enc + revive_step x the mean
     k-th activation, no higher than revive_cap x it (one already above stays); the others are left
     alone; signum_sf's base iterate z moves with its average, so their distance is unchanged."""
     cfg = synthetic_config(tmp_path, trainer={"optimizer": optimizer}, parallel={"engine": "torch"})
     trainer = Trainer(cfg, SparseAutoencoder(cfg.sae, 32), TrainState())
     trainer.train_step(torch.randn(256, 32))  # the optimizer's state exists
-    window = cfg.sae.revive_after * cfg.sae.n_latents / cfg.sae.k
+    window = revive_window(cfg)
+    assert window == max(16 * 256 / 4, cfg.trainer.total_tokens / 64)
     trainer.tokens_since_fired.zero_()
     trainer.tokens_since_fired[:3] = int(window)
     trainer.tokens_since_fired[3] = int(window) - 1
     b = trainer.sae.b_enc.detach()
-    b[:4] = torch.tensor([-0.5, 0.2, 0.6, -0.5])
+    b[:4] = torch.tensor([-0.5, 1.97, 2.1, -0.5])
     z = trainer.optimizer.state[trainer.sae.b_enc].get("z")
     gap = (b - z).clone() if z is not None else None
     before = b.clone()
-    theta = torch.tensor([1.0, 2.0, 3.0])  # mean 2: a step of 0.08, the cap at 0.5
+    theta = torch.tensor([1.0, 2.0, 3.0])  # mean 2: a step of 0.08, the cap at 2
     trainer.revive(SaeOutput(x_hat=torch.zeros(3, 32), loss=torch.zeros(()), kth=theta))
-    assert cfg.sae.revive_step == 0.04 and cfg.sae.revive_cap == 0.25
-    assert torch.allclose(b[:4], torch.tensor([-0.42, 0.28, 0.6, -0.5]))  # step; step; above the cap; not yet
+    assert cfg.sae.revive_step == 0.04 and cfg.sae.revive_cap == 1.0
+    assert torch.allclose(b[:4], torch.tensor([-0.42, 2.0, 2.1, -0.5]))  # step; to the cap; above it; not yet
     assert torch.equal(b[4:], before[4:])
     if gap is not None:
         assert torch.allclose(b - z, gap)

@@ -37,23 +37,26 @@ class TopKConfig(SaeConfig):
 
     revive_after: float = 16.0
     """Revival of starving latents (the trainer's `revive`; docs/training.md, "Reviving starving
-    latents"): a latent that has not fired for this many times n / k tokens (the interval at which an
-    average latent fires) gets its b_enc raised by revive_step at every step until it fires again, no
-    higher than revive_cap. A frequency-sensitive bias, as in DeSieno's (1988) "conscience" for
-    competitive learning: a latent that keeps narrowly losing the top-k is pushed into it, where the
-    gradient then trains it like any other. Applies to the families that select k latents per token
-    (topk, the transcoders, the crosscoder); 0 turns it off. At n = 49152, batch 16384 it cuts the
-    latents that never fire on the default data's held-out tokens from 10.13% to 4.16% (FVU 0.1567 ->
-    0.1595); at batch 4096 the cap holds it back (28.22% -> 27.49%); at n = 6144 it changes little."""
+    latents"): a latent that has not fired for max(revive_after x n / k, trainer.total_tokens / 64)
+    tokens (n / k: the interval at which an average latent fires) gets its b_enc raised by revive_step
+    at every step until it fires again, no higher than revive_cap. A frequency-sensitive bias, as in
+    DeSieno's (1988) "conscience" for competitive learning: a latent that keeps narrowly losing the
+    top-k is pushed into it, where the gradient then trains it like any other. Applies to the families
+    that select k latents per token (topk, the transcoders, the crosscoder); 0 turns it off. On the
+    default data's held-out tokens at n = 49152 it cuts the latents that never fire from 28.22% to
+    7.71% at batch 4096 (FVU 0.1222 -> 0.1265) and from 10.13% to about 4% at batch 16384; at n = 6144
+    it leaves 3-4.5% of them dead (2.8-3% without it)."""
     revive_step: float = 0.04
     """The raise per step, as a fraction of the batch's mean k-th activation (the smallest value a
     token selects): 0.04 brings a latent over the typical gap of a starving one (0.05-0.2 of it) in
     a few steps without overshooting; a step of 0.17 (batch 16384 with a rate per token) made latents
     fire on far too many tokens (FVU 0.52)."""
-    revive_cap: float = 0.25
+    revive_cap: float = 1.0
     """Revival raises b_enc no higher than this times the mean k-th activation: a latent whose encoder
     learns to point away from the data each time it fires (its decoder has not learned anything yet)
-    otherwise climbs without bound (b_enc 12-14 times the k-th activation at n = 6144, batch 1024)."""
+    otherwise climbs without bound (b_enc 12-14 times the k-th activation at n = 6144, batch 1024). At
+    n = 49152 the latents that come back need up to about 1 (a cap of 0.25 left 27.49% dead at batch
+    4096)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,7 +65,7 @@ class TopKConfig(SaeConfig):
         require(self.encoder_scale >= 0, f"sae.encoder_scale ({self.encoder_scale}) must be >= 0 (0 = automatic)")
         require(self.revive_after >= 0, f"sae.revive_after ({self.revive_after}) must be >= 0 (0 turns revival off; use 16)")
         require(self.revive_step >= 0, f"sae.revive_step ({self.revive_step}) must be >= 0; use 0.04")
-        require(self.revive_cap >= 0, f"sae.revive_cap ({self.revive_cap}) must be >= 0; use 0.25")
+        require(self.revive_cap >= 0, f"sae.revive_cap ({self.revive_cap}) must be >= 0; use 1.0")
 
 
 def encode_with_aux(
