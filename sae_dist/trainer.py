@@ -351,8 +351,9 @@ class Trainer:
     @torch.no_grad()
     def revive(self, out: SaeOutput) -> None:
         """Raises b_enc of the latents that have not fired for `revive_window` tokens by sae.revive_step
-        x the batch's mean k-th activation, up to sae.revive_cap x it (TopKConfig has why). Elementwise on this shard's latents, with the k-th activation averaged over data replicas,
-        so every replica and every feature layout applies the same change."""
+        x the batch's mean k-th activation, up to sae.revive_cap x it (TopKConfig has why). Elementwise
+        on this shard's latents, with the k-th activation averaged over data replicas, so every replica
+        and every feature layout applies the same change."""
         window = revive_window(self.cfg)
         if not window or out.kth is None:
             return
