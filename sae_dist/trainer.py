@@ -284,6 +284,8 @@ class Trainer:
         """Where the SAE lives; batches are moved here and the firing counters live here."""
         self.dead_tokens = dead_window(cfg)
         """Tokens without firing after which a latent counts as dead."""
+        self.revive_tokens = revive_window(cfg)
+        """Tokens without firing after which a latent starves (`revive`); 0: no revival."""
         self.tokens_since_fired = torch.zeros(sae.n_local, dtype=torch.long, device=self.device)
         self.extra_metrics: Any = None
         """Optional callable returning more metrics to log with the trainer's (e.g. the pipeline's)."""
@@ -354,10 +356,9 @@ class Trainer:
         x the batch's mean k-th activation, up to sae.revive_cap x it (TopKConfig has why). Elementwise
         on this shard's latents, with the k-th activation averaged over data replicas, so every replica
         and every feature layout applies the same change."""
-        window = revive_window(self.cfg)
-        if not window or out.kth is None:
+        if not self.revive_tokens or out.kth is None:
             return
-        rows = self.tokens_since_fired >= window
+        rows = self.tokens_since_fired >= self.revive_tokens
         theta = float(self.sae.comm.mean_over_data(out.kth.mean()))
         if not bool(rows.any()):  # the same on every data replica: they share tokens_since_fired
             return

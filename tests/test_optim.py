@@ -448,13 +448,14 @@ def test_revival_raises_b_enc_of_starving_latents_by_a_step_up_to_the_cap(tmp_pa
     trainer = Trainer(cfg, SparseAutoencoder(cfg.sae, 32), TrainState())
     trainer.train_step(torch.randn(256, 32))  # the optimizer's state exists
     window = revive_window(cfg)
-    assert window == max(16 * 256 / 4, cfg.trainer.total_tokens / 64)
+    assert window == trainer.revive_tokens == max(16 * 256 / 4, cfg.trainer.total_tokens / 64)
     trainer.tokens_since_fired.zero_()
     trainer.tokens_since_fired[:3] = int(window)
     trainer.tokens_since_fired[3] = int(window) - 1
     b = trainer.sae.b_enc.detach()
     b[:4] = torch.tensor([-0.5, 1.97, 2.1, -0.5])
     z = trainer.optimizer.state[trainer.sae.b_enc].get("z")
+    assert (z is not None) == (optimizer == "signum_sf")
     gap = (b - z).clone() if z is not None else None
     before = b.clone()
     theta = torch.tensor([1.0, 2.0, 3.0])  # mean 2: a step of 0.08, the cap at 2
