@@ -27,14 +27,20 @@ class _RunningTopK:
         self.idx: list[Tensor] = []
         self.width = 0
         self.empty = (like.new_empty(B, 0), torch.empty(B, 0, dtype=torch.long, device=like.device))
+        self.floor = like.new_full((B,), float("-inf"))
+        """Per row, a value the k-th largest so far is at least: the smallest of any k added at once."""
 
     def add(self, vals: Tensor, idx: Tensor) -> None:
+        if vals.shape[1] == self.k and self.k:
+            torch.maximum(self.floor, vals.amin(dim=1), out=self.floor)
         self.vals.append(vals)
         self.idx.append(idx)
         self.width += vals.shape[1]
         if self.width >= 8 * self.k and len(self.vals) > 1:
             vals, idx = self._merge(sort=False)
             self.vals, self.idx, self.width = [vals], [idx], vals.shape[1]
+            if vals.shape[1] == self.k:
+                torch.maximum(self.floor, vals.amin(dim=1), out=self.floor)
 
     def _merge(self, sort: bool) -> tuple[Tensor, Tensor]:
         if not self.vals:
@@ -94,6 +100,7 @@ def _stream_topk(
     xs = x.to(sel) if sel is not None else x
     top = _RunningTopK(B, k, x)
     aux = _RunningTopK(B, k_aux, x)
+    keep = torch.empty(B * min(chunk, n), dtype=torch.bool, device=x.device)  # `_above_floor`'s mask
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         W_c, b_c = W_enc[start:stop], b_enc[start:stop]
@@ -112,7 +119,8 @@ def _stream_topk(
                 lv, lp = pre.index_select(1, live).topk(min(k, live.numel()), dim=1, sorted=False)
                 top.add(lv, live[lp] + start)
                 pre.masked_fill_(~dead, float("-inf"))
-            dv, di = _topk_cols(pre, max(k, k_aux))
+            above = _above_floor(pre, torch.minimum(top.floor, aux.floor), keep)
+            dv, di = above if above is not None else _topk_cols(pre, max(k, k_aux))
             top.add(*_top_of(dv, di, k, start))
             aux.add(*_top_of(dv, di, k_aux, start))
         else:
@@ -128,6 +136,33 @@ def _stream_topk(
     vals, idx = top.result(sort=sel is None)
     aux_vals, aux_idx = aux.result(sort=False) if aux_mask is not None else aux.empty
     return vals, idx, aux_vals, aux_idx
+
+
+def _above_floor(pre: Tensor, floor: Tensor, keep: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The entries of each row of a (B, c) block above the row's `floor`, packed into (B, m) with their
+    columns (m: the most any row has; -inf at column 0 pads shorter rows), or None where a floor is
+    still -inf or so many entries pass that a top-k over the block is the better way.
+
+    Once both running selections hold k values per row, an entry at or below the smaller of their
+    floors can enter neither, and in a mostly-dead block of a large dictionary few entries pass: a
+    comparison into the reused bool buffer `keep` and a nonzero cost a fraction of a wide top-k (AuxK
+    keeps 192-576 per row; docs/memory.md has the measurements)."""
+    B, c = pre.shape
+    if not bool(torch.isfinite(floor).all()):
+        return None
+    # the floors are values of the same dtype as pre (bf16 ones held in fp32): compared in it, no copy
+    mask = torch.gt(pre, floor.to(pre.dtype).unsqueeze(1), out=keep[: B * c].view(B, c))
+    rows, cols = mask.nonzero(as_tuple=True)  # row-major: each row's entries together, in column order
+    if rows.numel() > B * c // 8:
+        return None
+    counts = torch.bincount(rows, minlength=B)
+    m = max(1, int(counts.max())) if rows.numel() else 1
+    slot = torch.arange(rows.numel(), device=pre.device) - (counts.cumsum(0) - counts)[rows]
+    vals = pre.new_full((B, m), float("-inf"))
+    idx = torch.zeros(B, m, dtype=torch.long, device=pre.device)
+    vals[rows, slot] = pre[rows, cols]
+    idx[rows, slot] = cols
+    return vals, idx
 
 
 def _topk_cols(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:

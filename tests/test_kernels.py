@@ -582,3 +582,29 @@ def test_bf16_rounding_bound_holds_for_every_latent():
         assert bool((exact <= upper).all()), float((exact - upper).max())
         lower = -torch.stack([R._bf16_upper_bound(-col, slack) for col in approx.T], dim=1).double()
         assert bool((exact >= lower).all())  # and symmetric: the error itself is bounded
+
+
+@pytest.mark.parametrize("select", ["fp32", "bf16"])
+def test_mostly_dead_blocks_skip_entries_below_the_running_floors(monkeypatch, select):
+    """Blocks that are mostly dead pass to the running selections only their entries above both
+    selections' k-th values so far (`_above_floor`): the top-k and AuxK's top k_aux stay those of float64
+    dense maths, gradients included, and the short cut does run (after the first blocks) and is refused
+    while a floor is still -inf."""
+    from sae_dist import kernels as K
+
+    calls = {"packed": 0, "refused": 0}
+    real = reference._above_floor
+
+    def counted(pre, floor, keep):  # type: ignore[no-untyped-def]
+        out = real(pre, floor, keep)
+        calls["packed" if out is not None else "refused"] += 1
+        return out
+
+    monkeypatch.setattr(reference, "_above_floor", counted)
+    K.set_select_precision(select)
+    try:
+        # 90% dead: every 128-latent block has >= max(k, k_aux, 64) dead ones (3x both in bf16)
+        _encode_and_check(reference, 48, 16, 4096, 4, 24, 3686, salt=11, chunk=128)
+    finally:
+        K.set_select_precision("fp32")
+    assert calls["packed"] > 10 and calls["refused"] >= 1, calls
