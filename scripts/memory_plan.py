@@ -64,7 +64,9 @@ def plan(d: int, n: int, dp: int, fp: int, dtype: str = "fp32", engine: str = "t
     optimizer = 0.0 if offload else state
     buffers = (
         batch * d * 4 * 6  # x, x - b_dec, x_hat, residual, AuxK decode, input gradient
-        + batch * min(chunk, n_local) * 4 * (1 + dead)  # one encoder block's pre-activations + its dead columns
+        # one encoder block's pre-activations + its dead columns (a mostly-dead block copies none; its
+        # bool mask of entries above the running floors, a quarter of the block, fits in that allowance)
+        + batch * min(chunk, n_local) * 4 * (1 + dead)
         + batch * (k + k_aux) * 12 * (fp + 1)  # candidates (value + int32 id) and their all-gather
         + (2 * bucket * w if zero else 0)  # ZeRO reduce and all-gather buckets
     )
