@@ -415,7 +415,11 @@ def test_automatic_schedule_scales_with_the_batch_and_the_token_budget(tmp_path)
                                 parallel={"dp": dp})
 
     base = auto_lr(cfg(1024))
-    assert base == pytest.approx(2e-4 * 6)  # Gao et al.'s rule at n = 2^14, x lr_scale, at the tuned batch
+    # Gao et al.'s rule at n = 6144, falling as n^-0.65 to 2^14, x lr_scale, at the tuned batch
+    assert base == pytest.approx(2e-4 * (16384 / 6144) ** 0.5 * (16384 / 6144) ** -0.65 * 6)
+    from sae_dist.trainer import adam_lr_in_n
+    assert adam_lr_in_n(6144) == pytest.approx(2e-4 / (6144 / 16384) ** 0.5)  # Gao et al.'s at the tuned size
+    assert adam_lr_in_n(49152) == pytest.approx(adam_lr_in_n(6144) * 8**-0.65)
     assert auto_lr(cfg(4096)) == pytest.approx(2 * base)  # square root of the batch
     assert auto_lr(cfg(2048, dp=2)) == pytest.approx(2 * base)  # every replica's tokens count
     assert auto_lr(cfg(4096, lr=1e-3)) == 1e-3
