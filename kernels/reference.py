@@ -27,8 +27,8 @@ class _RunningTopK:
         self.idx: list[Tensor] = []
         self.width = 0
         self.empty = (like.new_empty(B, 0), torch.empty(B, 0, dtype=torch.long, device=like.device))
+        # per row, a value the k-th largest so far is at least: the smallest of any k added at once
         self.floor = like.new_full((B,), float("-inf"))
-        """Per row, a value the k-th largest so far is at least: the smallest of any k added at once."""
 
     def add(self, vals: Tensor, idx: Tensor) -> None:
         if vals.shape[1] == self.k and self.k:

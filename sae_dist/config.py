@@ -154,7 +154,7 @@ class TrainerConfig:
     """Learning rate; 0 picks the optimizer's own rule (B = tokens per step over all replicas).
     adam: 3.27e-4 x (n_latents / 6144)^-0.65 x lr_scale x sqrt(B / 1024): Gao et al.'s 2e-4 / sqrt(n / 2**14)
     at n = 6144, falling faster than theirs in n (trainer.LR_N_EXPONENT: at n = 49152 theirs left 7.7% of
-    latents dead in a million tokens at batch 4096, this 3.95%), tuned here at n = 6144 and
+    latents dead in a million tokens at batch 4096, this 3.83%), tuned here at n = 6144 and
     B = 1024, and the square-root scaling in the batch of adaptive optimizers (Malladi et al. 2022): a
     batch 4x larger averages away half the gradient noise, so each of its 4x fewer steps can be 2x longer.
     signum_sf: 5e-3 / sqrt(n_latents / 2**14) x sqrt(max(1, 128 / steps)): sparsify's rule for it (no
