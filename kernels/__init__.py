@@ -34,11 +34,17 @@ def set_select_precision(name: str) -> None:
     """How the torch path finds the fp32 top-k (the trainer.encoder_select config field): fp32, bf16
     (bf16 candidates, exact fp32 ranking, proven complete: see `reference._certified_topk`) or auto
     (bf16 where the CPU has native bf16 dot products)."""
+    reference.SELECT_DTYPE = torch.bfloat16 if resolve_select(name) == "bf16" else None
+
+
+def resolve_select(name: str) -> str:
+    """trainer.encoder_select as this machine runs it: fp32 or bf16 (auto: bf16 where the CPU has native
+    bf16 dot products)."""
     if name not in ("auto", "fp32", "bf16"):
         raise ValueError(f"trainer.encoder_select ({name!r}) must be auto, fp32 or bf16")
     if name == "auto":
-        name = "bf16" if cpu_has_native_bf16() else "fp32"
-    reference.SELECT_DTYPE = torch.bfloat16 if name == "bf16" else None
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return name
 
 
 def cpu_has_native_bf16() -> bool:
@@ -127,6 +133,7 @@ __all__ = [
     "triangle_decode",
     "set_backend",
     "set_select_precision",
+    "resolve_select",
     "backend_for",
     "reference",
 ]

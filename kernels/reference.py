@@ -100,7 +100,8 @@ def _stream_topk(
     xs = x.to(sel) if sel is not None else x
     top = _RunningTopK(B, k, x)
     aux = _RunningTopK(B, k_aux, x)
-    keep = torch.empty(B * min(chunk, n), dtype=torch.bool, device=x.device)  # `_above_floor`'s mask
+    # `_above_floor`'s mask, for the mostly-dead blocks (only with aux_mask); untouched pages cost nothing
+    keep = torch.empty(B * min(chunk, n), dtype=torch.bool, device=x.device) if aux_mask is not None else None
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         W_c, b_c = W_enc[start:stop], b_enc[start:stop]
@@ -138,7 +139,7 @@ def _stream_topk(
     return vals, idx, aux_vals, aux_idx
 
 
-def _above_floor(pre: Tensor, floor: Tensor, keep: Tensor) -> tuple[Tensor, Tensor] | None:
+def _above_floor(pre: Tensor, floor: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor] | None:
     """The entries of each row of a (B, c) block above the row's `floor`, packed into (B, m) with their
     columns (m: the most any row has; -inf at column 0 pads shorter rows), or None where a floor is
     still -inf or so many entries pass that a top-k over the block is the better way.
@@ -148,7 +149,7 @@ def _above_floor(pre: Tensor, floor: Tensor, keep: Tensor) -> tuple[Tensor, Tens
     comparison into the reused bool buffer `keep` and a nonzero cost a fraction of a wide top-k (AuxK
     keeps 192-576 per row; docs/memory.md has the measurements)."""
     B, c = pre.shape
-    if not bool(torch.isfinite(floor).all()):
+    if keep is None or not bool(torch.isfinite(floor).all()):
         return None
     # the floors are values of the same dtype as pre (bf16 ones held in fp32): compared in it, no copy
     mask = torch.gt(pre, floor.to(pre.dtype).unsqueeze(1), out=keep[: B * c].view(B, c))

@@ -250,7 +250,7 @@ def main() -> None:
     # pages go back when it is freed and the peak measures what was live. The ranks inherit it.
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     rate = matmul_rate(args.d, args.batch, args.chunk)
-    select = args.select if args.select != "auto" else ("bf16" if kernels.cpu_has_native_bf16() else "fp32")
+    select = kernels.resolve_select(args.select)
     print(f"TopK + AuxK, d={args.d} k={args.k}, {args.batch} tokens/step, fp32 Adam, CPU ({os.cpu_count()} cores), "
           f"{args.warmup} + {args.steps} steps per run; top-k selection: {select} (--select {args.select})")
     rows = []

@@ -602,9 +602,34 @@ def test_mostly_dead_blocks_skip_entries_below_the_running_floors(monkeypatch, s
 
     monkeypatch.setattr(reference, "_above_floor", counted)
     K.set_select_precision(select)
+    fallback = reference.SELECT_STATS["fallback_rows"]
     try:
         # 90% dead: every 128-latent block has >= max(k, k_aux, 64) dead ones (3x both in bf16)
         _encode_and_check(reference, 48, 16, 4096, 4, 24, 3686, salt=11, chunk=128)
     finally:
         K.set_select_precision("fp32")
     assert calls["packed"] > 10 and calls["refused"] >= 1, calls
+    # bf16: the candidates came from the short cut, not from the fp32 recompute of rows it left unproven
+    assert reference.SELECT_STATS["fallback_rows"] == fallback
+
+
+def test_above_floor_packs_exactly_the_entries_above_each_rows_floor():
+    """`_above_floor` keeps each row's entries strictly above its floor, with their columns, and pads
+    with -inf at column 0; it steps aside while a floor is -inf or when over an eighth of the block
+    passes."""
+    g = _gen(13)
+    B, c = 9, 256
+    pre = torch.randn(B, c, generator=g)
+    floor = pre.topk(5, dim=1).values[:, -1] - 1e-3 * torch.rand(B, generator=g)  # ~5 above each
+    floor[2] = pre[2].max()  # none above in this row
+    keep = torch.empty(B * c, dtype=torch.bool)
+    vals, idx = reference._above_floor(pre, floor, keep)
+    for r in range(B):
+        want = sorted((pre[r] > floor[r]).nonzero().squeeze(1).tolist())
+        got = sorted(idx[r][torch.isfinite(vals[r])].tolist())
+        assert got == want, f"row {r}"
+        assert torch.equal(vals[r][torch.isfinite(vals[r])], pre[r, idx[r][torch.isfinite(vals[r])]])
+        assert (idx[r][~torch.isfinite(vals[r])] == 0).all()
+    assert vals.shape[1] == max(len((pre[r] > floor[r]).nonzero()) for r in range(B))
+    assert reference._above_floor(pre, torch.full((B,), -1.0), keep) is None  # most entries pass
+    assert reference._above_floor(pre, floor.index_fill(0, torch.tensor([4]), float("-inf")), keep) is None

@@ -28,7 +28,7 @@ from sae_dist.parallel.fp import FeatureParallelComm
 from sae_dist.run import train
 from sae_dist.sae import SaeOutput, SparseAutoencoder
 from sae_dist.tracking import NullTracker
-from sae_dist.trainer import Trainer, TrainState, revive_window
+from sae_dist.trainer import Trainer, TrainState, adam_lr_in_n, revive_window
 
 STEPS = 20
 
@@ -417,7 +417,6 @@ def test_automatic_schedule_scales_with_the_batch_and_the_token_budget(tmp_path)
     base = auto_lr(cfg(1024))
     # Gao et al.'s rule at n = 6144, falling as n^-0.65 to 2^14, x lr_scale, at the tuned batch
     assert base == pytest.approx(2e-4 * (16384 / 6144) ** 0.5 * (16384 / 6144) ** -0.65 * 6)
-    from sae_dist.trainer import adam_lr_in_n
     assert adam_lr_in_n(6144) == pytest.approx(2e-4 / (6144 / 16384) ** 0.5)  # Gao et al.'s at the tuned size
     assert adam_lr_in_n(49152) == pytest.approx(adam_lr_in_n(6144) * 8**-0.65)
     assert auto_lr(cfg(4096)) == pytest.approx(2 * base)  # square root of the batch
