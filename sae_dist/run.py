@@ -11,6 +11,7 @@ the scale, tracks and writes the results. SIGTERM/SIGINT stop it after a checkpo
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Iterable
 from typing import Any
 
@@ -52,3 +53,13 @@ def train(
         job.tracker.finish(status)
         if own_group and mesh.distributed and mesh.dims.world_size == 1:
             torch.distributed.destroy_process_group()  # the one-process group DeepSpeed needed
+        elif own_group and mesh.distributed:  # torchrun's group serves every job of a --multirun: ends at exit
+            atexit.register(_destroy_group)
+
+
+def _destroy_group() -> None:
+    """Ends the process group before the interpreter's own teardown, which can race gloo's threads and
+    abort a rank that finished cleanly (SIGABRT, "terminate called without an active exception"), so that
+    torchrun reports a failed job. No barrier: on a failed job the other ranks may never come."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
