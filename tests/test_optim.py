@@ -481,6 +481,31 @@ def test_revival_acts_in_the_synthetic_job_that_the_fp_and_resume_tests_train(tm
     assert on["history"][-1] != off["history"][-1]
 
 
+def test_revival_is_on_by_default_for_topk_alone_and_both_transcoders_take_auxk_at_an_eighth():
+    """The transcoders and the crosscoder left more latents dead with revival (docs/training.md, "Revival
+    and the dictionaries across sites"): their default, from the Hydra command line and from the
+    dataclasses alike, is revive_after 0 (no window); sae.revive_after=16 still turns it on. Both
+    transcoders weight AuxK at 1/8, which the skip-transcoder lacked until 2026-12-03."""
+    from hydra import compose, initialize_config_dir
+
+    from sae_dist.cli import CONF_DIR
+    from sae_dist.config import sae_config, to_config
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        def composed(*overrides: str):
+            return to_config(compose("config", overrides=[*overrides, "output_dir=/tmp/x"]))
+
+        windows = {family: revive_window(composed(f"sae={family}"))
+                   for family in ("topk", "transcoder", "skip_transcoder", "crosscoder")}
+        assert windows == {"topk": 16384.0, "transcoder": 0.0, "skip_transcoder": 0.0, "crosscoder": 0.0}
+        assert revive_window(composed("sae=transcoder", "sae.revive_after=16")) == 16384.0
+        aux = {family: composed(f"sae={family}").sae.aux_coef for family in ("transcoder", "skip_transcoder")}
+        assert aux == {"transcoder": 0.125, "skip_transcoder": 0.125}  # AuxK at 4x TopK's weight, both
+    assert sae_config(arch="topk").revive_after == 16.0
+    for family in ("transcoder", "skip_transcoder", "crosscoder"):
+        assert sae_config(arch=family).revive_after == 0.0
+
+
 def test_revival_settings_are_checked_before_any_work(tmp_path):
     for field, value in (("revive_after", -1.0), ("revive_step", -0.1), ("revive_cap", -1.0)):
         with pytest.raises(ConfigError, match=rf"sae\.{field} \({value}\) must be >= 0"):
