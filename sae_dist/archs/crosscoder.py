@@ -31,8 +31,8 @@ class CrosscoderConfig(TopKConfig):
     revive_after: float = 0.0
     """Revival is off for the crosscoder, as for the transcoders (TopKConfig.revive_after has what it
     does): on the default job's data (layers 2-4, n = 6144, batch 1024) FVU 0.1161 / 32.15% dead with it
-    against 0.1157 / 29.07% without (docs/training.md, "Reviving starving latents"). sae.revive_after=16
-    turns it on."""
+    against 0.1157 / 29.07% without (docs/training.md, "Revival and the dictionaries across sites").
+    sae.revive_after=16 turns it on."""
 
 
 @register

@@ -43,10 +43,10 @@ class TopKConfig(SaeConfig):
     DeSieno's (1988) "conscience" for competitive learning: a latent that keeps narrowly losing the
     top-k is pushed into it, where the gradient then trains it like any other. Applies to the families
     that select k latents per token (topk, the transcoders, the crosscoder; on by default for topk
-    alone, see TranscoderConfig); 0 turns it off. On the
-    default data's held-out tokens at n = 49152 it cuts the latents that never fire from 28.22% to
-    7.71% at batch 4096 (FVU 0.1222 -> 0.1265) and from 10.13% to 3.97% at batch 16384; at n = 6144
-    it leaves 1.0-4.7% of them dead (1.6-3.0% without it)."""
+    alone, see TranscoderConfig); 0 turns it off. On the default data's held-out tokens at n = 49152
+    it cuts the latents that never fire from 28.22% to 7.71% at batch 4096 (FVU 0.1222 -> 0.1265) and
+    from 10.13% to 3.97% at batch 16384; at n = 6144 it leaves 1.0-4.7% of them dead (1.6-3.0% without
+    it)."""
     revive_step: float = 0.04
     """The raise per step, as a fraction of the batch's mean k-th activation (the smallest value a
     token selects): 0.04 brings a latent over the typical gap of a starving one (0.05-0.2 of it) in
