@@ -51,10 +51,11 @@ def train(
         raise
     finally:
         job.tracker.finish(status)
-        if own_group and mesh.distributed and mesh.dims.world_size == 1:
-            torch.distributed.destroy_process_group()  # the one-process group DeepSpeed needed
-        elif own_group and mesh.distributed:  # torchrun's group serves every job of a --multirun: ends at exit
-            atexit.register(_destroy_group)
+        if own_group and mesh.distributed:
+            if mesh.dims.world_size == 1:
+                torch.distributed.destroy_process_group()  # the one-process group DeepSpeed needed
+            else:  # torchrun's group serves every job of a --multirun: it ends at exit
+                atexit.register(_destroy_group)
 
 
 def _destroy_group() -> None:

@@ -40,9 +40,9 @@ class TranscoderConfig(TopKConfig):
     revive_after: float = 0.0
     """Revival is off for the transcoders (TopKConfig.revive_after has what it does). On the default job's
     data (n = 6144, batch 1024, the cached layer-3 MLP; docs/training.md, "Revival and the dictionaries
-    across sites") it left more latents dead, not fewer: transcoder FVU 0.1300 / 54.90% dead with it against 0.1198 /
-    29.74% without (a cap of 0.25: 0.1237 / 35.14%), skip-transcoder 0.0941 / 59.08% against 0.0895 /
-    42.97%. sae.revive_after=16 turns it on."""
+    across sites") it left more latents dead, not fewer: transcoder FVU 0.1300 / 54.90% dead with it
+    against 0.1198 / 29.74% without (a cap of 0.25: 0.1237 / 35.14%), skip-transcoder 0.0941 / 59.08%
+    against 0.0895 / 42.97%. sae.revive_after=16 turns it on."""
 
 
 @dataclass
